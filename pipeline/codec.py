@@ -1,0 +1,269 @@
+"""Avro single-object encoding of change records, and (re)assembly of transactions from a record stream."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import fastavro
+
+from pipeline.errors import PipelineError
+from pipeline.model import (
+    BlobChunk,
+    BlobDelete,
+    BlockWrite,
+    Change,
+    FileLayout,
+    Transaction,
+)
+
+MAGIC = b"\xc3\x01"
+BEGIN = "pool.pipeline.TxnBegin"
+COMMIT = "pool.pipeline.TxnCommit"
+BLOCK = "pool.pipeline.BlockWrite"
+BLOB_CHUNK = "pool.pipeline.BlobChunk"
+BLOB_DELETE = "pool.pipeline.BlobDelete"
+SNAPSHOT = "pool.pipeline.SnapshotMarker"
+
+
+def _signed(value: int) -> int:
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _unsigned(value: int) -> int:
+    return value & 0xFFFFFFFFFFFFFFFF
+
+
+@dataclass(frozen=True)
+class StreamRecord:
+    """One record as a broker delivered it: where it came from, plus its key and value bytes."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp_ms: int = 0
+
+
+class Codec:
+    """Encodes with the current version of each record schema; decodes any version it knows by fingerprint."""
+
+    def __init__(self, schemas: Iterable[dict]) -> None:
+        self._writers: dict[bytes, tuple[str, dict]] = {}
+        self._current: dict[str, tuple[bytes, dict]] = {}
+        for schema in schemas:
+            parsed = fastavro.parse_schema(schema)
+            name = parsed["name"]
+            canonical = fastavro.schema.to_parsing_canonical_form(schema)
+            fingerprint = bytes.fromhex(fastavro.schema.fingerprint(canonical, "CRC-64-AVRO"))
+            self._writers[fingerprint] = (name, parsed)
+            self._current[name] = (MAGIC + fingerprint, parsed)  # later versions win
+
+    @property
+    def record_names(self) -> list[str]:
+        return sorted(self._current)
+
+    def fingerprints(self) -> dict[bytes, str]:
+        return {fp: name for fp, (name, _) in self._writers.items()}
+
+    def encode(self, name: str, record: dict) -> bytes:
+        header, parsed = self._current[name]
+        buf = io.BytesIO()
+        buf.write(header)
+        fastavro.schemaless_writer(buf, parsed, record)
+        return buf.getvalue()
+
+    def decode(self, value: bytes | None, *, topic: str | None = None, offset: int | None = None) -> tuple[str, dict]:
+        """Return (record name, record) or raise PipelineError naming topic and offset."""
+        if value is None or len(value) < 10 or value[:2] != MAGIC:
+            raise PipelineError(
+                "not an Avro single-object record (missing C3 01 marker)", topic=topic, offset=offset
+            )
+        fingerprint = bytes(value[2:10])
+        known = self._writers.get(fingerprint)
+        if known is None:
+            raise PipelineError(
+                f"unknown writer schema fingerprint {fingerprint[::-1].hex()}: "
+                "record written by a newer or foreign producer",
+                topic=topic,
+                offset=offset,
+            )
+        name, writer = known
+        _, reader = self._current[name]
+        buf = io.BytesIO(value)
+        buf.seek(10)
+        try:
+            record = fastavro.schemaless_reader(buf, writer, None if reader is writer else reader)
+        except Exception as exc:  # fastavro raises many types on a bad body
+            raise PipelineError(f"cannot decode {name} body: {exc}", topic=topic, offset=offset) from exc
+        if buf.tell() != len(value):
+            raise PipelineError(
+                f"{name} record has {len(value) - buf.tell()} trailing bytes", topic=topic, offset=offset
+            )
+        return name, record
+
+    # --- transactions <-> records -------------------------------------------------------------
+
+    def transaction_records(self, txn: Transaction) -> Iterator[tuple[bytes, bytes]]:
+        """(key, value) pairs for one transaction: begin, [snapshot start], changes, [snapshot end], commit.
+
+        The commit is encoded after `txn.changes` is exhausted, when the trailer is known.
+        """
+        head = {"database": txn.database, "txn_id": txn.txn_id}
+        yield b"txn", self.encode(BEGIN, {
+            **head, "checksum_before": _signed(txn.checksum_before),
+            "source_time_ms": txn.source_time_ms, "snapshot": txn.snapshot,
+        })
+        if txn.snapshot:
+            yield b"snapshot", self.encode(SNAPSHOT, {**head, "phase": "START", "files": [], "reason": ""})
+        count = 0
+        for change in txn.changes:
+            count += 1
+            yield change_key(change), self.encode_change(head, change)
+        if count != txn.record_count:
+            raise txn.error(f"transaction announced {txn.record_count} changes but produced {count}")
+        files = [{"file": f.file, "block_size": f.block_size, "blocks": f.blocks} for f in txn.files]
+        if txn.snapshot:
+            yield b"snapshot", self.encode(SNAPSHOT, {**head, "phase": "END", "files": files, "reason": ""})
+        yield b"txn", self.encode(COMMIT, {
+            **head, "record_count": txn.record_count,
+            "checksum_before": _signed(txn.checksum_before), "checksum_after": _signed(txn.checksum_after),
+            "source_time_ms": txn.source_time_ms, "files": files,
+        })
+
+    def encode_change(self, head: dict, change: Change) -> bytes:
+        if isinstance(change, BlockWrite):
+            return self.encode(
+                BLOCK,
+                {**head, "file": change.file, "block_index": change.index,
+                 "block_size": len(change.data), "data": change.data},
+            )
+        if isinstance(change, BlobChunk):
+            return self.encode(
+                BLOB_CHUNK,
+                {**head, "path": change.path, "size": change.size, "sha256": change.sha256,
+                 "chunk_index": change.index, "chunk_count": change.count, "data": change.data},
+            )
+        return self.encode(BLOB_DELETE, {**head, "path": change.path})
+
+    def read_transactions(self, records: Iterable[StreamRecord], database: str) -> Iterator[Transaction]:
+        """Group a committed record stream into transactions, checking framing as it goes.
+
+        Each yielded transaction's `changes` pull lazily from `records`; anything left
+        unread is drained before the next transaction starts. A broken stream (record
+        outside a transaction, foreign database, wrong txn id, count mismatch, missing
+        commit) raises PipelineError from inside the `changes` iteration.
+        """
+        it = iter(records)
+        for rec in it:
+            name, value = self.decode(rec.value, topic=rec.topic, offset=rec.offset)
+            self._check_db(value, database, rec)
+            if name != BEGIN:
+                raise PipelineError(
+                    f"{name.rsplit('.', 1)[-1]} record outside a transaction (expected TxnBegin)",
+                    database=database, txn_id=value.get("txn_id"), topic=rec.topic, offset=rec.offset,
+                )
+            txn = Transaction(
+                database=database,
+                txn_id=value["txn_id"],
+                checksum_before=_unsigned(value["checksum_before"]),
+                source_time_ms=value["source_time_ms"],
+                snapshot=value["snapshot"],
+                offset=rec.offset,
+            )
+            state = {"done": False}
+            txn.changes = self._changes(it, txn, value, state)
+            yield txn
+            if not state["done"]:
+                for _ in txn.changes:
+                    pass
+
+    def _changes(self, it: Iterator[StreamRecord], txn: Transaction, begin: dict, state: dict) -> Iterator[Change]:
+        count = 0
+        snapshot_phase = None
+        for rec in it:
+            name, value = self.decode(rec.value, topic=rec.topic, offset=rec.offset)
+            self._check_db(value, txn.database, rec)
+            if value["txn_id"] != txn.txn_id:
+                raise PipelineError(
+                    f"record of txn {value['txn_id']} inside txn {txn.txn_id} (missing TxnCommit)",
+                    database=txn.database, txn_id=txn.txn_id, topic=rec.topic, offset=rec.offset,
+                )
+            if name == COMMIT:
+                if value["record_count"] != count:
+                    raise PipelineError(
+                        f"transaction has {count} changes, commit says {value['record_count']}",
+                        database=txn.database, txn_id=txn.txn_id, topic=rec.topic, offset=rec.offset,
+                    )
+                if value["checksum_before"] != begin["checksum_before"]:
+                    raise PipelineError(
+                        "commit's checksum_before differs from begin's",
+                        database=txn.database, txn_id=txn.txn_id, topic=rec.topic, offset=rec.offset,
+                    )
+                if txn.snapshot and snapshot_phase != "END":
+                    raise PipelineError(
+                        "snapshot transaction without SnapshotMarker END",
+                        database=txn.database, txn_id=txn.txn_id, topic=rec.topic, offset=rec.offset,
+                    )
+                txn.record_count = count
+                txn.checksum_after = _unsigned(value["checksum_after"])
+                txn.files = [FileLayout(f["file"], f["block_size"], f["blocks"]) for f in value["files"]]
+                txn.end_offset = rec.offset
+                state["done"] = True
+                return
+            if name == SNAPSHOT:
+                expected = "START" if snapshot_phase is None else "END"
+                if not txn.snapshot or value["phase"] != expected:
+                    raise PipelineError(
+                        f"unexpected SnapshotMarker {value['phase']}",
+                        database=txn.database, txn_id=txn.txn_id, topic=rec.topic, offset=rec.offset,
+                    )
+                snapshot_phase = value["phase"]
+                continue
+            if name == BEGIN:
+                raise PipelineError(
+                    "TxnBegin inside an open transaction (missing TxnCommit)",
+                    database=txn.database, txn_id=txn.txn_id, topic=rec.topic, offset=rec.offset,
+                )
+            count += 1
+            if name == BLOCK:
+                if value["block_size"] != len(value["data"]):
+                    raise PipelineError(
+                        f"block {value['file']}:{value['block_index']} says {value['block_size']} bytes "
+                        f"but carries {len(value['data'])}",
+                        database=txn.database, txn_id=txn.txn_id, topic=rec.topic, offset=rec.offset,
+                    )
+                yield BlockWrite(value["file"], value["block_index"], value["data"])
+            elif name == BLOB_CHUNK:
+                yield BlobChunk(value["path"], value["size"], value["sha256"],
+                                value["chunk_index"], value["chunk_count"], value["data"])
+            elif name == BLOB_DELETE:
+                yield BlobDelete(value["path"])
+            else:
+                raise PipelineError(
+                    f"unexpected {name} record inside a transaction",
+                    database=txn.database, txn_id=txn.txn_id, topic=rec.topic, offset=rec.offset,
+                )
+        raise PipelineError(
+            "stream ended inside a transaction (no TxnCommit)",
+            database=txn.database, txn_id=txn.txn_id, offset=txn.offset, retriable=True,
+        )
+
+    @staticmethod
+    def _check_db(value: dict, database: str, rec: StreamRecord) -> None:
+        if value.get("database") != database:
+            raise PipelineError(
+                f"record of foreign database {value.get('database')!r} in the stream of {database!r}",
+                database=database, txn_id=value.get("txn_id"), topic=rec.topic, offset=rec.offset,
+            )
+
+
+def change_key(change: Change) -> bytes:
+    """Kafka key: the block's or blob's identity, so a compacted topic keeps each one's latest image."""
+    if isinstance(change, BlockWrite):
+        return b"b/%d/%d" % (change.file, change.index)
+    if isinstance(change, BlobChunk):
+        return b"blob/%s/%d" % (change.path.encode(), change.index)
+    return b"blob/%s/0" % change.path.encode()

@@ -1,0 +1,1 @@
+"""Integration tests: real Kafka, real S3, real PicoLisp."""
