@@ -5,11 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import time
 from pathlib import Path
 from typing import Callable, NoReturn, Sequence
 
+from pipeline.codec import Codec
 from pipeline.errors import PipelineError
+from pipeline.model import Position, Transaction, check_database_name
+from pipeline.replicate import replicate
+from schemas import load_schemas
 
 EXIT_USAGE = 2
 
@@ -41,6 +47,8 @@ def _not_implemented(command: str) -> NoReturn:
 
 def _run(fn: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> NoReturn:
     """Run a command; turn pipeline errors into one clear line and an exit code."""
+    # SIGTERM stops like Ctrl-C; every step is crash-safe, so stopping anywhere is fine.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         code = fn(args)
     except PipelineError as exc:
@@ -173,18 +181,142 @@ def _pipeline(args: argparse.Namespace) -> int:
     _not_implemented("pipeline status")
 
 
+class _Progress:
+    """Prints one status line every `every` seconds rather than one per transaction."""
+
+    def __init__(self, label: str, every: float = 2.0) -> None:
+        self.label, self.every = label, every
+        self.last_print = time.monotonic()
+        self.txns = 0
+        self.last_txn = 0
+
+    def __call__(self, txn: Transaction, extra: str = "") -> None:
+        self.txns += 1
+        self.last_txn = txn.txn_id
+        now = time.monotonic()
+        if now - self.last_print >= self.every:
+            rate = self.txns / (now - self.last_print)
+            lag_ms = max(0, int(time.time() * 1000) - txn.source_time_ms)
+            print(f"{self.label}: txn {txn.txn_id} ({rate:.0f} txn/s, {lag_ms} ms behind the source){extra}",
+                  flush=True)
+            self.last_print, self.txns = now, 0
+
+
+def _with_retries(what: str, attempt: Callable[[], int], *, max_backoff: float = 30.0) -> int:
+    """Run `attempt`; on a retriable PipelineError wait (capped exponential backoff) and run it again."""
+    delay = 0.5
+    while True:
+        started = time.monotonic()
+        try:
+            return attempt()
+        except PipelineError as exc:
+            if not exc.retriable:
+                raise
+            if time.monotonic() - started > 60:
+                delay = 0.5  # it ran fine for a while: this is a new outage
+            print(f"{what}: {exc} — retrying in {delay:.1f} s", file=sys.stderr, flush=True)
+            time.sleep(delay)
+            delay = min(max_backoff, delay * 2)
+
+
+def _capture(args: argparse.Namespace) -> int:
+    from connectors.kafka import TopicSink, ensure_topic, last_commit, topic_for
+    from connectors.pool_source import AgentLock, PoolSource
+
+    database = args.database or Path(args.pool.rstrip("/")).name
+    check_database_name(database)
+    codec = Codec(load_schemas())
+    state_dir = Path(args.state_dir or f"{args.journal.rstrip('/')}.agent")
+    lock = AgentLock(state_dir, database)
+    progress = _Progress(f"capture-agent {database}")
+
+    def attempt() -> int:
+        if ensure_topic(args.bootstrap_servers, topic_for(database),
+                        replication_factor=args.replication_factor, min_insync_replicas=args.min_insync_replicas):
+            print(f"created topic {topic_for(database)} (RF {args.replication_factor}, "
+                  f"min.insync.replicas {args.min_insync_replicas})", flush=True)
+        sink = TopicSink(args.bootstrap_servers, database, codec)  # init_transactions fences older agents
+        source = None
+        try:
+            last = last_commit(args.bootstrap_servers, database, codec)
+            position, layout = (last[0], last[1]) if last else (Position(0, 0), None)
+            sink.set_position(position)
+            print(f"capture-agent {database}: topic is at {position}", flush=True)
+            source = PoolSource(args.pool, Path(args.journal), Path(args.blob) if args.blob else None, database,
+                                state_dir, last_layout=layout, force_snapshot=args.snapshot, once=args.once,
+                                poll_interval=args.poll_interval)
+            final = replicate(source, sink, on_applied=progress)
+            print(f"capture-agent {database}: published up to {final}", flush=True)
+            return 0
+        finally:
+            if source is not None:
+                source.close()
+            sink.close()
+
+    try:
+        return _with_retries(f"capture-agent {database}", attempt)
+    finally:
+        lock.release()
+
+
+def _replica(args: argparse.Namespace) -> int:
+    from connectors.kafka import TopicSource, topic_for
+    from connectors.replica_dir import ReplicaDir
+
+    if args.pattern or args.root:
+        _not_implemented("replica --pattern/--root")
+    if not (args.database and args.target):
+        _fail("replica needs --database and --target (or --pattern with --root)", EXIT_USAGE)
+    codec = Codec(load_schemas())
+    sink = ReplicaDir(args.target, args.database, args.blob, topic=topic_for(args.database))
+    progress = _Progress(f"replica {args.database} ({args.group})")
+    print(f"replica {args.database}: at {sink.position()}, reading from offset {sink.next_offset}", flush=True)
+
+    def attempt() -> int:
+        source = TopicSource(args.bootstrap_servers, args.database, codec, args.group, sink.next_offset,
+                             once=args.once)
+        try:
+            final = replicate(source, sink, on_applied=progress)
+        finally:
+            source.close()
+        print(f"replica {args.database}: at {final}", flush=True)
+        return 0
+
+    try:
+        return _with_retries(f"replica {args.database}", attempt)
+    finally:
+        sink.close()
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from connectors.picolisp import blob_tree, compare_blob_trees, compare_pools, pool_files
+
+    diffs = compare_pools(args.pool, args.replica)
+    checked = f"{len(pool_files(args.pool))} pool files"
+    if args.blob or args.replica_blob:
+        if not (args.blob and args.replica_blob):
+            _fail("give both --blob and --replica-blob to compare blobs", EXIT_USAGE)
+        diffs += compare_blob_trees(args.blob, args.replica_blob)
+        checked += f" and {len(blob_tree(Path(args.blob)))} blobs"
+    for line in diffs:
+        print(f"DIFFERENT: {line}")
+    if diffs:
+        print(f"verify: {args.replica} differs from {args.pool} ({len(diffs)} difference(s))")
+        return 1
+    print(f"verify: identical: {checked} (md5 per file)")
+    return 0
+
+
 def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
 def capture_agent(argv: Sequence[str] | None = None) -> NoReturn:
-    _parse(capture_agent_parser(), argv)
-    _not_implemented("capture-agent")
+    _run(_capture, _parse(capture_agent_parser(), argv))
 
 
 def replica(argv: Sequence[str] | None = None) -> NoReturn:
-    _parse(replica_parser(), argv)
-    _not_implemented("replica")
+    _run(_replica, _parse(replica_parser(), argv))
 
 
 def archive(argv: Sequence[str] | None = None) -> NoReturn:
@@ -203,8 +335,7 @@ def restore(argv: Sequence[str] | None = None) -> NoReturn:
 
 
 def verify(argv: Sequence[str] | None = None) -> NoReturn:
-    _parse(verify_parser(), argv)
-    _not_implemented("verify")
+    _run(_verify, _parse(verify_parser(), argv))
 
 
 def pipeline_admin(argv: Sequence[str] | None = None) -> NoReturn:

@@ -1,0 +1,274 @@
+"""Kafka: one topic per database, the transactional publisher (capture side) and the committed-stream reader."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Callable, Iterator
+
+from kafka import KafkaConsumer, KafkaProducer
+from kafka.admin import KafkaAdminClient, NewTopic
+from kafka.errors import (
+    InvalidProducerEpochError,
+    KafkaError,
+    ProducerFencedError,
+    TopicAlreadyExistsError,
+    TransactionalIdAuthorizationFailedError,
+)
+from kafka.structs import OffsetAndMetadata, TopicPartition
+
+from pipeline.codec import COMMIT, Codec, StreamRecord
+from pipeline.errors import PipelineError
+from pipeline.model import FileLayout, Position, Transaction, check_database_name
+
+TOPIC_PREFIX = "pool."
+PARTITION = 0  # one partition per database topic: a total order of transactions
+FENCED = (ProducerFencedError, InvalidProducerEpochError, TransactionalIdAuthorizationFailedError)
+
+
+def topic_for(database: str) -> str:
+    return TOPIC_PREFIX + check_database_name(database)
+
+
+def database_for(topic: str) -> str:
+    if not topic.startswith(TOPIC_PREFIX) or topic.endswith(".stats"):
+        raise PipelineError(f"topic {topic!r} is not a pool-pipeline database topic (pool.<database>)")
+    return topic[len(TOPIC_PREFIX):]
+
+
+def _broker_error(what: str, exc: Exception, **ctx: object) -> PipelineError:
+    retriable = bool(getattr(exc, "retriable", False)) or isinstance(exc, (KafkaError, OSError))
+    return PipelineError(f"{what}: {type(exc).__name__}: {exc}", retriable=retriable, **ctx)  # type: ignore[arg-type]
+
+
+def ensure_topic(
+    bootstrap_servers: str, topic: str, *, replication_factor: int = 1, min_insync_replicas: int = 1,
+    timeout_s: float = 30,
+) -> bool:
+    """Create the database topic if it is missing; True if this call created it.
+
+    Retention is unlimited so that a replica started at any time can bootstrap from the
+    topic alone (it replays from the first snapshot); see README "Bootstrapping".
+    """
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers, client_id="pool-pipeline-admin",
+                             request_timeout_ms=int(timeout_s * 1000))
+    try:
+        if topic in admin.list_topics():
+            return False
+        configs = {
+            "cleanup.policy": "delete",
+            "retention.ms": "-1",
+            "retention.bytes": "-1",
+            "min.insync.replicas": str(min_insync_replicas),
+            "max.message.bytes": str(2 * 1024 * 1024),
+        }
+        try:
+            admin.create_topics([NewTopic(topic, 1, replication_factor, topic_configs=configs)])
+        except TopicAlreadyExistsError:
+            return False
+        deadline = time.monotonic() + timeout_s
+        while topic not in admin.list_topics():
+            if time.monotonic() > deadline:
+                raise PipelineError(f"topic {topic} was created but did not appear within {timeout_s:.0f} s", retriable=True)
+            time.sleep(0.1)
+        return True
+    except KafkaError as exc:
+        raise _broker_error(f"cannot create topic {topic} on {bootstrap_servers}", exc) from exc
+    finally:
+        admin.close()
+
+
+def committed_consumer(bootstrap_servers: str, group: str | None, **extra: object) -> KafkaConsumer:
+    """A consumer that sees only committed transactions and never commits on its own."""
+    return KafkaConsumer(
+        bootstrap_servers=bootstrap_servers,
+        group_id=group,
+        client_id=f"pool-pipeline-{group or 'reader'}",
+        isolation_level="read_committed",
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        max_partition_fetch_bytes=8 * 1024 * 1024,
+        fetch_max_bytes=32 * 1024 * 1024,
+        **extra,
+    )
+
+
+def last_commit(bootstrap_servers: str, database: str, codec: Codec,
+                timeout_s: float = 30) -> tuple[Position, list[FileLayout], int] | None:
+    """The last committed transaction in the topic as (position, pool layout, commit offset), None if empty.
+
+    Reads backwards from the end in growing windows, decoding only transaction markers.
+    """
+    topic = topic_for(database)
+    tp = TopicPartition(topic, PARTITION)
+    consumer = committed_consumer(bootstrap_servers, None)
+    try:
+        consumer.assign([tp])
+        begin = consumer.beginning_offsets([tp])[tp]
+        end = consumer.end_offsets([tp])[tp]
+        window = 256
+        while True:
+            start = max(begin, end - window)
+            found = None
+            for rec in _records_until(consumer, tp, start, end, timeout_s):
+                if rec.key == b"txn":
+                    name, value = codec.decode(rec.value, topic=topic, offset=rec.offset)
+                    if value["database"] != database:
+                        raise PipelineError(f"record of foreign database {value['database']!r} in topic {topic}",
+                                            database=database, offset=rec.offset, topic=topic)
+                    if name == COMMIT:
+                        found = (Position(value["txn_id"], value["checksum_after"] & 0xFFFFFFFFFFFFFFFF),
+                                 [FileLayout(f["file"], f["block_size"], f["blocks"]) for f in value["files"]],
+                                 rec.offset)
+            if found is not None or start == begin:
+                return found
+            window *= 8
+    except KafkaError as exc:
+        raise _broker_error(f"cannot read the end of topic {topic}", exc, database=database) from exc
+    finally:
+        consumer.close()
+
+
+def _records_until(consumer: KafkaConsumer, tp: TopicPartition, start: int, end: int, timeout_s: float) -> Iterator:
+    consumer.seek(tp, start)
+    deadline = time.monotonic() + timeout_s
+    while consumer.position(tp) < end:
+        batch = consumer.poll(timeout_ms=200).get(tp, [])
+        if batch:
+            deadline = time.monotonic() + timeout_s
+        elif time.monotonic() > deadline:
+            raise PipelineError(f"timed out reading {tp.topic} offsets {start}..{end}", retriable=True)
+        for rec in batch:
+            if rec.offset < end:
+                yield rec
+
+
+class TopicSink:
+    """Publishes each transaction as one Kafka transaction (the capture agent's Sink).
+
+    The transactional.id is derived from the database, so a second agent for the same
+    database fences the first: the broker rejects the older producer epoch.
+    """
+
+    def __init__(self, bootstrap_servers: str, database: str, codec: Codec, position: Position | None = None,
+                 *, transaction_timeout_ms: int = 600_000) -> None:
+        self.database = database
+        self.topic = topic_for(database)
+        self.codec = codec
+        self._position = position or Position(0, 0)
+        self.bytes_sent = 0
+        try:
+            self.producer = KafkaProducer(
+                bootstrap_servers=bootstrap_servers,
+                client_id=f"capture-agent-{database}",
+                transactional_id=f"pool-pipeline.capture.{database}",
+                enable_idempotence=True,
+                acks="all",
+                linger_ms=5,
+                batch_size=1024 * 1024,
+                max_request_size=4 * 1024 * 1024,
+                transaction_timeout_ms=transaction_timeout_ms,
+            )
+            self.producer.init_transactions()
+        except FENCED as exc:
+            raise self._fenced(exc) from exc
+        except KafkaError as exc:
+            raise _broker_error("cannot start the transactional producer", exc, database=database) from exc
+
+    def _fenced(self, exc: Exception) -> PipelineError:
+        return PipelineError(
+            f"fenced: another capture-agent now publishes database {self.database!r} "
+            f"(transactional.id pool-pipeline.capture.{self.database}); this one stops ({type(exc).__name__})",
+            database=self.database, txn_id=self._position.txn_id + 1,
+        )
+
+    def set_position(self, position: Position) -> None:
+        self._position = position
+
+    def position(self) -> Position:
+        return self._position
+
+    def apply(self, txn: Transaction) -> None:
+        try:
+            self.producer.begin_transaction()
+            for key, value in self.codec.transaction_records(txn):
+                self.producer.send(self.topic, value=value, key=key, partition=PARTITION)
+                self.bytes_sent += len(value) + len(key)
+            self.producer.commit_transaction()
+        except FENCED as exc:
+            raise self._fenced(exc) from exc
+        except PipelineError:
+            self._abort()
+            raise
+        except KafkaError as exc:
+            self._abort()
+            raise _broker_error("publishing failed", exc, database=txn.database, txn_id=txn.txn_id) from exc
+        self._position = txn.after
+
+    def _abort(self) -> None:
+        try:
+            self.producer.abort_transaction()
+        except Exception:  # the producer may already be in a fatal state; the caller reports the cause
+            pass
+
+    def close(self) -> None:
+        self.producer.close(timeout=10)
+
+
+class TopicSource:
+    """Reads committed transactions of one database from its topic, from a given offset (a Source).
+
+    The sink's stored position decides where reading starts; group offsets are committed
+    after each applied transaction only so that lag is visible to operators.
+    """
+
+    def __init__(self, bootstrap_servers: str, database: str, codec: Codec, group: str, start_offset: int,
+                 *, once: bool = False, idle: Callable[[], None] | None = None) -> None:
+        self.database = database
+        self.topic = topic_for(database)
+        self.codec = codec
+        self.once = once
+        self.idle = idle
+        self.tp = TopicPartition(self.topic, PARTITION)
+        self.consumer = committed_consumer(bootstrap_servers, group)
+        try:
+            if self.topic not in self.consumer.topics():
+                raise PipelineError(f"topic {self.topic} does not exist: is a capture-agent running for "
+                                    f"{database!r}?", database=database, retriable=True)
+            self.consumer.assign([self.tp])
+            begin = self.consumer.beginning_offsets([self.tp])[self.tp]
+            if start_offset < begin:
+                raise PipelineError(
+                    f"the replica needs offset {start_offset} but topic {self.topic} starts at {begin} "
+                    "(retention removed it); start a fresh replica", database=database, offset=start_offset)
+            self.consumer.seek(self.tp, start_offset)
+            self.end_at_start = self.consumer.end_offsets([self.tp])[self.tp]
+        except KafkaError as exc:
+            self.consumer.close()
+            raise _broker_error(f"cannot read topic {self.topic}", exc, database=database) from exc
+
+    def _records(self) -> Iterator[StreamRecord]:
+        while True:
+            if self.once and self.consumer.position(self.tp) >= self.end_at_start:
+                return
+            batch = self.consumer.poll(timeout_ms=100, max_records=2000).get(self.tp, [])
+            if not batch and self.idle is not None:
+                self.idle()
+            for r in batch:
+                yield StreamRecord(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp)
+
+    def transactions(self, after: Position) -> Iterator[Transaction]:
+        return self.codec.read_transactions(self._records(), self.database)
+
+    def acknowledge(self, txn: Transaction) -> None:
+        meta = json.dumps({"txn": txn.txn_id, "source_time_ms": txn.source_time_ms})
+        try:
+            self.consumer.commit({self.tp: OffsetAndMetadata(txn.end_offset + 1, meta, -1)})
+        except KafkaError:
+            pass  # group offsets only show lag; the replica's own position file is the truth
+
+    def lag(self) -> int:
+        return max(0, self.consumer.end_offsets([self.tp])[self.tp] - self.consumer.position(self.tp))
+
+    def close(self) -> None:
+        self.consumer.close()

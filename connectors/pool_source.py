@@ -1,0 +1,393 @@
+"""The capture side of a PicoLisp pool: journal rounds, snapshots and blob changes turned into Transactions."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+from connectors.picolisp import (
+    JournalConsumer,
+    _pread_all,
+    blob_markers,
+    blob_tree,
+    block_size_of,
+    hax,
+    parse_journal,
+    pool_files,
+    touched_blocks,
+)
+from pipeline.checksum import RollingChecksum
+from pipeline.errors import PipelineError
+from pipeline.model import (
+    MAX_BLOB_CHUNK,
+    BlobChunk,
+    BlobDelete,
+    BlockWrite,
+    Change,
+    FileLayout,
+    Position,
+    Transaction,
+    safe_blob_path,
+)
+
+INFLIGHT = ".pool-pipeline-inflight"  # markers renamed aside live here, inside the blob dir (same filesystem)
+
+
+class AgentLock:
+    """One capture agent per pool on this host: an fcntl lock on a file in the state dir."""
+
+    def __init__(self, state_dir: Path, database: str) -> None:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.path = state_dir / "agent.lock"
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(self.fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(self.fd)
+            raise PipelineError(
+                f"another capture-agent (pid {holder}) is already running for this pool (lock {self.path})",
+                database=database) from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        os.close(self.fd)
+
+
+class _Pool:
+    """Open descriptors on the pool files, their block sizes, and the block counts last published."""
+
+    def __init__(self, prefix: str, database: str) -> None:
+        self.prefix = prefix
+        self.database = database
+        self.fds: list[int] = []
+        self.block_sizes: list[int] = []
+        self.refresh()
+        if not self.fds:
+            raise PipelineError(f"no pool at {prefix!r}: expected {prefix}@ (is --pool the prefix PicoLisp "
+                                "was given, e.g. db/app/?)", database=database)
+
+    def refresh(self) -> None:
+        """Open files PicoLisp created since the last look (pools can gain files when *Dbs grows)."""
+        paths = pool_files(self.prefix)
+        for path in paths[len(self.fds):]:
+            self.block_sizes.append(block_size_of(path))
+            self.fds.append(os.open(path, os.O_RDONLY))
+
+    def layout(self) -> list[FileLayout]:
+        out = []
+        for f, (fd, bs) in enumerate(zip(self.fds, self.block_sizes)):
+            size = os.fstat(fd).st_size
+            if size % bs:
+                raise PipelineError(f"pool file {self.prefix}{hax(f)} has {size} bytes, not a whole number of "
+                                    f"{bs}-byte blocks", database=self.database, retriable=True)
+            out.append(FileLayout(f, bs, size // bs))
+        return out
+
+    def read_block(self, file: int, index: int) -> bytes:
+        bs = self.block_sizes[file]
+        return _pread_all(self.fds[file], bs, index * bs)
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds.clear()
+
+
+class PoolSource:
+    """Yields the transactions of one PicoLisp pool (a Source for the capture agent).
+
+    Each round takes the journal lock (every PicoLisp writer holds it for its whole commit),
+    parses the journal, preads the final image of every touched or new block, appends the
+    raw journal bytes to the agent's spool and truncates the journal to 0, then releases the
+    lock. The app is blocked only for that. The spool is cleared once the transaction is
+    committed in Kafka; after a crash, spool + journal are re-read and merged into the next
+    transaction, which is correct because images are final states.
+    """
+
+    def __init__(self, prefix: str, journal: Path, blob_dir: Path | None, database: str, state_dir: Path,
+                 *, last_layout: list[FileLayout] | None = None, force_snapshot: bool = False,
+                 once: bool = False, poll_interval: float = 0.02, delete_scan_interval: float = 1.0,
+                 log: Callable[[str], None] = print) -> None:
+        self.database = database
+        self.state_dir = state_dir
+        self.blob_dir = blob_dir
+        self.once = once
+        self.poll_interval = poll_interval
+        self.delete_scan_interval = delete_scan_interval
+        self.log = log
+        self.force_snapshot = force_snapshot
+        self.pool = _Pool(prefix, database)
+        self.journal = JournalConsumer(journal)
+        self.spool_path = state_dir / "journal.spool"
+        self.blob_spool = state_dir / "blobs"
+        self.known_blobs_path = state_dir / "known-blobs.json"
+        self.published = {f.file: f.blocks for f in (last_layout or [])}
+        self.rolling = RollingChecksum()
+        self._ack: Callable[[], None] | None = None
+        self._known_blobs: set[str] = set()
+        self._last_delete_scan = 0.0
+        self._restore_inflight_markers()
+
+    # --- journal ------------------------------------------------------------------------------
+
+    def _take_journal(self) -> tuple[list[BlockWrite], list[FileLayout]]:
+        """Under the journal lock: parse it, pread touched and grown blocks, spool it, truncate it."""
+        spooled = self.spool_path.read_bytes() if self.spool_path.exists() else b""
+
+        def locked(data: bytes) -> tuple[list[BlockWrite], list[FileLayout]]:
+            self.pool.refresh()
+            sizes = self.pool.block_sizes
+            want: set[tuple[int, int]] = set()
+            for chunk, what in ((spooled, "agent spool"), (data, "journal")):
+                try:
+                    entries = parse_journal(chunk, sizes)
+                except PipelineError as exc:
+                    raise PipelineError(f"{what} {self.spool_path if chunk is spooled else self.journal.path}: "
+                                        f"{exc.message}; nothing was published and the journal is left intact",
+                                        database=self.database) from None
+                for file, blocks in touched_blocks(entries, sizes).items():
+                    want.update((file, b) for b in blocks)
+            layout = self.pool.layout()
+            for f in layout:
+                want.update((f.file, b) for b in range(self.published.get(f.file, 0), f.blocks))
+            for file, index in want:
+                if index >= layout[file].blocks:
+                    raise PipelineError(f"journal writes block {index} of file {hax(file)}, beyond its end "
+                                        f"({layout[file].blocks} blocks)", database=self.database)
+            images = [BlockWrite(f, i, self.pool.read_block(f, i)) for f, i in sorted(want)]
+            if data:
+                with open(self.spool_path, "ab") as spool:
+                    spool.write(data)  # survives kill -9 (page cache); PicoLisp never fsyncs the journal either
+                os.ftruncate(self.journal._fd, 0)  # type: ignore[arg-type]  # lock held: atomic, nothing lost
+            return images, layout
+
+        return self.journal.read_locked(locked)
+
+    # --- blobs --------------------------------------------------------------------------------
+
+    def _restore_inflight_markers(self) -> None:
+        """Markers renamed aside by a run that died before publishing go back to be sent again."""
+        if self.blob_dir is None:
+            return
+        inflight = self.blob_dir / INFLIGHT
+        if inflight.is_dir():
+            for name in os.listdir(inflight):
+                src, dst = inflight / name, self.blob_dir / name
+                if os.path.lexists(dst):
+                    os.unlink(src)  # the app made a newer marker for the same blob
+                else:
+                    os.replace(src, dst)
+        if self.known_blobs_path.exists():
+            self._known_blobs = set(json.loads(self.known_blobs_path.read_text()))
+        else:
+            self._known_blobs = set(blob_tree(self.blob_dir))
+
+    def _spool_blob(self, rel: str) -> tuple[Path, int, str] | None:
+        """Copy a blob to the agent's spool (so it cannot change under us); None if it is gone."""
+        assert self.blob_dir is not None
+        self.blob_spool.mkdir(parents=True, exist_ok=True)
+        dst = self.blob_spool / hashlib.sha1(rel.encode()).hexdigest()
+        sha = hashlib.sha256()
+        size = 0
+        try:
+            with open(self.blob_dir / rel, "rb") as src, open(dst, "wb") as out:
+                while chunk := src.read(1 << 20):
+                    sha.update(chunk)
+                    out.write(chunk)
+                    size += len(chunk)
+        except FileNotFoundError:
+            dst.unlink(missing_ok=True)
+            return None
+        return dst, size, sha.hexdigest()
+
+    @staticmethod
+    def _chunks(rel: str, spooled: Path, size: int, sha: str) -> Iterator[BlobChunk]:
+        count = max(1, -(-size // MAX_BLOB_CHUNK))
+        with open(spooled, "rb") as f:
+            for index in range(count):
+                yield BlobChunk(rel, size, sha, index, count, f.read(MAX_BLOB_CHUNK))
+
+    def _blob_changes(self, snapshot: bool) -> tuple[list[tuple[str, Path, int, str]], list[str], list[str]]:
+        """(puts, deletes, inflight marker names) to publish in this round."""
+        if self.blob_dir is None:
+            return [], [], []
+        inflight = self.blob_dir / INFLIGHT
+        inflight.mkdir(exist_ok=True)
+        markers = []
+        paths: dict[str, None] = {}
+        for name, target in blob_markers(self.blob_dir):
+            # Renaming the marker before copying closes the original's lost-update race: a rewrite
+            # during our copy makes blob+ create a fresh marker, which the next round picks up.
+            os.replace(self.blob_dir / name, inflight / name)
+            markers.append(name)
+            paths[target] = None
+        if snapshot:
+            paths.update(dict.fromkeys(sorted(blob_tree(self.blob_dir))))
+        puts, deletes = [], []
+        for rel in paths:
+            safe_blob_path(rel)
+            spooled = self._spool_blob(rel)
+            if spooled is None:
+                if not snapshot:
+                    deletes.append(rel)
+            else:
+                puts.append((rel, *spooled))
+        now = time.monotonic()
+        if not snapshot and now - self._last_delete_scan >= self.delete_scan_interval:
+            # The original never replicates deletes (zap> just unlinks the file): find them by scanning.
+            self._last_delete_scan = now
+            present = set(blob_tree(self.blob_dir))
+            put_paths = {p for p, *_ in puts}
+            deletes.extend(sorted(p for p in self._known_blobs - present if p not in put_paths and p not in deletes))
+        return puts, deletes, markers
+
+    # --- transactions -------------------------------------------------------------------------
+
+    def _transaction(self, after: Position, blocks: list[BlockWrite], layout: list[FileLayout],
+                     puts: list, deletes: list[str], markers: list[str], *, snapshot: bool) -> Transaction:
+        for b in blocks:
+            self.rolling.set_block(b.file, b.index, b.data)
+        blob_records = sum(max(1, -(-size // MAX_BLOB_CHUNK)) for _, _, size, _ in puts)
+
+        def changes() -> Iterator[Change]:
+            yield from blocks
+            for rel, spooled, size, sha in puts:
+                yield from self._chunks(rel, spooled, size, sha)
+            for rel in deletes:
+                yield BlobDelete(rel)
+
+        txn = Transaction(
+            database=self.database, txn_id=after.txn_id + 1, checksum_before=after.checksum,
+            source_time_ms=int(time.time() * 1000), changes=changes(), snapshot=snapshot,
+            checksum_after=self.rolling.value, files=layout,
+            record_count=len(blocks) + blob_records + len(deletes),
+        )
+
+        self._ack = self._acknowledger(layout, puts, deletes, markers, snapshot=snapshot)
+        return txn
+
+    def _acknowledger(self, layout: list[FileLayout], puts: list, deletes: list[str], markers: list[str],
+                      *, snapshot: bool) -> Callable[[], None]:
+        """What to forget once the transaction is committed in Kafka: spool, markers, staged blobs."""
+
+        def acknowledge() -> None:
+            self.spool_path.unlink(missing_ok=True)
+            for name in markers:
+                assert self.blob_dir is not None
+                (self.blob_dir / INFLIGHT / name).unlink(missing_ok=True)
+            shutil.rmtree(self.blob_spool, ignore_errors=True)
+            known = (set() if snapshot else set(self._known_blobs)) | {p for p, *_ in puts}
+            known -= set(deletes)
+            if known != self._known_blobs or snapshot:
+                self._known_blobs = known
+                tmp = self.known_blobs_path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(sorted(known)))
+                os.replace(tmp, self.known_blobs_path)
+            self.published = {f.file: f.blocks for f in layout}
+
+        return acknowledge
+
+    def _scan(self, layout: list[FileLayout]) -> Iterator[BlockWrite]:
+        """Every block of the given layout, read without locks in 4 MiB slices (a fuzzy copy)."""
+        for f in layout:
+            step = max(1, (4 << 20) // f.block_size)
+            for first in range(0, f.blocks, step):
+                n = min(step, f.blocks - first)
+                buf = _pread_all(self.pool.fds[f.file], n * f.block_size, first * f.block_size)
+                if len(buf) < n * f.block_size:
+                    raise PipelineError(f"pool file {hax(f.file)} shrank while being read", retriable=True,
+                                        database=self.database)
+                for k in range(n):
+                    yield BlockWrite(f.file, first + k, buf[k * f.block_size:(k + 1) * f.block_size])
+
+    def _snapshot(self, after: Position, reason: str) -> Transaction:
+        """A full image, streamed: a fuzzy copy without locks, then the blocks the journal touched
+        meanwhile re-read under its lock (later records win), then every blob."""
+        self.log(f"{self.database}: taking a snapshot ({reason})")
+        txn = Transaction(database=self.database, txn_id=after.txn_id + 1, checksum_before=after.checksum,
+                          source_time_ms=int(time.time() * 1000), snapshot=True)
+
+        def changes() -> Iterator[Change]:
+            rolling = RollingChecksum()
+            count = 0
+            start = self.pool.layout()
+            for block in self._scan(start):
+                rolling.set_block(block.file, block.index, block.data)
+                count += 1
+                yield block
+            self.published = {f.file: f.blocks for f in start}
+            repair, layout = self._take_journal()
+            for block in repair:
+                rolling.set_block(block.file, block.index, block.data)
+                count += 1
+                yield block
+            puts, _, markers = self._blob_changes(snapshot=True)
+            for rel, spooled, size, sha in puts:
+                for chunk in self._chunks(rel, spooled, size, sha):
+                    count += 1
+                    yield chunk
+            self.rolling = rolling
+            txn.record_count, txn.checksum_after, txn.files = count, rolling.value, layout
+            self._ack = self._acknowledger(layout, puts, [], markers, snapshot=True)
+
+        txn.changes = changes()
+        return txn
+
+    def _resume(self, after: Position) -> Transaction | None:
+        """After a restart: rebuild the checksum from the pool, then publish what the last run had not."""
+        for block in self._scan(self.pool.layout()):
+            self.rolling.set_block(block.file, block.index, block.data)
+        blocks, layout = self._take_journal()
+        probe = self.rolling.copy()
+        for b in blocks:
+            probe.set_block(b.file, b.index, b.data)
+        if not blocks and probe.value != after.checksum:
+            return self._snapshot(after, f"the pool's checksum {probe.value:016x} differs from the "
+                                         f"topic's {after.checksum:016x} with no journal to explain it")
+        puts, deletes, markers = self._blob_changes(snapshot=False)
+        if not blocks and not puts and not deletes:
+            return None
+        return self._transaction(after, blocks, layout, puts, deletes, markers, snapshot=False)
+
+    def _round(self, after: Position) -> Transaction | None:
+        blocks, layout = self._take_journal()
+        puts, deletes, markers = self._blob_changes(snapshot=False)
+        if not blocks and not puts and not deletes:
+            return None
+        return self._transaction(after, blocks, layout, puts, deletes, markers, snapshot=False)
+
+    def transactions(self, after: Position) -> Iterator[Transaction]:
+        if after.txn_id == 0:
+            first = self._snapshot(after, "bootstrap: the topic is empty")
+        elif self.force_snapshot:
+            first = self._snapshot(after, "requested with --snapshot")
+        else:
+            first = self._resume(after)
+        pending = first
+        position = after
+        while True:
+            if pending is not None:
+                yield pending
+                position = pending.after
+            elif self.once:
+                return
+            else:
+                time.sleep(self.poll_interval)
+            pending = self._round(position)
+
+    def acknowledge(self, txn: Transaction) -> None:
+        if self._ack is not None:
+            self._ack()
+            self._ack = None
+
+    def close(self) -> None:
+        self.pool.close()
+        self.journal.close()
