@@ -178,7 +178,31 @@ def _dev(args: argparse.Namespace) -> int:
 def _pipeline(args: argparse.Namespace) -> int:
     if args.command == "dev":
         return _dev(args)
-    _not_implemented("pipeline status")
+    return _status(args)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from connectors.kafka import status
+
+    rows = status(args.bootstrap_servers, Codec(load_schemas()), args.database)
+    if not rows:
+        print(f"no database topics (pool.*) on {args.bootstrap_servers}")
+        return 0
+
+    def fmt_bytes(n: int | None) -> str:
+        if n is None:
+            return ">64MiB"
+        return f"{n}B" if n < 1024 else f"{n / 1024:.1f}KiB" if n < 1 << 20 else f"{n / (1 << 20):.1f}MiB"
+
+    print(f"{'database':<16} {'captured':>9} {'group':<18} {'applied':>9} {'lag txns':>9} {'lag bytes':>10} {'lag s':>7}")
+    for row in rows:
+        when = time.strftime("%H:%M:%S", time.localtime(row["captured_time_ms"] / 1000)) if row["captured_time_ms"] else "-"
+        print(f"{row['database']:<16} {row['captured_txn']:>9} (last capture {when})")
+        for g in row["groups"]:
+            lag_s = f"{g['lag_seconds']:.1f}" if g["lag_seconds"] is not None else "-"
+            print(f"{'':<16} {'':>9} {g['group']:<18} {str(g['applied_txn']):>9} {str(g['lag_txns']):>9} "
+                  f"{fmt_bytes(g['lag_bytes']):>10} {lag_s:>7}")
+    return 0
 
 
 class _Progress:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.admin import KafkaAdminClient, NewTopic
@@ -93,8 +93,14 @@ def committed_consumer(bootstrap_servers: str, group: str | None, **extra: objec
     )
 
 
-def last_commit(bootstrap_servers: str, database: str, codec: Codec,
-                timeout_s: float = 30) -> tuple[Position, list[FileLayout], int] | None:
+class LastCommit(NamedTuple):
+    position: Position
+    files: list[FileLayout]
+    offset: int
+    source_time_ms: int
+
+
+def last_commit(bootstrap_servers: str, database: str, codec: Codec, timeout_s: float = 30) -> LastCommit | None:
     """The last committed transaction in the topic as (position, pool layout, commit offset), None if empty.
 
     Reads backwards from the end in growing windows, decoding only transaction markers.
@@ -117,9 +123,10 @@ def last_commit(bootstrap_servers: str, database: str, codec: Codec,
                         raise PipelineError(f"record of foreign database {value['database']!r} in topic {topic}",
                                             database=database, offset=rec.offset, topic=topic)
                     if name == COMMIT:
-                        found = (Position(value["txn_id"], value["checksum_after"] & 0xFFFFFFFFFFFFFFFF),
-                                 [FileLayout(f["file"], f["block_size"], f["blocks"]) for f in value["files"]],
-                                 rec.offset)
+                        found = LastCommit(
+                            Position(value["txn_id"], value["checksum_after"] & 0xFFFFFFFFFFFFFFFF),
+                            [FileLayout(f["file"], f["block_size"], f["blocks"]) for f in value["files"]],
+                            rec.offset, value["source_time_ms"])
             if found is not None or start == begin:
                 return found
             window *= 8
@@ -272,3 +279,66 @@ class TopicSource:
 
     def close(self) -> None:
         self.consumer.close()
+
+
+def status(bootstrap_servers: str, codec: Codec, databases: list[str] | None = None,
+           byte_cap: int = 64 * 1024 * 1024) -> list[dict]:
+    """Per database: the last captured txn, and per consumer group its applied txn and lag.
+
+    Lag in bytes is the size of the records a group has yet to read, counted up to `byte_cap`.
+    """
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers, client_id="pool-pipeline-status")
+    consumer = committed_consumer(bootstrap_servers, None)
+    try:
+        topics = sorted(t for t in consumer.topics() if t.startswith(TOPIC_PREFIX) and not t.endswith(".stats"))
+        wanted = {topic_for(d) for d in databases} if databases else None
+        groups = [g if isinstance(g, str) else (g.get("group_id") if isinstance(g, dict) else g[0])
+                  for g in admin.list_groups()]
+        offsets = {g: admin.list_group_offsets({g: None}).get(g, {}) for g in groups}
+        rows = []
+        for topic in topics:
+            if wanted is not None and topic not in wanted:
+                continue
+            database = database_for(topic)
+            tp = TopicPartition(topic, PARTITION)
+            last = last_commit(bootstrap_servers, database, codec)
+            end = consumer.end_offsets([tp])[tp]
+            row: dict = {"database": database, "topic": topic, "captured_txn": last[0].txn_id if last else 0,
+                         "captured_time_ms": last.source_time_ms if last else None, "end_offset": end, "groups": []}
+            for group, committed in offsets.items():
+                meta = committed.get(tp)
+                if meta is None:
+                    continue
+                try:
+                    info = json.loads(meta.metadata or "{}")
+                except ValueError:
+                    info = {}
+                applied = info.get("txn")
+                lag_bytes = _bytes_between(consumer, tp, meta.offset, end, byte_cap)
+                row["groups"].append({
+                    "group": group, "applied_txn": applied, "offset": meta.offset,
+                    "lag_txns": (row["captured_txn"] - applied) if applied is not None else None,
+                    "lag_bytes": lag_bytes,
+                    "lag_seconds": ((row["captured_time_ms"] - info["source_time_ms"]) / 1000
+                                    if last and "source_time_ms" in info else None),
+                })
+            rows.append(row)
+        return rows
+    except KafkaError as exc:
+        raise _broker_error("cannot read status", exc) from exc
+    finally:
+        consumer.close()
+        admin.close()
+
+
+def _bytes_between(consumer: KafkaConsumer, tp: TopicPartition, start: int, end: int, cap: int) -> int | None:
+    """Bytes of the committed records in [start, end); None when more than `cap` (not worth reading)."""
+    if start >= end:
+        return 0
+    consumer.assign([tp])
+    total = 0
+    for rec in _records_until(consumer, tp, start, end, 30):
+        total += len(rec.value or b"") + len(rec.key or b"")
+        if total > cap:
+            return None
+    return total
