@@ -288,9 +288,9 @@ def _replica(args: argparse.Namespace) -> int:
     from connectors.replica_dir import ReplicaDir
 
     if args.pattern or args.root:
-        _not_implemented("replica --pattern/--root")
-    if not (args.database and args.target):
-        _fail("replica needs --database and --target (or --pattern with --root)", EXIT_USAGE)
+        if not (args.pattern and args.root) or args.database or args.target:
+            _fail("--pattern and --root go together, instead of --database/--target", EXIT_USAGE)
+        return _replica_group(args)
     codec = Codec(load_schemas())
     sink = ReplicaDir(args.target, args.database, args.blob, topic=topic_for(args.database))
     progress = _Progress(f"replica {args.database} ({args.group})")
@@ -310,6 +310,61 @@ def _replica(args: argparse.Namespace) -> int:
         return _with_retries(f"replica {args.database}", attempt)
     finally:
         sink.close()
+
+
+def _replica_group(args: argparse.Namespace) -> int:
+    """Many databases in one consumer group: Kafka spreads them over the members."""
+    from connectors.kafka import GroupReader, topic_for
+    from connectors.replica_dir import ReplicaDir
+
+    codec = Codec(load_schemas())
+    root = Path(args.root)
+    sinks: dict[str, ReplicaDir] = {}
+    progress: dict[str, _Progress] = {}
+
+    def sink_for(database: str) -> ReplicaDir:
+        if database not in sinks:
+            sinks[database] = ReplicaDir(f"{root / database / 'db'}/", database, root / database / "blob",
+                                         topic=topic_for(database))
+            progress[database] = _Progress(f"replica {database} ({args.group})")
+            print(f"replica {database}: assigned; at {sinks[database].position()}", flush=True)
+        return sinks[database]
+
+    def attempt() -> int:
+        reader = GroupReader(args.bootstrap_servers, args.group, args.pattern, codec,
+                             lambda db: _guarded(reader, db, lambda: sink_for(db).next_offset, 0), once=args.once)
+        try:
+            for source in reader.sources():
+                _guarded(reader, source.database,
+                         lambda: replicate(source, sink_for(source.database), on_applied=progress[source.database]),
+                         None)
+        finally:
+            reader.close()
+        for db, sink in sorted(sinks.items()):
+            print(f"replica {db}: at {sink.position()}", flush=True)
+        if reader.failed:
+            print(f"replica: stopped databases: {', '.join(sorted(reader.failed))}", file=sys.stderr)
+            return 1
+        return 0
+
+    try:
+        return _with_retries(f"replica group {args.group}", attempt)
+    finally:
+        for sink in sinks.values():
+            sink.close()
+
+
+def _guarded(reader: object, database: str, fn: Callable[[], object], default: object) -> object:
+    """Run one database's step; a non-retriable error stops that database only, with its message."""
+    try:
+        return fn()
+    except PipelineError as exc:
+        if exc.retriable:
+            print(f"replica {database}: {exc} (will retry)", file=sys.stderr, flush=True)
+            return default
+        print(f"error: replica {database} stopped: {exc}", file=sys.stderr, flush=True)
+        reader.fail(database)  # type: ignore[attr-defined]
+        return default
 
 
 def _verify(args: argparse.Namespace) -> int:

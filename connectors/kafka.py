@@ -6,7 +6,7 @@ import json
 import time
 from typing import Callable, Iterator, NamedTuple
 
-from kafka import KafkaConsumer, KafkaProducer
+from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer
 from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.errors import (
     InvalidProducerEpochError,
@@ -342,3 +342,124 @@ def _bytes_between(consumer: KafkaConsumer, tp: TopicPartition, start: int, end:
         if total > cap:
             return None
     return total
+
+
+class GroupReader:
+    """One consumer in a group subscribed to many database topics (`replica --pattern`).
+
+    Kafka spreads the topics' partitions over the group's members. `sources()` yields, for each
+    assigned database with pending records, a Source over that partition alone: it pauses the
+    other partitions while a transaction is open and ends at a transaction boundary, so one
+    replicate() loop per database can run in turn without buffering whole transactions.
+    """
+
+    def __init__(self, bootstrap_servers: str, group: str, pattern: str, codec: Codec,
+                 start_offset: Callable[[str], int], *, once: bool = False) -> None:
+        self.codec = codec
+        self.once = once
+        self.start_offset = start_offset
+        self.consumer = committed_consumer(bootstrap_servers, group, max_poll_interval_ms=600_000)
+        self._new: set[TopicPartition] = set()
+        self.failed: set[str] = set()  # databases stopped by a non-retriable error; never read again
+        self.consumer.subscribe(pattern=f"^{TOPIC_PREFIX}(?:{pattern})$", listener=_Rebalance(self))
+        self._idle_rounds = 0
+
+    def assigned(self) -> list[str]:
+        return sorted(database_for(tp.topic) for tp in self.consumer.assignment())
+
+    def _seek_new(self) -> None:
+        for tp in sorted(self._new, key=lambda t: t.topic):
+            if tp in self.consumer.assignment():
+                self.consumer.seek(tp, self.start_offset(database_for(tp.topic)))
+        self._new.clear()
+
+    def sources(self) -> Iterator["PartitionSource"]:
+        """Sources for databases with records waiting, round robin; ends when idle in --once mode."""
+        while True:
+            batch = self.consumer.poll(timeout_ms=200, max_records=1)
+            new = set(self._new)  # assigned during that poll: start at the replica's own position
+            self._seek_new()
+            if not batch:
+                if self.once and self.consumer.assignment() and self._caught_up():
+                    return
+                continue
+            for tp, records in batch.items():
+                if tp not in new:
+                    # poll() moved past what it returned: step back so the source re-reads it.
+                    self.consumer.seek(tp, records[0].offset)
+            for tp in list(batch):
+                if tp in self.consumer.assignment() and database_for(tp.topic) not in self.failed:
+                    yield PartitionSource(self, tp)
+            self._pause_failed()
+
+    def fail(self, database: str) -> None:
+        self.failed.add(database)
+        self._pause_failed()
+
+    def _pause_failed(self) -> None:
+        stopped = [tp for tp in self.consumer.assignment() if database_for(tp.topic) in self.failed]
+        if stopped:
+            self.consumer.pause(*stopped)
+
+    def _caught_up(self) -> bool:
+        assignment = list(self.consumer.assignment())
+        ends = self.consumer.end_offsets(assignment)
+        return all(self.consumer.position(tp) >= ends[tp] for tp in assignment
+                   if database_for(tp.topic) not in self.failed)
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    """Newly assigned partitions start at each replica's own stored position, not the group offset."""
+
+    def __init__(self, reader: GroupReader) -> None:
+        self.reader = reader
+
+    def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        pass
+
+    def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        self.reader._new.update(assigned)
+
+
+class PartitionSource:
+    """The committed transactions of one assigned partition, up to the next idle boundary (a Source)."""
+
+    def __init__(self, reader: GroupReader, tp: TopicPartition) -> None:
+        self.reader = reader
+        self.tp = tp
+        self.database = database_for(tp.topic)
+
+    def _records(self) -> Iterator[StreamRecord]:
+        consumer = self.reader.consumer
+        others = [tp for tp in consumer.assignment() if tp != self.tp]
+        consumer.pause(*others)
+        inside = False  # between a TxnBegin and its TxnCommit (both keyed b"txn")
+        try:
+            while True:
+                if self.tp not in consumer.assignment():
+                    raise PipelineError(f"partition of {self.database} was reassigned to another group member "
+                                        "mid-transaction; nothing of it was applied here",
+                                        database=self.database, retriable=True)
+                batch = consumer.poll(timeout_ms=100, max_records=2000).get(self.tp, [])
+                if not batch and not inside:
+                    return
+                for r in batch:
+                    if r.key == b"txn":
+                        inside = not inside
+                    yield StreamRecord(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp)
+        finally:
+            consumer.resume(*[tp for tp in others if tp in consumer.assignment()
+                              and database_for(tp.topic) not in self.reader.failed])
+
+    def transactions(self, after: Position) -> Iterator[Transaction]:
+        return self.reader.codec.read_transactions(self._records(), self.database)
+
+    def acknowledge(self, txn: Transaction) -> None:
+        meta = json.dumps({"txn": txn.txn_id, "source_time_ms": txn.source_time_ms})
+        try:
+            self.reader.consumer.commit({self.tp: OffsetAndMetadata(txn.end_offset + 1, meta, -1)})
+        except KafkaError:
+            pass  # lag display only; the replica's position file is the truth

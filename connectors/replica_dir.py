@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -86,6 +87,13 @@ class ReplicaDir:
         if self.blob_dir is not None:
             self.blob_dir.mkdir(parents=True, exist_ok=True)
             self._blob_root = self.blob_dir.resolve()
+        self._lock_fd = os.open(self.state / "replica.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.lockf(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self._lock_fd)
+            raise PipelineError(f"another replica process is applying to {self.prefix} (lock "
+                                f"{self.state / 'replica.lock'})", database=database) from None
         self._pos_file = self.state / "position.json"
         self._redo = self.state / "redo"
         self._fds: dict[int, int] = {}
@@ -396,3 +404,4 @@ class ReplicaDir:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+        os.close(self._lock_fd)
