@@ -150,6 +150,15 @@ def _records_until(consumer: KafkaConsumer, tp: TopicPartition, start: int, end:
                 yield rec
 
 
+def commit_applied(consumer: KafkaConsumer, tp: TopicPartition, txn: Transaction) -> None:
+    """Commit the group offset after an applied txn, with its txn id and time for `pipeline status`."""
+    meta = json.dumps({"txn": txn.txn_id, "source_time_ms": txn.source_time_ms})
+    try:
+        consumer.commit({tp: OffsetAndMetadata(txn.end_offset + 1, meta, -1)})
+    except KafkaError:
+        pass  # group offsets only show lag; the sink's own stored position is the truth
+
+
 class TopicSink:
     """Publishes each transaction as one Kafka transaction (the capture agent's Sink).
 
@@ -268,11 +277,7 @@ class TopicSource:
         return self.codec.read_transactions(self._records(), self.database)
 
     def acknowledge(self, txn: Transaction) -> None:
-        meta = json.dumps({"txn": txn.txn_id, "source_time_ms": txn.source_time_ms})
-        try:
-            self.consumer.commit({self.tp: OffsetAndMetadata(txn.end_offset + 1, meta, -1)})
-        except KafkaError:
-            pass  # group offsets only show lag; the replica's own position file is the truth
+        commit_applied(self.consumer, self.tp, txn)
 
     def lag(self) -> int:
         return max(0, self.consumer.end_offsets([self.tp])[self.tp] - self.consumer.position(self.tp))
@@ -458,8 +463,4 @@ class PartitionSource:
         return self.reader.codec.read_transactions(self._records(), self.database)
 
     def acknowledge(self, txn: Transaction) -> None:
-        meta = json.dumps({"txn": txn.txn_id, "source_time_ms": txn.source_time_ms})
-        try:
-            self.reader.consumer.commit({self.tp: OffsetAndMetadata(txn.end_offset + 1, meta, -1)})
-        except KafkaError:
-            pass  # lag display only; the replica's position file is the truth
+        commit_applied(self.reader.consumer, self.tp, txn)
