@@ -1,36 +1,82 @@
 #!/usr/bin/env bash
-# Installs everything pool-pipeline needs, idempotently: a venv with the package and its test
-# deps, PicoLisp (Debian), Java/Maven checks, and the Kafka broker jars (cached in ~/.cache).
+# Installs everything pool-pipeline needs, idempotently: PicoLisp, Java >= 17 and Maven (Debian,
+# when missing), a .venv with the package and its test deps, and the Kafka broker jars (Maven
+# Central, cached in ~/.cache/pool-pipeline). Both README commands run it first.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 DEBIAN_FRONTEND=noninteractive PIP_DISABLE_PIP_VERSION_CHECK=1
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-step() { printf '\n== %s\n' "$*"; }
-t0=$(date +%s)
+PHASE=""
+PHASE_START=$SECONDS
+phase() {
+    if [ -n "$PHASE" ]; then
+        echo "[setup] $PHASE: $((SECONDS - PHASE_START)) s"
+    fi
+    PHASE="$1"
+    PHASE_START=$SECONDS
+}
 
-if ! command -v pil >/dev/null 2>&1; then
-  step "installing PicoLisp (Debian package picolisp)"
-  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq picolisp >/dev/null
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then
+    if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+        SUDO="sudo -n"
+    fi
+fi
+APT_UPDATED=0
+apt_install() {
+    if [ "$(id -u)" -ne 0 ] && [ -z "$SUDO" ]; then
+        echo "[setup] ERROR: need root or passwordless sudo to apt-get install $*" >&2
+        exit 1
+    fi
+    if [ "$APT_UPDATED" -eq 0 ]; then
+        $SUDO apt-get update -q
+        APT_UPDATED=1
+    fi
+    $SUDO apt-get install -y -q --no-install-recommends "$@"
+}
+
+java_major() {
+    java -version 2>&1 | sed -n 's/.*version "\([0-9][0-9]*\)\(\.\([0-9]*\)\)\{0,1\}.*/\1 \3/p' | head -n1 |
+        awk '{ if ($1 == 1) print $2; else print $1 }'
+}
+
+# ------------------------------------------------------------------------------------------
+phase "system packages"
+missing=()
+command -v pil >/dev/null 2>&1 || missing+=(picolisp)
+JAVA_MAJOR=""
+command -v java >/dev/null 2>&1 && JAVA_MAJOR="$(java_major)"
+if [ -z "$JAVA_MAJOR" ] || [ "$JAVA_MAJOR" -lt 17 ]; then
+    missing+=(openjdk-17-jre-headless)  # Kafka 4.x brokers need Java >= 17
+fi
+command -v mvn >/dev/null 2>&1 || missing+=(maven)
+if [ "${#missing[@]}" -gt 0 ]; then
+    echo "[setup] installing: ${missing[*]}"
+    apt_install "${missing[@]}"
+else
+    echo "[setup] pil, java $JAVA_MAJOR, mvn already present"
 fi
 
-for tool in java mvn; do
-  command -v "$tool" >/dev/null 2>&1 || { echo "error: $tool is required (Java >= 17 and Maven run the local Kafka broker)" >&2; exit 1; }
-done
-
-PY=${PYTHON:-python3}
+# ------------------------------------------------------------------------------------------
+phase "python venv + dependencies"
+PY=python3.11
+command -v "$PY" >/dev/null 2>&1 || PY=python3
 if [ ! -x .venv/bin/python ]; then
-  step "creating .venv"
-  "$PY" -m venv .venv
+    if ! "$PY" -m venv .venv; then
+        rm -rf .venv
+        apt_install python3-venv
+        "$PY" -m venv .venv
+    fi
 fi
 if ! .venv/bin/python -c "import pipeline, kafka, crc32c, fastavro, boto3, pytest, yaml" 2>/dev/null \
    || [ pyproject.toml -nt .venv/.installed ]; then
-  step "installing pool-pipeline and its dependencies into .venv"
-  .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e '.[dev]'
-  touch .venv/.installed
+    .venv/bin/python -m pip install -q --upgrade pip
+    .venv/bin/python -m pip install -q -e '.[dev]'
+    touch .venv/.installed
 fi
 
-step "Kafka broker jars (Maven Central, cached in ~/.cache/pool-pipeline)"
+# ------------------------------------------------------------------------------------------
+phase "kafka jars"
 .venv/bin/python -c 'from connectors.localstack import kafka_jars; print(kafka_jars())'
-echo "setup done in $(( $(date +%s) - t0 )) s"
+
+phase ""
