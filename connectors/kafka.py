@@ -36,6 +36,19 @@ def database_for(topic: str) -> str:
     return topic[len(TOPIC_PREFIX):]
 
 
+def is_fenced(exc: BaseException) -> bool:
+    """A fencing error, also when kafka-python reports it later as a plain KafkaError (seen after
+    InvalidProducerEpochError: "Invalid transition ... BUMPING_PRODUCER_EPOCH"). Retrying one would
+    re-run init_transactions and fence the new agent back: two agents would take turns forever."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        text = f"{type(seen).__name__} {seen}"
+        if isinstance(seen, FENCED) or any(m in text for m in ("Fenced", "ProducerEpoch", "PRODUCER_EPOCH")):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def _broker_error(what: str, exc: Exception, **ctx: object) -> PipelineError:
     retriable = bool(getattr(exc, "retriable", False)) or isinstance(exc, (KafkaError, OSError))
     return PipelineError(f"{what}: {type(exc).__name__}: {exc}", retriable=retriable, **ctx)  # type: ignore[arg-type]
@@ -211,12 +224,12 @@ class TopicSink:
                 self.producer.send(self.topic, value=value, key=key, partition=PARTITION)
                 self.bytes_sent += len(value) + len(key)
             self.producer.commit_transaction()
-        except FENCED as exc:
-            raise self._fenced(exc) from exc
         except PipelineError:
             self._abort()
             raise
         except KafkaError as exc:
+            if is_fenced(exc):
+                raise self._fenced(exc) from exc
             self._abort()
             raise _broker_error("publishing failed", exc, database=txn.database, txn_id=txn.txn_id) from exc
         self._position = txn.after
