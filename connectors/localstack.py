@@ -84,11 +84,12 @@ class StackError(Exception):
 # --------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that is free right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def free_port(*, with_grpc_offset: bool = False) -> int:
+    """Return a TCP port on 127.0.0.1 that is free right now (the OS picks it).
+
+    with_grpc_offset: the port + 10000 is free too, as SeaweedFS needs for its gRPC twin.
+    """
+    return _free_ports(1, with_grpc_offset=with_grpc_offset)[0]
 
 
 def _port_free(port: int) -> bool:

@@ -23,8 +23,8 @@ def say(text: str) -> None:
     print(f"\n\033[1m== {text}\033[0m", flush=True)
 
 
-def show(cmd: list[str]) -> None:
-    print(f"$ {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
+def show(cmd: list[str], suffix: str = "") -> None:
+    print(f"$ {' '.join(shlex.quote(c) for c in cmd)}{suffix}", flush=True)
 
 
 def run(cmd: list[str], cwd: Path, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:
@@ -39,7 +39,7 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str], check: bool = True) -> s
 
 def background(cmd: list[str], cwd: Path, env: dict[str, str], label: str) -> subprocess.Popen:
     """Start a service and prefix its output lines with its name, as they come."""
-    show(cmd + ["&"])
+    show(cmd, " &")
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
     def pump() -> None:
@@ -84,7 +84,7 @@ def main() -> int:
     try:
         say("1. Start the local stack: Kafka (KRaft) and SeaweedFS S3, as plain processes")
         run(["pipeline", "dev", "up", "--state-dir", str(stack), "--kafka-port", str(free_port()),
-             "--s3-port", str(free_port())], work, env)
+             "--s3-port", str(free_port(with_grpc_offset=True))], work, env)
         exports = run(["pipeline", "dev", "env", "--state-dir", str(stack)], work, env).stdout
         for line in exports.splitlines():
             key, _, value = line.removeprefix("export ").partition("=")
