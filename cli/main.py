@@ -251,7 +251,7 @@ def _capture(args: argparse.Namespace) -> int:
     check_database_name(database)
     codec = Codec(load_schemas())
     state_dir = Path(args.state_dir or f"{args.journal.rstrip('/')}.agent")
-    lock = AgentLock(state_dir, database)
+    lock = AgentLock(state_dir, database, journal=Path(args.journal))
     progress = _Progress(f"capture-agent {database}")
 
     def attempt() -> int:

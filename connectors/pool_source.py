@@ -40,25 +40,44 @@ INFLIGHT = ".pool-pipeline-inflight"  # markers renamed aside live here, inside 
 
 
 class AgentLock:
-    """One capture agent per pool on this host: an fcntl lock on a file in the state dir."""
+    """One capture agent per pool on this host: fcntl locks on a file in the state dir and, given the
+    journal, on a file beside it. Two agents with different state dirs on one journal would each take
+    part of it, so each would publish transactions missing the other's blocks."""
 
-    def __init__(self, state_dir: Path, database: str) -> None:
+    def __init__(self, state_dir: Path, database: str, journal: Path | None = None) -> None:
         state_dir.mkdir(parents=True, exist_ok=True)
-        self.path = state_dir / "agent.lock"
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        paths = [state_dir / "agent.lock"]
+        if journal is not None:
+            paths.append(journal.parent / f".{journal.name}.capture-agent.lock")
+        self.path = paths[0]
+        self.fds: list[int] = []
         try:
-            fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            for path in paths:
+                self.fds.append(self._lock(path, database))
+        except BaseException:
+            self.release()
+            raise
+        self.fd = self.fds[0]
+
+    @staticmethod
+    def _lock(path: Path, database: str) -> int:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            holder = os.pread(self.fd, 64, 0).decode(errors="replace").strip() or "?"
-            os.close(self.fd)
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
             raise PipelineError(
-                f"another capture-agent (pid {holder}) is already running for this pool (lock {self.path})",
+                f"another capture-agent (pid {holder}) is already running for this pool (lock {path})",
                 database=database) from None
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return fd
 
     def release(self) -> None:
-        os.close(self.fd)
+        for fd in self.fds:
+            os.close(fd)
+        self.fds.clear()
 
 
 class _Pool:
@@ -129,6 +148,7 @@ class PoolSource:
         self.spool_path = state_dir / "journal.spool"
         self.blob_spool = state_dir / "blobs"
         self.known_blobs_path = state_dir / "known-blobs.json"
+        self.last_txn_path = state_dir / "last-txn.json"
         self.published = {f.file: f.blocks for f in (last_layout or [])}
         self.rolling = RollingChecksum()
         self._ack: Callable[[], None] | None = None
@@ -137,6 +157,23 @@ class PoolSource:
         self._restore_inflight_markers()
 
     # --- journal ------------------------------------------------------------------------------
+
+    def _check_journal(self) -> None:
+        """Parse spool and journal under the journal lock, changing nothing: fail before a snapshot starts
+        streaming, so that a corrupt journal leaves no aborted records in the topic."""
+        spooled = self.spool_path.read_bytes() if self.spool_path.exists() else b""
+
+        def check(data: bytes) -> None:
+            self.pool.refresh()
+            for chunk, path in ((spooled, self.spool_path), (data, self.journal.path)):
+                try:
+                    parse_journal(chunk, self.pool.block_sizes)
+                except PipelineError as exc:
+                    raise PipelineError(f"{'agent spool' if chunk is spooled else 'journal'} {path}: "
+                                        f"{exc.message}; nothing was published and the journal is left intact",
+                                        database=self.database) from None
+
+        self.journal.read_locked(check)
 
     def _take_journal(self) -> tuple[list[BlockWrite], list[FileLayout]]:
         """Under the journal lock: parse it, pread touched and grown blocks, spool it, truncate it."""
@@ -271,8 +308,41 @@ class PoolSource:
             record_count=len(blocks) + blob_records + len(deletes),
         )
 
+        self._remember_blobs(puts)
+        self._record_txn(txn.txn_id, txn.checksum_before, txn.checksum_after)
         self._ack = self._acknowledger(layout, puts, deletes, markers, snapshot=snapshot)
         return txn
+
+    def _record_txn(self, txn_id: int, checksum_before: int | None, checksum_after: int) -> None:
+        """Note, before it is committed, which txn this state dir publishes (see _continues)."""
+        tmp = self.last_txn_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"txn_id": txn_id, "checksum_before": checksum_before,
+                                   "checksum_after": checksum_after}))
+        os.replace(tmp, self.last_txn_path)
+
+    def _continues(self, after: Position) -> bool:
+        """True if this state dir published the topic's last txn (`after`) or was about to publish the next:
+        only then do its spool and the journal hold every change since `after`."""
+        try:
+            last = json.loads(self.last_txn_path.read_text())
+        except (FileNotFoundError, ValueError):
+            return False
+        return ((last["txn_id"] == after.txn_id and last["checksum_after"] == after.checksum)
+                or (last["txn_id"] == after.txn_id + 1 and last["checksum_before"] == after.checksum))
+
+    def _write_known_blobs(self) -> None:
+        tmp = self.known_blobs_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(sorted(self._known_blobs)))
+        os.replace(tmp, self.known_blobs_path)
+
+    def _remember_blobs(self, puts: list) -> None:
+        """Before publishing: record the blobs being put as known. Were this left to the acknowledgement,
+        a crash between the Kafka commit and it would forget them, and their later deletion would never
+        be published. A superset is harmless: deleting a blob the replica lacks changes nothing."""
+        new = {p for p, *_ in puts} - self._known_blobs
+        if new:
+            self._known_blobs |= new
+            self._write_known_blobs()
 
     def _acknowledger(self, layout: list[FileLayout], puts: list, deletes: list[str], markers: list[str],
                       *, snapshot: bool) -> Callable[[], None]:
@@ -288,9 +358,7 @@ class PoolSource:
             known -= set(deletes)
             if known != self._known_blobs or snapshot:
                 self._known_blobs = known
-                tmp = self.known_blobs_path.with_suffix(".tmp")
-                tmp.write_text(json.dumps(sorted(known)))
-                os.replace(tmp, self.known_blobs_path)
+                self._write_known_blobs()
             self.published = {f.file: f.blocks for f in layout}
 
         return acknowledge
@@ -311,6 +379,11 @@ class PoolSource:
     def _snapshot(self, after: Position, reason: str) -> Transaction:
         """A full image, streamed: a fuzzy copy without locks, then the blocks the journal touched
         meanwhile re-read under its lock (later records win), then every blob."""
+        # Refuse bad input before the snapshot's records start flowing (they would be aborted, not
+        # published, but the topic should not even see them).
+        self._check_journal()
+        if self.blob_dir is not None:
+            blob_markers(self.blob_dir)  # raises on a marker leading outside the blob dir
         self.log(f"{self.database}: taking a snapshot ({reason})")
         txn = Transaction(database=self.database, txn_id=after.txn_id + 1, checksum_before=after.checksum,
                           source_time_ms=int(time.time() * 1000), snapshot=True)
@@ -330,12 +403,14 @@ class PoolSource:
                 count += 1
                 yield block
             puts, _, markers = self._blob_changes(snapshot=True)
+            self._remember_blobs(puts)
             for rel, spooled, size, sha in puts:
                 for chunk in self._chunks(rel, spooled, size, sha):
                     count += 1
                     yield chunk
             self.rolling = rolling
             txn.record_count, txn.checksum_after, txn.files = count, rolling.value, layout
+            self._record_txn(txn.txn_id, txn.checksum_before, txn.checksum_after)
             self._ack = self._acknowledger(layout, puts, [], markers, snapshot=True)
 
         txn.changes = changes()
@@ -352,6 +427,13 @@ class PoolSource:
         if not blocks and probe.value != after.checksum:
             return self._snapshot(after, f"the pool's checksum {probe.value:016x} differs from the "
                                          f"topic's {after.checksum:016x} with no journal to explain it")
+        if not self._continues(after):
+            if blocks:
+                # Another agent or a lost state dir: a spool we cannot see may hold changes the journal
+                # no longer has, and a delta missing them would stop every replica at a checksum mismatch.
+                return self._snapshot(after, f"{self.state_dir} did not publish the topic's last txn "
+                                             f"{after.txn_id}, so the journal alone may not explain the pool")
+            self._record_txn(after.txn_id, None, after.checksum)  # the pool equals the topic: adopt it
         puts, deletes, markers = self._blob_changes(snapshot=False)
         if not blocks and not puts and not deletes:
             return None

@@ -199,9 +199,11 @@ class ReplicaDir:
         tmp = self.state / "redo.tmp"
         try:
             plan = self._stage(txn, tmp, stage_dir)
-        except BaseException:
+        except BaseException as exc:
             tmp.unlink(missing_ok=True)
             shutil.rmtree(stage_dir, ignore_errors=True)
+            if isinstance(exc, PipelineError):  # e.g. a blob path check: name the txn at fault
+                raise exc.with_context(database=txn.database, txn_id=txn.txn_id, offset=txn.offset)
             raise
         os.replace(tmp, self._redo)  # the commit point: from here on the txn will be applied
         _fsync_dir(self.state)

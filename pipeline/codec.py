@@ -158,7 +158,10 @@ class Codec:
         """
         it = iter(records)
         for rec in it:
-            name, value = self.decode(rec.value, topic=rec.topic, offset=rec.offset)
+            try:
+                name, value = self.decode(rec.value, topic=rec.topic, offset=rec.offset)
+            except PipelineError as exc:
+                raise exc.with_context(database=database)
             self._check_db(value, database, rec)
             if name != BEGIN:
                 raise PipelineError(
@@ -184,7 +187,10 @@ class Codec:
         count = 0
         snapshot_phase = None
         for rec in it:
-            name, value = self.decode(rec.value, topic=rec.topic, offset=rec.offset)
+            try:
+                name, value = self.decode(rec.value, topic=rec.topic, offset=rec.offset)
+            except PipelineError as exc:
+                raise exc.with_context(database=txn.database, txn_id=txn.txn_id)
             self._check_db(value, txn.database, rec)
             if value["txn_id"] != txn.txn_id:
                 raise PipelineError(
