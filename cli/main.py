@@ -9,13 +9,16 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Callable, NoReturn, Sequence
+from typing import TYPE_CHECKING, Callable, NoReturn, Sequence
 
 from pipeline.codec import Codec
 from pipeline.errors import PipelineError
 from pipeline.model import Position, Transaction, check_database_name
 from pipeline.replicate import replicate
 from schemas import load_schemas
+
+if TYPE_CHECKING:
+    from connectors.replica_dir import ReplicaDir
 
 EXIT_USAGE = 2
 
@@ -294,11 +297,11 @@ def _replica(args: argparse.Namespace) -> int:
     codec = Codec(load_schemas())
     sink = ReplicaDir(args.target, args.database, args.blob, topic=topic_for(args.database))
     progress = _Progress(f"replica {args.database} ({args.group})")
-    print(f"replica {args.database}: at {sink.position()}, reading from offset {sink.next_offset}", flush=True)
 
     def attempt() -> int:
-        source = TopicSource(args.bootstrap_servers, args.database, codec, args.group, sink.next_offset,
-                             once=args.once)
+        start = _start_offset(args.bootstrap_servers, args.database, codec, sink)
+        print(f"replica {args.database}: at {sink.position()}, reading from offset {start}", flush=True)
+        source = TopicSource(args.bootstrap_servers, args.database, codec, args.group, start, once=args.once)
         try:
             final = replicate(source, sink, on_applied=progress)
         finally:
@@ -310,6 +313,20 @@ def _replica(args: argparse.Namespace) -> int:
         return _with_retries(f"replica {args.database}", attempt)
     finally:
         sink.close()
+
+
+def _start_offset(bootstrap: str, database: str, codec: Codec, sink: ReplicaDir) -> int:
+    """Where a replica reads from: its stored position, or for an empty one the newest snapshot."""
+    from connectors.kafka import latest_snapshot
+
+    if sink.position().txn_id > 0:
+        return sink.next_offset
+    snapshot = latest_snapshot(bootstrap, database, codec)
+    if snapshot is None:
+        return 0
+    print(f"replica {database}: empty, starting at the newest snapshot (txn {snapshot[0]}, offset {snapshot[1]})",
+          flush=True)
+    return snapshot[1]
 
 
 def _replica_group(args: argparse.Namespace) -> int:
@@ -332,7 +349,8 @@ def _replica_group(args: argparse.Namespace) -> int:
 
     def attempt() -> int:
         reader = GroupReader(args.bootstrap_servers, args.group, args.pattern, codec,
-                             lambda db: _guarded(reader, db, lambda: sink_for(db).next_offset, 0), once=args.once)
+                             lambda db: _guarded(reader, db, lambda: _start_offset(args.bootstrap_servers, db, codec, sink_for(db)),
+                                                     0), once=args.once)
         try:
             for source in reader.sources():
                 _guarded(reader, source.database,

@@ -17,7 +17,7 @@ from kafka.errors import (
 )
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
-from pipeline.codec import COMMIT, Codec, StreamRecord
+from pipeline.codec import BEGIN, COMMIT, Codec, StreamRecord
 from pipeline.errors import PipelineError
 from pipeline.model import FileLayout, Position, Transaction, check_database_name
 
@@ -145,6 +145,42 @@ def last_commit(bootstrap_servers: str, database: str, codec: Codec, timeout_s: 
             window *= 8
     except KafkaError as exc:
         raise _broker_error(f"cannot read the end of topic {topic}", exc, database=database) from exc
+    finally:
+        consumer.close()
+
+
+def latest_snapshot(bootstrap_servers: str, database: str, codec: Codec, timeout_s: float = 30) -> tuple[int, int] | None:
+    """(txn id, offset of its TxnBegin) of the newest committed snapshot in the topic, None if none.
+
+    A fresh replica starts there instead of replaying all history from offset 0.
+    """
+    topic = topic_for(database)
+    tp = TopicPartition(topic, PARTITION)
+    consumer = committed_consumer(bootstrap_servers, None)
+    try:
+        consumer.assign([tp])
+        begin = consumer.beginning_offsets([tp])[tp]
+        end = consumer.end_offsets([tp])[tp]
+        window = 4096
+        high = end
+        while high > begin:
+            start = max(begin, high - window)
+            found = None
+            pending = None  # a snapshot TxnBegin whose TxnCommit has not been seen (yet)
+            for rec in _records_until(consumer, tp, start, end, timeout_s):
+                if rec.key != b"txn":
+                    continue
+                name, value = codec.decode(rec.value, topic=topic, offset=rec.offset)
+                if name == BEGIN:
+                    pending = (value["txn_id"], rec.offset) if value["snapshot"] else None
+                elif name == COMMIT and pending is not None and pending[0] == value["txn_id"]:
+                    found, pending = pending, None
+            if found is not None:
+                return found
+            high, window = start, window * 8
+        return None
+    except KafkaError as exc:
+        raise _broker_error(f"cannot search topic {topic} for a snapshot", exc, database=database) from exc
     finally:
         consumer.close()
 

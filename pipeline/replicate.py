@@ -35,7 +35,13 @@ class Sink(Protocol):
 
 
 def check_continues(position: Position, txn: Transaction) -> None:
-    """Raise unless `txn` is the next transaction after `position` (LiteFS: a write must continue the position)."""
+    """Raise unless `txn` is the next transaction after `position` (LiteFS: a write must continue the position).
+
+    A snapshot is a full image, so it needs no continuity: it may follow any earlier position (a
+    fresh replica starting at the latest snapshot, or a replica re-based after a divergence).
+    """
+    if txn.snapshot and txn.txn_id > position.txn_id:
+        return
     if txn.txn_id != position.txn_id + 1:
         raise txn.error(
             f"txn id gap: replica is at txn {position.txn_id}, next record is txn {txn.txn_id}"

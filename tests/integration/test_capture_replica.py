@@ -431,3 +431,26 @@ def test_an_agent_without_the_last_publishers_state_takes_a_snapshot_instead_of_
     r = ok(cli.agent_once(), "capture-agent --once with a fresh state dir")
     assert "snapshot" in r.stdout, r.stdout
     check_caught_up(cli, app)
+
+
+def test_an_empty_replica_starts_at_the_newest_snapshot_and_skips_history(app: PicoApp, cli: Cli) -> None:
+    """A bad record stops every replica that reads through it. `capture-agent --snapshot` re-bases the
+    stream, and an empty replica starts at the newest snapshot, so it gets past the damage and still
+    ends byte-identical."""
+    app.workload(40, seed=71)
+    ok(cli.agent_once(), "capture-agent --once")
+    produce_transactional(cli.bootstrap_servers, cli.database, [(b"junk", b"not an avro record")])
+    app.workload(40, seed=72)
+    ok(cli.agent_once(), "capture-agent --once")
+    stuck = cli.replica_once()
+    assert stuck.returncode == 1 and "not an Avro single-object record" in stuck.stderr, stuck.stderr
+    ok(cli.agent_once("--snapshot"), "capture-agent --once --snapshot")
+    app.workload(20, seed=73)
+    r = ok(cli.replica_once("late/db/app/", "late/blob/app/", "late"), "replica --once (empty target)")
+    assert "newest snapshot (txn 3" in r.stdout, r.stdout
+    assert cli.verify("late/db/app/", "late/blob/app/").returncode == 1  # the agent has not captured seed 73 yet
+    ok(cli.agent_once(), "capture-agent --once")
+    ok(cli.replica_once("late/db/app/", "late/blob/app/", "late"), "replica --once (catch up)")
+    assert cli.differences("late/db/app/", "late/blob/app/") == []
+    assert app.query(app.prefix, app.blob_dir) == app.query(cli.root / "late/db/app/", cli.root / "late/blob/app/")
+

@@ -91,3 +91,15 @@ def test_error_text_names_database_txn_and_offset() -> None:
     err = PipelineError("boom", database="app", txn_id=5, offset=42)
     assert str(err) == "boom [database=app txn=5 offset=42]"
     assert not err.retriable
+
+
+def test_a_snapshot_needs_no_continuity_but_must_move_forward() -> None:
+    snap = Transaction("app", 7, 999, 0, [BlockWrite(0, 1, bytes(64))], snapshot=True, checksum_after=77,
+                       files=[FileLayout(0, 64, 2)], record_count=1)
+    sink = MemorySink()
+    assert replicate(ListSource([t(1, 0, 11), snap, t(8, 77, 88)]), sink) == Position(8, 88)
+    assert sink.applied == [1, 7, 8]
+    old = Transaction("app", 1, 5, 0, [], snapshot=True, checksum_after=5, files=[FileLayout(0, 64, 2)])
+    sink = MemorySink()
+    replicate(ListSource([t(1, 0, 11), t(2, 11, 22), old]), sink)  # an older snapshot is a redelivery
+    assert sink.applied == [1, 2]
