@@ -347,15 +347,32 @@ def _replica_group(args: argparse.Namespace) -> int:
             print(f"replica {database}: assigned; at {sinks[database].position()}", flush=True)
         return sinks[database]
 
+    busy: list[str] = []  # the database being applied right now
+    revoked: set[str] = set()
+
+    def release(database: str) -> None:
+        """Kafka moved the database to another member: close its replica so the new owner can lock it."""
+        if database in busy:
+            revoked.add(database)  # closed once its current step ends
+        elif database in sinks:
+            sinks.pop(database).close()
+            print(f"replica {database}: moved to another member of {args.group}", flush=True)
+
     def attempt() -> int:
         reader = GroupReader(args.bootstrap_servers, args.group, args.pattern, codec,
-                             lambda db: _guarded(reader, db, lambda: _start_offset(args.bootstrap_servers, db, codec, sink_for(db)),
-                                                     0), once=args.once)
+                             lambda db: _start_offset(args.bootstrap_servers, db, codec, sink_for(db)),
+                             once=args.once, on_revoked=release,
+                             log=lambda line: print(line, file=sys.stderr, flush=True))
         try:
             for source in reader.sources():
+                busy[:] = [source.database]
                 _guarded(reader, source.database,
                          lambda: replicate(source, sink_for(source.database), on_applied=progress[source.database]),
                          None)
+                busy.clear()
+                for database in list(revoked):
+                    revoked.discard(database)
+                    release(database)
         finally:
             reader.close()
         for db, sink in sorted(sinks.items()):

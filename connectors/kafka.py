@@ -15,6 +15,8 @@ from kafka.errors import (
     TopicAlreadyExistsError,
     TransactionalIdAuthorizationFailedError,
 )
+from kafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
+from kafka.coordinator.assignors.sticky.sticky_assignor import StickyPartitionAssignor
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from pipeline.codec import BEGIN, COMMIT, Codec, StreamRecord
@@ -408,11 +410,21 @@ class GroupReader:
     """
 
     def __init__(self, bootstrap_servers: str, group: str, pattern: str, codec: Codec,
-                 start_offset: Callable[[str], int], *, once: bool = False) -> None:
+                 start_offset: Callable[[str], int], *, once: bool = False,
+                 on_revoked: Callable[[str], None] = lambda database: None,
+                 log: Callable[[str], None] = print) -> None:
         self.codec = codec
         self.once = once
         self.start_offset = start_offset
-        self.consumer = committed_consumer(bootstrap_servers, group, max_poll_interval_ms=600_000)
+        self.on_revoked = on_revoked
+        self.log = log
+        # A member that dies hands its databases over after session_timeout_ms (10 s, not 45). Database
+        # topics have one partition each, so the default range assignor would give all to one member;
+        # sticky spreads them and moves as few as possible on a rebalance.
+        self.consumer = committed_consumer(
+            bootstrap_servers, group, max_poll_interval_ms=600_000, session_timeout_ms=10_000,
+            heartbeat_interval_ms=2_000,
+            partition_assignment_strategy=(StickyPartitionAssignor, RoundRobinPartitionAssignor))
         self._new: set[TopicPartition] = set()
         self.failed: set[str] = set()  # databases stopped by a non-retriable error; never read again
         self.consumer.subscribe(pattern=f"^{TOPIC_PREFIX}(?:{pattern})$", listener=_Rebalance(self))
@@ -422,10 +434,26 @@ class GroupReader:
         return sorted(database_for(tp.topic) for tp in self.consumer.assignment())
 
     def _seek_new(self) -> None:
+        """Position newly assigned partitions at their replica's own offset. A replica the previous
+        owner still holds (retriable) stays paused and is tried again on the next round."""
         for tp in sorted(self._new, key=lambda t: t.topic):
-            if tp in self.consumer.assignment():
-                self.consumer.seek(tp, self.start_offset(database_for(tp.topic)))
-        self._new.clear()
+            database = database_for(tp.topic)
+            if tp not in self.consumer.assignment() or database in self.failed:
+                self._new.discard(tp)
+                continue
+            try:
+                offset = self.start_offset(database)
+            except PipelineError as exc:
+                if exc.retriable:
+                    self.consumer.pause(tp)
+                    continue
+                self.log(f"error: replica {database} stopped: {exc}")
+                self.fail(database)
+                self._new.discard(tp)
+                continue
+            self.consumer.seek(tp, offset)
+            self.consumer.resume(tp)
+            self._new.discard(tp)
 
     def sources(self) -> Iterator["PartitionSource"]:
         """Sources for databases with records waiting, round robin; ends when idle in --once mode."""
@@ -433,8 +461,9 @@ class GroupReader:
             batch = self.consumer.poll(timeout_ms=200, max_records=1)
             new = set(self._new)  # assigned during that poll: start at the replica's own position
             self._seek_new()
+            batch = {tp: recs for tp, recs in batch.items() if tp not in self._new}  # still waiting
             if not batch:
-                if self.once and self.consumer.assignment() and self._caught_up():
+                if self.once and self.consumer.assignment() and not self._new and self._caught_up():
                     return
                 continue
             for tp, records in batch.items():
@@ -472,7 +501,9 @@ class _Rebalance(ConsumerRebalanceListener):
         self.reader = reader
 
     def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        pass
+        for tp in revoked:
+            self.reader._new.discard(tp)
+            self.reader.on_revoked(database_for(tp.topic))  # release the replica for its next owner
 
     def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         self.reader._new.update(assigned)

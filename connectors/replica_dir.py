@@ -93,7 +93,7 @@ class ReplicaDir:
         except OSError:
             os.close(self._lock_fd)
             raise PipelineError(f"another replica process is applying to {self.prefix} (lock "
-                                f"{self.state / 'replica.lock'})", database=database) from None
+                                f"{self.state / 'replica.lock'})", database=database, retriable=True) from None
         self._pos_file = self.state / "position.json"
         self._redo = self.state / "redo"
         self._fds: dict[int, int] = {}

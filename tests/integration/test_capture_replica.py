@@ -29,6 +29,7 @@ from tests.pipeline_helpers import (
     produce_transactional,
     replica_position,
     replica_txn,
+    BIN,
     unique_name,
     wait_for,
 )
@@ -454,3 +455,44 @@ def test_an_empty_replica_starts_at_the_newest_snapshot_and_skips_history(app: P
     assert cli.differences("late/db/app/", "late/blob/app/") == []
     assert app.query(app.prefix, app.blob_dir) == app.query(cli.root / "late/db/app/", cli.root / "late/blob/app/")
 
+
+
+def test_a_group_of_two_members_spreads_databases_and_takes_over_when_one_dies(
+        tmp_path: Path, kafka: Any, picolisp: str) -> None:
+    """`replica --pattern --root`: 4 databases over 2 members sharing a root; one member is killed -9, the
+    other takes its databases over (from each replica's own position) and all 4 end byte-identical."""
+    prefix = unique_name("grp").replace("-", "")[:20]
+    clis: list[Cli] = []
+    for i in range(4):
+        app = PicoApp(tmp_path / f"app{i}", picolisp)
+        app.create()
+        app.workload(30, seed=100 + i)
+        clis.append(Cli(app.root, kafka.bootstrap_servers, f"{prefix}{i}"))
+        ok(clis[-1].agent_once(), f"capture-agent {prefix}{i}")
+    root = tmp_path / "rpl"
+    member = [str(BIN / "replica"), "--pattern", f"{prefix}[0-9]", "--root", str(root), "--group", prefix]
+    runner = clis[0]
+    try:
+        m1 = runner.start("member1", member)
+        m2 = runner.start("member2", member)
+
+        def at(db: str) -> int:
+            return replica_txn(root / db / "db")
+
+        wait_for(lambda: all(at(c.database) >= 1 for c in clis), 90, "both members to replicate all 4 databases")
+        wait_for(lambda: "assigned" in m1.out_path.read_text() and "assigned" in m2.out_path.read_text(), 30,
+                 "each member to be assigned databases")
+        m1.kill9()
+        for i, c in enumerate(clis):
+            PicoApp(c.root, picolisp).workload(20, seed=200 + i)
+            ok(c.agent_once(), f"capture-agent {c.database}")
+        last = {c.database: committed_transactions(c.bootstrap_servers, c.database)[-1].txn_id for c in clis}
+        wait_for(lambda: all(at(db) == txn for db, txn in last.items()), 120,
+                 f"member2 to take over and catch up: {last}")
+        assert m2.alive(), m2.err_path.read_text()[-2000:]
+    finally:
+        runner.stop_all()
+    for c in clis:
+        db = c.database
+        assert compare_pools(c.root / c.pool, root / db / "db") == [], db
+        assert compare_blob_trees(c.root / c.blob, root / db / "blob") == [], db
