@@ -1,0 +1,181 @@
+"""Run a console script (capture-agent or replica) with timing probes, for bench/lag.py.
+
+    python bench/_probe.py <agent|replica> <events.log> -- <the CLI's own arguments>
+
+The real CLI entry point runs unchanged; a few methods are wrapped (instance-independent class
+attribute wrappers) to append one line per event to <events.log>, with wall-clock time.time():
+
+  agent:   L <t_locked>               journal lock acquired by PoolSource._take_journal
+           J <t_start> <t_end> <n>    PoolSource._take_journal returned n block images
+           P <txn> <t_start> <t_end> <records> <source_time_ms>
+                                      TopicSink.apply = encode + send + commit_transaction
+  replica: A <txn> <t_start> <t_staged> <t_applied> <fsyncs> <fsync_s> <changes> <begin offset>
+                                      ReplicaDir.apply: start (the TxnBegin was fetched), redo staged
+                                      and verified, position.json written (the txn is visible)
+           F <t> <n> <first offset> <last offset> <wait_s>
+                                      KafkaConsumer.poll returned n > 0 records; wait_s = time spent
+                                      inside poll() since the previous F (idle time of the replica)
+           K <t_start> <t_end>        TopicSource.acknowledge (synchronous group offset commit)
+
+Overhead: a formatted write per event (a few microseconds), line-buffered.
+
+What-if switches (environment variables; they emulate a proposed code change, to measure it):
+  BENCH_PRODUCER_RETRY_BACKOFF_MS=<ms>  agent: TopicSink's KafkaProducer gets retry_backoff_ms=<ms>
+                                        (kafka-python's default 100 ms is what a transaction begun
+                                        right after the previous commit waits on CONCURRENT_TRANSACTIONS)
+  BENCH_ASYNC_ACK=1                     replica: TopicSource.acknowledge commits the group offset with
+                                        commit_async instead of a synchronous commit
+  BENCH_NO_FSYNC=1                      replica: os.fsync becomes a no-op (UNSAFE; only to attribute
+                                        how much of the apply time the fsyncs are)
+  BENCH_POLL_INTERVAL is not needed: capture-agent --poll-interval exists.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+
+def _require(cls, *names: str) -> None:
+    missing = [n for n in names if not hasattr(cls, n)]
+    if missing:
+        raise SystemExit(f"bench/_probe.py: {cls.__name__} has no {', '.join(missing)} any more; "
+                         "update the probe (or run bench/lag.py --mode plain)")
+
+
+def main() -> None:
+    role, path = sys.argv[1], sys.argv[2]
+    argv = sys.argv[sys.argv.index("--") + 1:]
+    out = open(path, "a", buffering=1)
+    now = time.time
+
+    if role == "agent":
+        from connectors import kafka as kmod
+        from connectors import picolisp, pool_source
+
+        _require(picolisp.JournalConsumer, "_lock")
+        _require(pool_source.PoolSource, "_take_journal")
+        _require(kmod.TopicSink, "apply")
+
+        orig_lock = picolisp.JournalConsumer._lock
+
+        def _lock(self, fd):
+            orig_lock(self, fd)
+            out.write(f"L {now():.6f}\n")
+        picolisp.JournalConsumer._lock = _lock
+
+        orig_take = pool_source.PoolSource._take_journal
+
+        def _take_journal(self):
+            t = now()
+            images, layout = orig_take(self)
+            out.write(f"J {t:.6f} {now():.6f} {len(images)}\n")
+            return images, layout
+        pool_source.PoolSource._take_journal = _take_journal
+
+        backoff = os.environ.get("BENCH_PRODUCER_RETRY_BACKOFF_MS")
+        if backoff:
+            real_producer = kmod.KafkaProducer
+
+            def producer(*a, **k):
+                k.setdefault("retry_backoff_ms", int(backoff))
+                return real_producer(*a, **k)
+            kmod.KafkaProducer = producer
+
+        orig_apply = kmod.TopicSink.apply
+
+        def apply(self, txn):
+            t = now()
+            orig_apply(self, txn)
+            out.write(f"P {txn.txn_id} {t:.6f} {now():.6f} {txn.record_count} {txn.source_time_ms}\n")
+        kmod.TopicSink.apply = apply
+
+        from cli.main import capture_agent as entry
+    elif role == "replica":
+        from connectors import kafka as kmod
+        from connectors import replica_dir
+
+        _require(replica_dir.ReplicaDir, "_stage", "apply")
+        _require(kmod.TopicSource, "acknowledge")
+        stats = {"n": 0, "s": 0.0}
+        orig_fsync = os.fsync
+
+        no_fsync = bool(os.environ.get("BENCH_NO_FSYNC"))
+
+        def fsync(fd):
+            t = time.perf_counter()
+            try:
+                return None if no_fsync else orig_fsync(fd)
+            finally:
+                stats["n"] += 1
+                stats["s"] += time.perf_counter() - t
+        os.fsync = fsync
+
+        orig_stage = replica_dir.ReplicaDir._stage
+        staged = {"t": 0.0}
+
+        def _stage(self, txn, tmp, stage_dir):
+            plan = orig_stage(self, txn, tmp, stage_dir)
+            staged["t"] = now()
+            return plan
+        replica_dir.ReplicaDir._stage = _stage
+
+        orig_apply = replica_dir.ReplicaDir.apply
+
+        def apply(self, txn):
+            stats["n"], stats["s"] = 0, 0.0
+            t = now()
+            orig_apply(self, txn)
+            out.write(f"A {txn.txn_id} {t:.6f} {staged['t']:.6f} {now():.6f} {stats['n']} {stats['s']:.6f} "
+                      f"{txn.record_count} {txn.offset}\n")
+        replica_dir.ReplicaDir.apply = apply
+
+        from kafka import KafkaConsumer
+
+        orig_poll = KafkaConsumer.poll
+
+        waited = {"s": 0.0}
+
+        def poll(self, *a, **k):
+            t = time.perf_counter()
+            res = orig_poll(self, *a, **k)
+            waited["s"] += time.perf_counter() - t
+            recs = [r for batch in res.values() for r in batch]
+            if recs:
+                out.write(f"F {now():.6f} {len(recs)} {recs[0].offset} {recs[-1].offset} {waited['s']:.6f}\n")
+                waited["s"] = 0.0
+            return res
+        KafkaConsumer.poll = poll
+
+        if os.environ.get("BENCH_ASYNC_ACK"):
+            import json as _json
+
+            from kafka.structs import OffsetAndMetadata
+
+            def commit_async(consumer, tp, txn):
+                meta = _json.dumps({"txn": txn.txn_id, "source_time_ms": txn.source_time_ms})
+                consumer.commit_async({tp: OffsetAndMetadata(txn.end_offset + 1, meta, -1)})
+
+            if hasattr(kmod, "commit_applied"):
+                kmod.commit_applied = commit_async  # TopicSource.acknowledge calls it
+            else:
+                kmod.TopicSource.acknowledge = lambda self, txn: commit_async(self.consumer, self.tp, txn)
+
+        orig_ack = kmod.TopicSource.acknowledge
+
+        def acknowledge(self, txn):
+            t = now()
+            orig_ack(self, txn)
+            out.write(f"K {t:.6f} {now():.6f}\n")
+        kmod.TopicSource.acknowledge = acknowledge
+
+        from cli.main import replica as entry
+    else:
+        raise SystemExit(f"unknown role {role!r}")
+    sys.argv = [role, *argv]
+    entry(argv)
+
+
+if __name__ == "__main__":
+    main()
