@@ -201,13 +201,39 @@ def _records_until(consumer: KafkaConsumer, tp: TopicPartition, start: int, end:
                 yield rec
 
 
-def commit_applied(consumer: KafkaConsumer, tp: TopicPartition, txn: Transaction) -> None:
-    """Commit the group offset after an applied txn, with its txn id and time for `pipeline status`."""
-    meta = json.dumps({"txn": txn.txn_id, "source_time_ms": txn.source_time_ms})
-    try:
-        consumer.commit({tp: OffsetAndMetadata(txn.end_offset + 1, meta, -1)})
-    except KafkaError:
-        pass  # group offsets only show lag; the sink's own stored position is the truth
+class OffsetCommitter:
+    """Group offsets after applied txns, with txn id and time for `pipeline status`.
+
+    They only show lag (the sink's own stored position is the truth), so they are committed
+    asynchronously and at most every `interval` s: a synchronous commit per txn took 60% of the
+    replica's time (bench/replica_throughput.py). `flush()` commits the last one synchronously.
+    """
+
+    def __init__(self, consumer: KafkaConsumer, interval: float = 0.2) -> None:
+        self.consumer = consumer
+        self.interval = interval
+        self.pending: dict[TopicPartition, OffsetAndMetadata] = {}
+        self.last = 0.0
+
+    def applied(self, tp: TopicPartition, txn: Transaction) -> None:
+        meta = json.dumps({"txn": txn.txn_id, "source_time_ms": txn.source_time_ms})
+        self.pending[tp] = OffsetAndMetadata(txn.end_offset + 1, meta, -1)
+        if time.monotonic() - self.last >= self.interval:
+            self._commit(sync=False)
+
+    def flush(self) -> None:
+        if self.pending:
+            self._commit(sync=True)
+
+    def _commit(self, sync: bool) -> None:
+        offsets, self.pending, self.last = self.pending, {}, time.monotonic()
+        try:
+            if sync:
+                self.consumer.commit(offsets)
+            else:
+                self.consumer.commit_async(offsets)
+        except KafkaError:
+            pass  # lag display only
 
 
 class TopicSink:
@@ -235,6 +261,9 @@ class TopicSink:
                 batch_size=1024 * 1024,
                 max_request_size=4 * 1024 * 1024,
                 transaction_timeout_ms=transaction_timeout_ms,
+                # kafka-python waits retry_backoff_ms before a transaction that begins right after a
+                # commit; the 100 ms default put 100 ms stalls into commit->replica lag (bench/lag.py).
+                retry_backoff_ms=10,
             )
             self.producer.init_transactions()
         except FENCED as exc:
@@ -298,6 +327,7 @@ class TopicSource:
         self.idle = idle
         self.tp = TopicPartition(self.topic, PARTITION)
         self.consumer = committed_consumer(bootstrap_servers, group)
+        self.offsets = OffsetCommitter(self.consumer)
         try:
             if self.topic not in self.consumer.topics():
                 raise PipelineError(f"topic {self.topic} does not exist: is a capture-agent running for "
@@ -319,8 +349,10 @@ class TopicSource:
             if self.once and self.consumer.position(self.tp) >= self.end_at_start:
                 return
             batch = self.consumer.poll(timeout_ms=100, max_records=2000).get(self.tp, [])
-            if not batch and self.idle is not None:
-                self.idle()
+            if not batch:
+                self.offsets.flush()  # idle: make the lag display exact
+                if self.idle is not None:
+                    self.idle()
             for r in batch:
                 yield StreamRecord(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp)
 
@@ -328,12 +360,13 @@ class TopicSource:
         return self.codec.read_transactions(self._records(), self.database)
 
     def acknowledge(self, txn: Transaction) -> None:
-        commit_applied(self.consumer, self.tp, txn)
+        self.offsets.applied(self.tp, txn)
 
     def lag(self) -> int:
         return max(0, self.consumer.end_offsets([self.tp])[self.tp] - self.consumer.position(self.tp))
 
     def close(self) -> None:
+        self.offsets.flush()
         self.consumer.close()
 
 
@@ -427,6 +460,7 @@ class GroupReader:
             partition_assignment_strategy=(StickyPartitionAssignor, RoundRobinPartitionAssignor))
         self._new: set[TopicPartition] = set()
         self.failed: set[str] = set()  # databases stopped by a non-retriable error; never read again
+        self.offsets = OffsetCommitter(self.consumer)
         self.consumer.subscribe(pattern=f"^{TOPIC_PREFIX}(?:{pattern})$", listener=_Rebalance(self))
         self._idle_rounds = 0
 
@@ -463,6 +497,7 @@ class GroupReader:
             self._seek_new()
             batch = {tp: recs for tp, recs in batch.items() if tp not in self._new}  # still waiting
             if not batch:
+                self.offsets.flush()
                 if self.once and self.consumer.assignment() and not self._new and self._caught_up():
                     return
                 continue
@@ -491,6 +526,7 @@ class GroupReader:
                    if database_for(tp.topic) not in self.failed)
 
     def close(self) -> None:
+        self.offsets.flush()
         self.consumer.close()
 
 
@@ -501,6 +537,7 @@ class _Rebalance(ConsumerRebalanceListener):
         self.reader = reader
 
     def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        self.reader.offsets.flush()  # before the partitions change hands
         for tp in revoked:
             self.reader._new.discard(tp)
             self.reader.on_revoked(database_for(tp.topic))  # release the replica for its next owner
@@ -543,4 +580,4 @@ class PartitionSource:
         return self.reader.codec.read_transactions(self._records(), self.database)
 
     def acknowledge(self, txn: Transaction) -> None:
-        commit_applied(self.reader.consumer, self.tp, txn)
+        self.reader.offsets.applied(self.tp, txn)
