@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Callable, Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple, TypeVar
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer
 from kafka.admin import KafkaAdminClient, NewTopic
@@ -23,6 +23,7 @@ from pipeline.codec import BEGIN, COMMIT, Codec, StreamRecord
 from pipeline.errors import PipelineError
 from pipeline.model import FileLayout, Position, Transaction, check_database_name
 
+T = TypeVar("T")
 TOPIC_PREFIX = "pool."
 PARTITION = 0  # one partition per database topic: a total order of transactions
 FENCED = (ProducerFencedError, InvalidProducerEpochError, TransactionalIdAuthorizationFailedError)
@@ -115,40 +116,55 @@ class LastCommit(NamedTuple):
     source_time_ms: int
 
 
-def last_commit(bootstrap_servers: str, database: str, codec: Codec, timeout_s: float = 30) -> LastCommit | None:
-    """The last committed transaction in the topic as (position, pool layout, commit offset), None if empty.
-
-    Reads backwards from the end in growing windows, decoding only transaction markers.
-    """
+def _newest(bootstrap_servers: str, database: str, codec: Codec, pick: Callable[[Iterator[tuple[str, dict, int]]], T | None],
+            what: str, window: int, timeout_s: float) -> T | None:
+    """Search the topic backwards in growing windows: `pick` gets the decoded transaction markers
+    (name, value, offset) of [start, end) in order and returns what it found there, or None."""
     topic = topic_for(database)
     tp = TopicPartition(topic, PARTITION)
     consumer = committed_consumer(bootstrap_servers, None)
+
+    def markers(start: int, end: int) -> Iterator[tuple[str, dict, int]]:
+        for rec in _records_until(consumer, tp, start, end, timeout_s):
+            if rec.key == b"txn":  # TxnBegin and TxnCommit: small, so decoding them is cheap
+                name, value = codec.decode(rec.value, topic=topic, offset=rec.offset)
+                if value["database"] != database:
+                    raise PipelineError(f"record of foreign database {value['database']!r} in topic {topic}",
+                                        database=database, offset=rec.offset, topic=topic)
+                yield name, value, rec.offset
+
     try:
         consumer.assign([tp])
         begin = consumer.beginning_offsets([tp])[tp]
         end = consumer.end_offsets([tp])[tp]
-        window = 256
-        while True:
+        start = end
+        while start > begin:
             start = max(begin, end - window)
-            found = None
-            for rec in _records_until(consumer, tp, start, end, timeout_s):
-                if rec.key == b"txn":
-                    name, value = codec.decode(rec.value, topic=topic, offset=rec.offset)
-                    if value["database"] != database:
-                        raise PipelineError(f"record of foreign database {value['database']!r} in topic {topic}",
-                                            database=database, offset=rec.offset, topic=topic)
-                    if name == COMMIT:
-                        found = LastCommit(
-                            Position(value["txn_id"], value["checksum_after"] & 0xFFFFFFFFFFFFFFFF),
-                            [FileLayout(f["file"], f["block_size"], f["blocks"]) for f in value["files"]],
-                            rec.offset, value["source_time_ms"])
-            if found is not None or start == begin:
+            found = pick(markers(start, end))
+            if found is not None:
                 return found
             window *= 8
+        return None
     except KafkaError as exc:
-        raise _broker_error(f"cannot read the end of topic {topic}", exc, database=database) from exc
+        raise _broker_error(f"cannot {what} in topic {topic}", exc, database=database) from exc
     finally:
         consumer.close()
+
+
+def last_commit(bootstrap_servers: str, database: str, codec: Codec, timeout_s: float = 30) -> LastCommit | None:
+    """The last committed transaction in the topic as (position, pool layout, commit offset), None if empty."""
+
+    def pick(markers: Iterator[tuple[str, dict, int]]) -> LastCommit | None:
+        found = None
+        for name, value, offset in markers:
+            if name == COMMIT:
+                found = LastCommit(
+                    Position(value["txn_id"], value["checksum_after"] & 0xFFFFFFFFFFFFFFFF),
+                    [FileLayout(f["file"], f["block_size"], f["blocks"]) for f in value["files"]],
+                    offset, value["source_time_ms"])
+        return found
+
+    return _newest(bootstrap_servers, database, codec, pick, "read the last transaction", 256, timeout_s)
 
 
 def latest_snapshot(bootstrap_servers: str, database: str, codec: Codec, timeout_s: float = 30) -> tuple[int, int] | None:
@@ -156,35 +172,17 @@ def latest_snapshot(bootstrap_servers: str, database: str, codec: Codec, timeout
 
     A fresh replica starts there instead of replaying all history from offset 0.
     """
-    topic = topic_for(database)
-    tp = TopicPartition(topic, PARTITION)
-    consumer = committed_consumer(bootstrap_servers, None)
-    try:
-        consumer.assign([tp])
-        begin = consumer.beginning_offsets([tp])[tp]
-        end = consumer.end_offsets([tp])[tp]
-        window = 4096
-        high = end
-        while high > begin:
-            start = max(begin, high - window)
-            found = None
-            pending = None  # a snapshot TxnBegin whose TxnCommit has not been seen (yet)
-            for rec in _records_until(consumer, tp, start, end, timeout_s):
-                if rec.key != b"txn":
-                    continue
-                name, value = codec.decode(rec.value, topic=topic, offset=rec.offset)
-                if name == BEGIN:
-                    pending = (value["txn_id"], rec.offset) if value["snapshot"] else None
-                elif name == COMMIT and pending is not None and pending[0] == value["txn_id"]:
-                    found, pending = pending, None
-            if found is not None:
-                return found
-            high, window = start, window * 8
-        return None
-    except KafkaError as exc:
-        raise _broker_error(f"cannot search topic {topic} for a snapshot", exc, database=database) from exc
-    finally:
-        consumer.close()
+
+    def pick(markers: Iterator[tuple[str, dict, int]]) -> tuple[int, int] | None:
+        found = pending = None  # pending: a snapshot TxnBegin whose TxnCommit is not seen yet
+        for name, value, offset in markers:
+            if name == BEGIN:
+                pending = (value["txn_id"], offset) if value["snapshot"] else None
+            elif name == COMMIT and pending is not None and pending[0] == value["txn_id"]:
+                found, pending = pending, None
+        return found
+
+    return _newest(bootstrap_servers, database, codec, pick, "search for a snapshot", 4096, timeout_s)
 
 
 def _records_until(consumer: KafkaConsumer, tp: TopicPartition, start: int, end: int, timeout_s: float) -> Iterator:

@@ -158,40 +158,33 @@ class PoolSource:
 
     # --- journal ------------------------------------------------------------------------------
 
+    def _touched(self, spooled: bytes, data: bytes) -> set[tuple[int, int]]:
+        """(file, block) pairs the spool and the journal wrote; a bad entry is refused before any change."""
+        self.pool.refresh()
+        sizes = self.pool.block_sizes
+        want: set[tuple[int, int]] = set()
+        for chunk, what, path in ((spooled, "agent spool", self.spool_path), (data, "journal", self.journal.path)):
+            try:
+                entries = parse_journal(chunk, sizes)
+            except PipelineError as exc:
+                raise PipelineError(f"{what} {path}: {exc.message}; nothing was published and the journal is "
+                                    "left intact", database=self.database) from None
+            for file, blocks in touched_blocks(entries, sizes).items():
+                want.update((file, b) for b in blocks)
+        return want
+
     def _check_journal(self) -> None:
         """Parse spool and journal under the journal lock, changing nothing: fail before a snapshot starts
         streaming, so that a corrupt journal leaves no aborted records in the topic."""
         spooled = self.spool_path.read_bytes() if self.spool_path.exists() else b""
-
-        def check(data: bytes) -> None:
-            self.pool.refresh()
-            for chunk, path in ((spooled, self.spool_path), (data, self.journal.path)):
-                try:
-                    parse_journal(chunk, self.pool.block_sizes)
-                except PipelineError as exc:
-                    raise PipelineError(f"{'agent spool' if chunk is spooled else 'journal'} {path}: "
-                                        f"{exc.message}; nothing was published and the journal is left intact",
-                                        database=self.database) from None
-
-        self.journal.read_locked(check)
+        self.journal.read_locked(lambda data: self._touched(spooled, data))
 
     def _take_journal(self) -> tuple[list[BlockWrite], list[FileLayout]]:
         """Under the journal lock: parse it, pread touched and grown blocks, spool it, truncate it."""
         spooled = self.spool_path.read_bytes() if self.spool_path.exists() else b""
 
         def locked(data: bytes) -> tuple[list[BlockWrite], list[FileLayout]]:
-            self.pool.refresh()
-            sizes = self.pool.block_sizes
-            want: set[tuple[int, int]] = set()
-            for chunk, what in ((spooled, "agent spool"), (data, "journal")):
-                try:
-                    entries = parse_journal(chunk, sizes)
-                except PipelineError as exc:
-                    raise PipelineError(f"{what} {self.spool_path if chunk is spooled else self.journal.path}: "
-                                        f"{exc.message}; nothing was published and the journal is left intact",
-                                        database=self.database) from None
-                for file, blocks in touched_blocks(entries, sizes).items():
-                    want.update((file, b) for b in blocks)
+            want = self._touched(spooled, data)
             layout = self.pool.layout()
             for f in layout:
                 want.update((f.file, b) for b in range(self.published.get(f.file, 0), f.blocks))
@@ -203,7 +196,7 @@ class PoolSource:
             if data:
                 with open(self.spool_path, "ab") as spool:
                     spool.write(data)  # survives kill -9 (page cache); PicoLisp never fsyncs the journal either
-                os.ftruncate(self.journal._fd, 0)  # type: ignore[arg-type]  # lock held: atomic, nothing lost
+                os.ftruncate(self.journal.fd, 0)  # type: ignore[arg-type]  # lock held: atomic, nothing lost
             return images, layout
 
         return self.journal.read_locked(locked)
@@ -421,11 +414,8 @@ class PoolSource:
         for block in self._scan(self.pool.layout()):
             self.rolling.set_block(block.file, block.index, block.data)
         blocks, layout = self._take_journal()
-        probe = self.rolling.copy()
-        for b in blocks:
-            probe.set_block(b.file, b.index, b.data)
-        if not blocks and probe.value != after.checksum:
-            return self._snapshot(after, f"the pool's checksum {probe.value:016x} differs from the "
+        if not blocks and self.rolling.value != after.checksum:
+            return self._snapshot(after, f"the pool's checksum {self.rolling.value:016x} differs from the "
                                          f"topic's {after.checksum:016x} with no journal to explain it")
         if not self._continues(after):
             if blocks:

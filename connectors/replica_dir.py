@@ -9,7 +9,6 @@ import os
 import shutil
 import struct
 import time
-from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -238,12 +237,12 @@ class ReplicaDir:
                     redo.write(change.data)
                     new = block_hash(change.file, change.index, change.data)
                     if fresh is not None:
-                        fresh.set_block(change.file, change.index, change.data)
+                        fresh.set_hash(change.file, change.index, new)
                     else:
                         key = (change.file, change.index)
                         old = overrides.get(key)
                         if old is None:
-                            old = self._hash_at(change.file, change.index)
+                            old = self.checksum.hash_at(change.file, change.index)
                         value ^= old ^ new
                         overrides[key] = new
                 elif isinstance(change, BlobChunk):
@@ -275,7 +274,7 @@ class ReplicaDir:
             zero = bytes(f.block_size)
             for index in range(first, f.blocks):
                 if fresh is not None:
-                    if fresh.blocks(f.file) <= index or fresh._hashes[f.file][index] == 0:
+                    if fresh.hash_at(f.file, index) == 0:
                         fresh.set_block(f.file, index, zero)
                 elif (f.file, index) not in overrides:
                     new = block_hash(f.file, index, zero)
@@ -300,10 +299,6 @@ class ReplicaDir:
             os.fsync(redo.fileno())
         self._pending_checksum = fresh if fresh is not None else overrides
         return plan
-
-    def _hash_at(self, file: int, index: int) -> int:
-        hashes = self.checksum._hashes.get(file)
-        return hashes[index] if hashes is not None and index < len(hashes) else 0
 
     def _stage_chunk(self, txn: Transaction, blob: _BlobStage | None, chunk: BlobChunk, stage_dir: Path,
                      blobs: dict[str, str]) -> _BlobStage | None:
@@ -372,11 +367,7 @@ class ReplicaDir:
             self.checksum = pending
         elif isinstance(pending, dict):
             for (file, index), h in pending.items():
-                hashes = self.checksum._hashes.setdefault(file, array("Q"))
-                if index >= len(hashes):
-                    hashes.extend(array("Q", [0]) * (index + 1 - len(hashes)))
-                self.checksum._hashes[file][index] = h
-            self.checksum.value = plan["checksum"]
+                self.checksum.set_hash(file, index, h)
         self._pending_checksum = None
         self._redo.unlink()
         shutil.rmtree(self.state / "stage", ignore_errors=True)

@@ -30,29 +30,27 @@ class RollingChecksum:
         self._hashes: dict[int, array] = {}
 
     def set_block(self, file: int, index: int, data: bytes) -> None:
+        self.set_hash(file, index, block_hash(file, index, data))
+
+    def set_hash(self, file: int, index: int, new: int) -> None:
+        """Replace one block's contribution by an already computed block_hash()."""
         hashes = self._hashes.get(file)
         if hashes is None:
             hashes = self._hashes[file] = array("Q")
         if index >= len(hashes):
             # A block that did not exist contributed nothing; zero is XOR's identity.
             hashes.extend(array("Q", [0]) * (index + 1 - len(hashes)))
-        new = block_hash(file, index, data)
         self.value ^= hashes[index] ^ new
         hashes[index] = new
+
+    def hash_at(self, file: int, index: int) -> int:
+        """The block's current hash; 0 for a block never set."""
+        hashes = self._hashes.get(file)
+        return hashes[index] if hashes is not None and index < len(hashes) else 0
 
     def set_blocks(self, blocks: Iterable[tuple[int, int, bytes]]) -> None:
         for file, index, data in blocks:
             self.set_block(file, index, data)
-
-    def blocks(self, file: int) -> int:
-        hashes = self._hashes.get(file)
-        return len(hashes) if hashes is not None else 0
-
-    def copy(self) -> "RollingChecksum":
-        other = RollingChecksum()
-        other.value = self.value
-        other._hashes = {f: array("Q", h) for f, h in self._hashes.items()}
-        return other
 
 
 def checksum_of(blocks: Iterable[tuple[int, int, bytes]]) -> int:
