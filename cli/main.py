@@ -96,31 +96,74 @@ def replica_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _add_bucket(p: argparse.ArgumentParser) -> None:
+    env = os.environ.get("POOL_PIPELINE_BUCKET", "").strip()
+    default = env if env.startswith("s3://") else f"s3://{env}/archive" if env else None
+    p.add_argument("--bucket", default=default, required=default is None,
+                   help="s3://bucket/prefix (default: s3://$POOL_PIPELINE_BUCKET/archive); the endpoint and "
+                        "credentials come from boto3's standard settings (AWS_ENDPOINT_URL_S3, AWS_ACCESS_KEY_ID, ...)")
+    p.add_argument("--endpoint-url", help="S3 endpoint, overriding AWS_ENDPOINT_URL_S3")
+
+
 def archive_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="archive", description="Archive a database's change stream to S3, exactly once.")
+    p = argparse.ArgumentParser(
+        prog="archive", description="Archive a database's change stream to S3 exactly once (action run, the "
+        "default), list what is archived (ls), write a base snapshot now (snapshot), or apply retention (retain).")
+    p.add_argument("action", nargs="?", choices=("run", "ls", "snapshot", "retain"), default="run")
     p.add_argument("--database", required=True)
-    p.add_argument("--bucket", required=True, help="s3://bucket/prefix")
-    p.add_argument("--group", default="archive")
+    _add_bucket(p)
+    p.add_argument("--group", default="archive", help="consumer group (offsets committed after each upload)")
+    p.add_argument("--once", action="store_true", help="archive up to the current end (including the open "
+                   "segment), then exit")
+    p.add_argument("--segment-txns", type=int, default=10_000, help="close a segment after N txns (default 10000)")
+    p.add_argument("--segment-bytes", type=int, default=64 << 20, help="... or after N record bytes (default 64 MiB)")
+    p.add_argument("--segment-span", type=float, default=3600.0,
+                   help="... or when a txn is N seconds of source time after the segment's first (default 3600)")
+    p.add_argument("--snapshot-every-txns", type=int, default=100_000,
+                   help="write a base snapshot every N archived txns (0: off; default 100000)")
+    p.add_argument("--snapshot-every-bytes", type=int, default=1 << 30,
+                   help="... or every N archived segment bytes (0: off; default 1 GiB)")
+    p.add_argument("--work-dir", help="segment spool and the materialised copy snapshots are taken from "
+                   "(default: $POOL_PIPELINE_HOME/archive/<database>)")
+    p.add_argument("--keep-snapshots", type=int, help="retain: keep the newest K base snapshots")
+    p.add_argument("--keep-days", type=float, help="retain: keep every restore point of the last D days")
+    p.add_argument("--dry-run", action="store_true", help="retain: only show what would be deleted")
     _add_kafka(p)
     return p
 
 
 def analytics_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="analytics", description="Per-window statistics of a change stream.")
-    p.add_argument("--database", required=True)
-    p.add_argument("--group", default="analytics")
+    p = argparse.ArgumentParser(
+        prog="analytics",
+        description="Per-window statistics of change streams, written exactly once to <db topic>.stats "
+                    "(Avro WindowStats) and optionally to a SQLite file. Windows are by source time, "
+                    "so a replay gives identical records; a window is written once a later one starts.")
+    p.add_argument("--database", help="database to analyse")
+    p.add_argument("--pattern", help="regex of databases; the group's members share them")
+    p.add_argument("--group", default="analytics", help="consumer group (default analytics)")
+    p.add_argument("--window", type=float, default=60.0, help="window length in seconds (default 60)")
+    p.add_argument("--top-blocks", type=int, default=10, help="hottest blocks kept per window (default 10)")
+    p.add_argument("--stats-topic", default="{topic}.stats",
+                   help="output topic; {topic} and {database} are replaced; must end in .stats (default {topic}.stats)")
+    p.add_argument("--sqlite", metavar="PATH", help="also write windows (with their offsets) to this SQLite file")
+    p.add_argument("--no-stats-topic", action="store_true", help="write only to --sqlite")
+    p.add_argument("--once", action="store_true", help="catch up to the current end, then exit")
     _add_kafka(p)
     return p
 
 
 def restore_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="restore", description="Restore a pool from the S3 archive.")
-    p.add_argument("--bucket", required=True)
+    p = argparse.ArgumentParser(
+        prog="restore", description="Restore a pool from the S3 archive as of a txn or a time (default: the "
+        "newest archived txn) into TARGET/db (pool files) and TARGET/blob (blobs).")
+    _add_bucket(p)
     p.add_argument("--database", required=True)
-    p.add_argument("--target")
-    p.add_argument("--txn", type=int)
-    p.add_argument("--time")
-    p.add_argument("--list", action="store_true")
+    p.add_argument("--target", help="a new or empty directory")
+    at = p.add_mutually_exclusive_group()
+    at.add_argument("--txn", type=int, help="restore the pool as it was after this txn")
+    at.add_argument("--time", help="restore the last txn captured at or before this time: ISO 8601 "
+                    "(2026-11-21T10:00:00Z; UTC when no offset is given) or ms since the epoch")
+    p.add_argument("--list", action="store_true", help="list the snapshots and txn ranges held, then exit")
     return p
 
 
@@ -295,7 +338,8 @@ def _replica(args: argparse.Namespace) -> int:
             _fail("--pattern and --root go together, instead of --database/--target", EXIT_USAGE)
         return _replica_group(args)
     codec = Codec(load_schemas())
-    sink = ReplicaDir(args.target, args.database, args.blob, topic=topic_for(args.database))
+    # Group commit: each txn is verified on its own, and what is already fetched is committed together.
+    sink = ReplicaDir(args.target, args.database, args.blob, topic=topic_for(args.database), group_commit=True)
     progress = _Progress(f"replica {args.database} ({args.group})")
 
     def attempt() -> int:
@@ -342,7 +386,7 @@ def _replica_group(args: argparse.Namespace) -> int:
     def sink_for(database: str) -> ReplicaDir:
         if database not in sinks:
             sinks[database] = ReplicaDir(f"{root / database / 'db'}/", database, root / database / "blob",
-                                         topic=topic_for(database))
+                                         topic=topic_for(database), group_commit=True)
             progress[database] = _Progress(f"replica {database} ({args.group})")
             print(f"replica {database}: assigned; at {sinks[database].position()}", flush=True)
         return sinks[database]
@@ -421,6 +465,141 @@ def _verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _state_home() -> Path:
+    return Path(os.environ.get("POOL_PIPELINE_HOME", Path.home() / ".local/state/pool-pipeline"))
+
+
+def _archive(args: argparse.Namespace) -> int:
+    from connectors.kafka import TopicSource, topic_for
+    from connectors.s3 import Archiver, apply_retention, describe, open_store
+    from pipeline.archive import Rotation, SnapshotPolicy
+
+    database = check_database_name(args.database)
+    store = open_store(args.bucket, database, args.endpoint_url)
+    if args.action == "ls":
+        print(describe(store.catalog(), store.url))
+        return 0
+    if args.action == "retain":
+        if args.keep_snapshots is None and args.keep_days is None:
+            _fail("retain needs --keep-snapshots K and/or --keep-days D", EXIT_USAGE)
+        keep_ms = int(args.keep_days * 86_400_000) if args.keep_days is not None else None
+        apply_retention(store, keep_snapshots=args.keep_snapshots, keep_ms=keep_ms, dry_run=args.dry_run)
+        return 0
+    store.ensure_bucket()
+    codec = Codec(load_schemas())
+    work_dir = Path(args.work_dir) if args.work_dir else _state_home() / "archive" / database
+    archiver = Archiver(
+        store, codec, rotation=Rotation(args.segment_txns, args.segment_bytes, int(args.segment_span * 1000)),
+        snapshots=SnapshotPolicy(args.snapshot_every_txns, args.snapshot_every_bytes), work_dir=work_dir,
+        topic=topic_for(database), log=lambda line: print(line, flush=True))
+    if args.action == "snapshot":
+        try:
+            archiver.resume()
+            if archiver.position is None:
+                _fail(f"nothing is archived for {database!r} yet: run the archiver first")
+            archiver.write_snapshot(archiver.position.txn_id)
+            return 0
+        finally:
+            archiver.close()
+
+    def attempt() -> int:
+        start = archiver.resume()
+        held = f"up to {archiver.position}" if archiver.position else "nothing yet"
+        print(f"archive {database}: {store.url} holds {held}; reading {topic_for(database)} from offset {start}",
+              flush=True)
+        source = TopicSource(args.bootstrap_servers, database, codec, args.group, start, once=args.once)
+
+        def archived(txn: Transaction) -> None:  # offsets only after the upload: S3 holds the txn now
+            source.acknowledge(txn)
+            source.offsets.flush()
+
+        archiver.on_archived = archived
+        try:
+            archiver.run(source.records())
+        finally:
+            source.close()
+        print(f"archive {database}: archived up to {archiver.position or 'nothing'}", flush=True)
+        return 0
+
+    try:
+        return _with_retries(f"archive {database}", attempt)
+    finally:
+        archiver.close()
+
+
+def _parse_time(text: str) -> int:
+    """ms since the epoch from ISO 8601 (UTC unless an offset is given) or a plain integer of ms."""
+    from datetime import datetime, timezone
+
+    if text.isdigit():
+        return int(text)
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        _fail(f"--time {text!r}: give ISO 8601 like 2026-11-21T10:00:00Z, or ms since the epoch", EXIT_USAGE)
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return int(when.timestamp() * 1000)
+
+
+class _TransferProgress:
+    """A progress line for restores: bytes downloaded and the txn reached; redrawn in place on a terminal."""
+
+    def __init__(self, label: str, stream: object = sys.stderr, every: float = 1.0) -> None:
+        self.label, self.stream, self.every = label, stream, every
+        self.tty = bool(getattr(stream, "isatty", lambda: False)())
+        self.total = self.done = self.txns = 0
+        self.txn = 0
+        self.last = 0.0
+        self.started = time.monotonic()
+
+    def __call__(self, event: dict) -> None:
+        self.total = event.get("total_bytes", self.total)
+        self.done += event.get("bytes", 0)
+        if "txn" in event:
+            self.txn, self.txns = event["txn"], self.txns + 1
+        now = time.monotonic()
+        if now - self.last >= (0.1 if self.tty else self.every):
+            self.last = now
+            self.draw()
+
+    def draw(self, end: str = "") -> None:
+        mib = 1 << 20
+        pct = f"{100 * self.done / self.total:5.1f}% " if self.total else ""
+        width = 24
+        bar = ""
+        if self.tty and self.total:
+            filled = min(width, int(width * self.done / self.total))
+            bar = "[" + "#" * filled + "." * (width - filled) + "] "
+        line = (f"{self.label}: {bar}{pct}{self.done / mib:.1f}/{self.total / mib:.1f} MiB, "
+                f"{self.txns} txns applied (at txn {self.txn}), {time.monotonic() - self.started:.1f} s")
+        if self.tty:
+            print("\r" + line + end, file=self.stream, end="", flush=True)
+        else:
+            print(line, file=self.stream, flush=True)
+
+
+def _restore(args: argparse.Namespace) -> int:
+    from connectors.kafka import topic_for
+    from connectors.s3 import describe, open_store, restore
+
+    database = check_database_name(args.database)
+    store = open_store(args.bucket, database, args.endpoint_url)
+    if args.list:
+        print(describe(store.catalog(), store.url))
+        return 0
+    if not args.target:
+        _fail("restore needs --target DIR (or --list)", EXIT_USAGE)
+    time_ms = _parse_time(args.time) if args.time else None
+    progress = _TransferProgress(f"restore {database}")
+    position = restore(store, Codec(load_schemas()), Path(args.target), txn=args.txn, time_ms=time_ms,
+                       topic=topic_for(database), progress=progress)
+    progress.draw(end="\n")
+    print(f"restore {database}: {args.target} holds the pool at {position} "
+          f"(pool files in {Path(args.target) / 'db'}, blobs in {Path(args.target) / 'blob'})")
+    return 0
+
+
 def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
@@ -434,18 +613,48 @@ def replica(argv: Sequence[str] | None = None) -> NoReturn:
 
 
 def archive(argv: Sequence[str] | None = None) -> NoReturn:
-    _parse(archive_parser(), argv)
-    _not_implemented("archive")
+    _run(_archive, _parse(archive_parser(), argv))
+
+
+def _analytics(args: argparse.Namespace) -> int:
+    from connectors.analytics import Analytics
+    from connectors.changes import ChangeStream
+
+    if bool(args.database) == bool(args.pattern):
+        _fail("give --database or --pattern", EXIT_USAGE)
+    if args.no_stats_topic and not args.sqlite:
+        _fail("--no-stats-topic needs --sqlite", EXIT_USAGE)
+    if args.window <= 0 or args.top_blocks < 0:
+        _fail("--window must be > 0 and --top-blocks >= 0", EXIT_USAGE)
+    if args.database:
+        check_database_name(args.database)
+    what = f"analytics {args.database or args.pattern} ({args.group})"
+
+    def attempt() -> int:
+        stream = ChangeStream(args.bootstrap_servers, args.group, databases=[args.database] if args.database else None,
+                              pattern=args.pattern, once=args.once)
+        consumer = None
+        try:
+            consumer = Analytics(stream, window_ms=max(1, round(args.window * 1000)), top_blocks=args.top_blocks,
+                                 to_kafka=not args.no_stats_topic, stats_topic_template=args.stats_topic,
+                                 sqlite_path=args.sqlite, log=lambda line: print(line, flush=True))
+            written = consumer.run()
+            print(f"{what}: {written} windows written, {consumer.txns} txns read", flush=True)
+            return 0
+        finally:
+            if consumer is not None:
+                consumer.close()
+            stream.close()
+
+    return _with_retries(what, attempt)
 
 
 def analytics(argv: Sequence[str] | None = None) -> NoReturn:
-    _parse(analytics_parser(), argv)
-    _not_implemented("analytics")
+    _run(_analytics, _parse(analytics_parser(), argv))
 
 
 def restore(argv: Sequence[str] | None = None) -> NoReturn:
-    _parse(restore_parser(), argv)
-    _not_implemented("restore")
+    _run(_restore, _parse(restore_parser(), argv))
 
 
 def verify(argv: Sequence[str] | None = None) -> NoReturn:

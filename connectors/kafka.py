@@ -341,21 +341,42 @@ class TopicSource:
         except KafkaError as exc:
             self.consumer.close()
             raise _broker_error(f"cannot read topic {self.topic}", exc, database=database) from exc
+        self._fetched: list = []  # the last poll's records; _records() hands them out from _next on
+        self._next = 0
+
+    def _fetch(self, timeout_ms: int) -> bool:
+        self._fetched = self.consumer.poll(timeout_ms=timeout_ms, max_records=2000).get(self.tp, [])
+        self._next = 0
+        return bool(self._fetched)
 
     def _records(self) -> Iterator[StreamRecord]:
         while True:
+            while self._next < len(self._fetched):  # buffered() may refill the list while we are suspended
+                r = self._fetched[self._next]
+                self._next += 1
+                yield StreamRecord(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp)
             if self.once and self.consumer.position(self.tp) >= self.end_at_start:
                 return
-            batch = self.consumer.poll(timeout_ms=100, max_records=2000).get(self.tp, [])
-            if not batch:
+            if not self._fetch(100):
                 self.offsets.flush()  # idle: make the lag display exact
                 if self.idle is not None:
                     self.idle()
-            for r in batch:
-                yield StreamRecord(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp)
+
+    def buffered(self) -> bool:
+        """True if unread records are already fetched: a group-committing sink keeps batching
+        (pipeline.replicate). Never waits: poll(0) only returns what the client already holds."""
+        if self._next < len(self._fetched):
+            return True
+        if self.once and self.consumer.position(self.tp) >= self.end_at_start:
+            return False
+        return self._fetch(0)
 
     def transactions(self, after: Position) -> Iterator[Transaction]:
         return self.codec.read_transactions(self._records(), self.database)
+
+    def records(self) -> Iterator[StreamRecord]:
+        """The raw committed records, for consumers that keep them as they are (the archiver)."""
+        return self._records()
 
     def acknowledge(self, txn: Transaction) -> None:
         self.offsets.applied(self.tp, txn)
@@ -551,6 +572,19 @@ class PartitionSource:
         self.reader = reader
         self.tp = tp
         self.database = database_for(tp.topic)
+        self._fetched: list = []  # the last poll's records; _records() hands them out from _next on
+        self._next = 0
+
+    def _fetch(self, timeout_ms: int) -> bool:
+        self._fetched = self.reader.consumer.poll(timeout_ms=timeout_ms, max_records=2000).get(self.tp, [])
+        self._next = 0
+        return bool(self._fetched)
+
+    def buffered(self) -> bool:
+        """True if unread records of this partition are already fetched (see TopicSource.buffered)."""
+        if self._next < len(self._fetched):
+            return True
+        return self.tp in self.reader.consumer.assignment() and self._fetch(0)
 
     def _records(self) -> Iterator[StreamRecord]:
         consumer = self.reader.consumer
@@ -563,10 +597,11 @@ class PartitionSource:
                     raise PipelineError(f"partition of {self.database} was reassigned to another group member "
                                         "mid-transaction; nothing of it was applied here",
                                         database=self.database, retriable=True)
-                batch = consumer.poll(timeout_ms=100, max_records=2000).get(self.tp, [])
-                if not batch and not inside:
+                if not self._fetch(100) and not inside:
                     return
-                for r in batch:
+                while self._next < len(self._fetched):  # buffered() may refill the list while we are suspended
+                    r = self._fetched[self._next]
+                    self._next += 1
                     if r.key == b"txn":
                         inside = not inside
                     yield StreamRecord(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp)

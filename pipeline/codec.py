@@ -35,6 +35,20 @@ def _unsigned(value: int) -> int:
     return value & 0xFFFFFFFFFFFFFFFF
 
 
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    """An Avro zigzag varint at `pos`: (value, position after it)."""
+    shift = result = 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return (result >> 1) ^ -(result & 1), pos
+        shift += 7
+        if shift > 63:
+            raise IndexError("varint longer than 64 bits")
+
+
 @dataclass(frozen=True)
 class StreamRecord:
     """One record as a broker delivered it: where it came from, plus its key and value bytes."""
@@ -51,9 +65,10 @@ class Codec:
     """Encodes with the current version of each record schema; decodes any version it knows by fingerprint."""
 
     def __init__(self, schemas: Iterable[dict]) -> None:
+        self.schemas = list(schemas)
         self._writers: dict[bytes, tuple[str, dict]] = {}
         self._current: dict[str, tuple[bytes, dict]] = {}
-        for schema in schemas:
+        for schema in self.schemas:
             parsed = fastavro.parse_schema(schema)
             name = parsed["name"]
             canonical = fastavro.schema.to_parsing_canonical_form(schema)
@@ -103,6 +118,26 @@ class Codec:
                 f"{name} record has {len(value) - buf.tell()} trailing bytes", topic=topic, offset=offset
             )
         return name, record
+
+    def peek(self, value: bytes | None, *, topic: str | None = None,
+             offset: int | None = None) -> tuple[str, str, int]:
+        """(record name, database, txn id) without decoding the body: every record starts with them.
+
+        Lets a consumer that only frames transactions (the archiver) skip parsing block images.
+        """
+        if value is None or len(value) < 12 or value[:2] != MAGIC:
+            raise PipelineError("not an Avro single-object record (missing C3 01 marker)", topic=topic, offset=offset)
+        known = self._writers.get(bytes(value[2:10]))
+        if known is None:
+            raise PipelineError(f"unknown writer schema fingerprint {bytes(value[2:10])[::-1].hex()}: "
+                                "record written by a newer or foreign producer", topic=topic, offset=offset)
+        try:
+            length, pos = _varint(value, 10)
+            database = bytes(value[pos:pos + length]).decode()
+            txn_id, _ = _varint(value, pos + length)
+        except (IndexError, UnicodeDecodeError) as exc:
+            raise PipelineError(f"cannot decode {known[0]} header: {exc}", topic=topic, offset=offset) from exc
+        return known[0], database, txn_id
 
     # --- transactions <-> records -------------------------------------------------------------
 

@@ -126,6 +126,7 @@ class Cli:
     database: str
     procs: list[Proc] = field(default_factory=list)
     _n: int = 0
+    extra_env: dict[str, str] = field(default_factory=dict)  # e.g. the S3 endpoint and keys for archive/restore
 
     # Paths relative to the app root, the layout PicoApp creates.
     pool: str = "db/app/"
@@ -133,7 +134,8 @@ class Cli:
     blob: str = "blob/app/"
 
     def env(self) -> dict[str, str]:
-        return dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=self.bootstrap_servers, PYTHONUNBUFFERED="1")
+        return dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=self.bootstrap_servers, PYTHONUNBUFFERED="1",
+                    **self.extra_env)
 
     def agent_args(self, *extra: str, database: str | None = None) -> list[str]:
         return [str(BIN / "capture-agent"), "--pool", self.pool, "--journal", self.journal, "--blob", self.blob,
@@ -269,6 +271,7 @@ class TopicTxn:
     blocks: int = 0
     blob_chunks: int = 0
     blob_deletes: int = 0
+    source_time_ms: int = 0
 
 
 def committed_transactions(bootstrap_servers: str, database: str) -> list[TopicTxn]:
@@ -284,7 +287,7 @@ def committed_transactions(bootstrap_servers: str, database: str) -> list[TopicT
         assert txn.end_offset is not None
         out.append(TopicTxn(txn.txn_id, txn.snapshot, txn.checksum_before, txn.checksum_after, txn.record_count,
                             txn.offset or 0, txn.end_offset, kinds[BlockWrite], kinds[BlobChunk],
-                            kinds[BlobDelete]))
+                            kinds[BlobDelete], txn.source_time_ms))
     return out
 
 

@@ -1,0 +1,612 @@
+"""S3: the archive store, the archiver that writes segments and base snapshots, point-in-time restore, retention."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import itertools
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Callable, Iterable, Iterator
+
+from pipeline.archive import (
+    Catalog,
+    Framer,
+    Manifest,
+    RestorePlan,
+    Rotation,
+    Segment,
+    SegmentWriter,
+    Snapshot,
+    SnapshotPolicy,
+    database_root,
+    read_segment,
+    retention_plan,
+)
+from pipeline.codec import Codec, StreamRecord
+from pipeline.errors import PipelineError
+from pipeline.model import Position, Transaction, safe_blob_path
+from pipeline.replicate import replicate
+
+from connectors.picolisp import hax, pool_files
+from connectors.replica_dir import ReplicaDir, state_dir_for, write_atomic
+
+PROGRESS = Callable[[dict], None]
+_RETRIABLE_CODES = {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout", "RequestTimeTooSkewed",
+                    "503", "500", "502", "504", "Throttling", "OperationAborted"}
+
+
+def parse_bucket_url(url: str) -> tuple[str, str]:
+    """`s3://bucket/prefix` -> (bucket, prefix)."""
+    if not url.startswith("s3://") or len(url) <= 5:
+        raise PipelineError(f"--bucket must look like s3://bucket[/prefix], got {url!r}")
+    bucket, _, prefix = url[5:].partition("/")
+    return bucket, prefix.strip("/")
+
+
+def s3_client(endpoint_url: str | None = None) -> Any:
+    """A boto3 client from the standard configuration (AWS_ENDPOINT_URL_S3, AWS_ACCESS_KEY_ID, profiles...).
+
+    Path-style addressing works with every S3-compatible server; our own retry loop handles outages,
+    so boto3 only retries briefly.
+    """
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client("s3", endpoint_url=endpoint_url, config=Config(
+        s3={"addressing_style": "path"}, retries={"max_attempts": 3, "mode": "standard"},
+        connect_timeout=5, read_timeout=60))
+
+
+def _s3_error(what: str, exc: Exception, database: str | None) -> PipelineError:
+    from botocore.exceptions import ClientError, NoCredentialsError
+
+    if isinstance(exc, NoCredentialsError):
+        return PipelineError(f"{what}: no S3 credentials (set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or a "
+                             "profile)", database=database)
+    if isinstance(exc, ClientError):
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        retriable = code in _RETRIABLE_CODES or status >= 500
+        return PipelineError(f"{what}: S3 said {code or status}: {exc.response.get('Error', {}).get('Message', exc)}",
+                             database=database, retriable=retriable)
+    # connection refused, timeouts, a server that went away mid-response
+    return PipelineError(f"{what}: S3 unreachable: {exc}", database=database, retriable=True)
+
+
+def _status_of(exc: Exception) -> int:
+    response = getattr(exc, "response", None) or {}
+    return int(response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+
+
+@dataclass
+class ArchiveStore:
+    """One database's archive under s3://bucket/prefix/<database>/."""
+
+    client: Any
+    bucket: str
+    prefix: str
+    database: str
+
+    @property
+    def root(self) -> str:
+        return database_root(self.prefix, self.database)
+
+    @property
+    def url(self) -> str:
+        return f"s3://{self.bucket}/{self.root}/"
+
+    def call(self, what: str, fn: Callable[..., Any], **kwargs: Any) -> Any:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return fn(**kwargs)
+        except (BotoCoreError, ClientError) as exc:
+            raise _s3_error(what, exc, self.database) from exc
+
+    def ensure_bucket(self) -> None:
+        """Create the bucket if it is missing (and we may)."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+            return
+        except ClientError as exc:
+            if _status_of(exc) != 404:
+                raise _s3_error(f"cannot use bucket {self.bucket}", exc, self.database) from exc
+        except BotoCoreError as exc:
+            raise _s3_error(f"cannot use bucket {self.bucket}", exc, self.database) from exc
+        self.call(f"cannot create bucket {self.bucket}", self.client.create_bucket, Bucket=self.bucket)
+
+    def list(self, under: str) -> Iterator[tuple[str, int]]:
+        paginator = self.client.get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=under):
+                for obj in page.get("Contents", []):
+                    yield obj["Key"], obj["Size"]
+        except Exception as exc:
+            from botocore.exceptions import BotoCoreError, ClientError
+
+            if isinstance(exc, (BotoCoreError, ClientError)):
+                raise _s3_error(f"cannot list {self.url}", exc, self.database) from exc
+            raise
+
+    def catalog(self) -> Catalog:
+        segments = [s for key, size in self.list(f"{self.root}/segments/")
+                    if (s := Segment.parse(self.root, key, size)) is not None]
+        snapshots = [s for key, _ in self.list(f"{self.root}/snapshots/")
+                     if (s := Snapshot.parse(self.root, key)) is not None]
+        return Catalog(self.database, segments, snapshots)
+
+    def put_new(self, key: str, body: IO[bytes] | bytes) -> None:
+        """Create `key` unless it exists (If-None-Match: *). An existing identical object is fine: a
+        restarted archiver rewrote the same bytes; a different one means two writers, and stops us."""
+        data = body if isinstance(body, bytes) else None
+        try:
+            if data is not None:
+                self.client.put_object(Bucket=self.bucket, Key=key, Body=data, IfNoneMatch="*")
+            else:
+                assert not isinstance(body, bytes)
+                body.seek(0)
+                self.client.put_object(Bucket=self.bucket, Key=key, Body=body, IfNoneMatch="*")
+            return
+        except Exception as exc:
+            from botocore.exceptions import BotoCoreError, ClientError
+
+            if not isinstance(exc, (BotoCoreError, ClientError)):
+                raise
+            if _status_of(exc) not in (409, 412):
+                raise _s3_error(f"cannot write {key}", exc, self.database) from exc
+        ours = hashlib.md5(data if data is not None else _read_all(body)).hexdigest()  # type: ignore[arg-type]
+        theirs = hashlib.md5(self.get(key)).hexdigest()
+        if ours != theirs:
+            raise PipelineError(f"{key} already exists with different content: is another archiver writing "
+                                f"to {self.url}?", database=self.database)
+
+    def upload_file(self, key: str, path: Path) -> None:
+        # Snapshot files are deterministic at their txn, so rewriting one is harmless; multipart
+        # uploads in parallel parts are what make big pool files fast.
+        self.call(f"cannot upload {key}", self.client.upload_file, Filename=str(path), Bucket=self.bucket, Key=key)
+
+    def get(self, key: str) -> bytes:
+        response = self.call(f"cannot read {key}", self.client.get_object, Bucket=self.bucket, Key=key)
+        return response["Body"].read()
+
+    def download(self, key: str, path: Path, on_bytes: Callable[[int], None] | None = None) -> None:
+        self.call(f"cannot download {key}", self.client.download_file, Bucket=self.bucket, Key=key,
+                  Filename=str(path), Callback=on_bytes)
+
+    def delete(self, keys: list[str]) -> None:
+        for i in range(0, len(keys), 1000):
+            batch = [{"Key": k} for k in keys[i:i + 1000]]
+            self.call("cannot delete old archive objects", self.client.delete_objects, Bucket=self.bucket,
+                      Delete={"Objects": batch, "Quiet": True})
+
+
+def _read_all(fo: IO[bytes]) -> bytes:
+    fo.seek(0)
+    return fo.read()
+
+
+def retrying(what: str, fn: Callable[[], Any], log: Callable[[str], None], *, max_backoff: float = 10.0,
+             sleep: Callable[[float], None] = time.sleep) -> Any:
+    """Run `fn` until it succeeds, waiting with capped exponential backoff after retriable errors
+    (an S3 outage only delays the archive: nothing is acknowledged before it is stored)."""
+    delay = 0.5
+    while True:
+        try:
+            return fn()
+        except PipelineError as exc:
+            if not exc.retriable:
+                raise
+            log(f"{what}: {exc} — retrying in {delay:.1f} s")
+            sleep(delay)
+            delay = min(max_backoff, delay * 2)
+
+
+# --- archiving ------------------------------------------------------------------------------
+
+
+class _OpenSegment:
+    """The segment being written: a temp file, and what its key will say."""
+
+    def __init__(self, work_dir: Path, codec: Codec, database: str, partition: int, first_offset: int,
+                 first_txn: int, first_ms: int, snapshot: bool) -> None:
+        self.file = tempfile.TemporaryFile(dir=work_dir)
+        self.writer = SegmentWriter(self.file, codec, database, partition, first_offset)
+        self.partition, self.first_offset, self.first_txn, self.first_ms = partition, first_offset, first_txn, first_ms
+        self.snapshot = snapshot
+        self.txns = 0
+        self.last: Transaction | None = None
+
+    def segment(self) -> Segment:
+        assert self.last is not None and self.last.end_offset is not None
+        size = self.file.seek(0, os.SEEK_END)
+        return Segment(self.first_txn, self.last.txn_id, self.first_offset, self.last.end_offset, self.first_ms,
+                       self.last.source_time_ms, self.partition, self.snapshot, size)
+
+
+class Archiver:
+    """Writes a database's committed transactions to S3 as segments of whole transactions, and
+    base snapshots from a materialised copy, exactly once.
+
+    S3 is the truth: `resume()` finds the last archived txn and the offset after it, and the
+    caller reads Kafka from there. A segment is acknowledged (group offsets) only after its
+    upload, and its key and bytes depend only on the records, so a crash at any point ends in
+    the same objects, each written once.
+    """
+
+    def __init__(self, store: ArchiveStore, codec: Codec, *, rotation: Rotation, snapshots: SnapshotPolicy,
+                 work_dir: Path, topic: str, log: Callable[[str], None] = print,
+                 on_archived: Callable[[Transaction], None] = lambda txn: None) -> None:
+        self.store = store
+        self.codec = codec
+        self.database = store.database
+        self.rotation = rotation
+        self.snapshots = snapshots
+        self.work_dir = work_dir
+        self.topic = topic
+        self.log = log
+        self.on_archived = on_archived
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = os.open(self.work_dir / "archiver.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.lockf(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self._lock_fd)
+            raise PipelineError(f"another archiver of {self.database!r} is using {self.work_dir}",
+                                database=self.database, retriable=True) from None
+        self.position: Position | None = None
+        self.next_offset = 0
+        self._since_snapshot = (0, 0)  # txns, bytes archived after the newest base snapshot
+        self.archived: list[Segment] = []
+
+    def close(self) -> None:
+        os.close(self._lock_fd)
+
+    def resume(self) -> int:
+        """Read the archive's end from S3; return the Kafka offset to read from."""
+        catalog = retrying(f"archive {self.database}: listing {self.store.url}", self.store.catalog, self.log)
+        catalog.runs()  # refuses overlapping segments
+        last = catalog.last
+        if last is not None:
+            head = retrying(f"archive {self.database}: reading {last.key(self.store.root)}",
+                            lambda: self._last_position(last), self.log)
+            self.position, self.next_offset = head, last.last_offset + 1
+        newest = catalog.snapshots[-1].txn if catalog.snapshots else 0
+        after = [s for s in catalog.segments if s.last_txn > newest]
+        self._since_snapshot = (sum(s.last_txn - max(s.first_txn - 1, newest) for s in after),
+                                sum(s.size for s in after))
+        return self.next_offset
+
+    def _last_position(self, seg: Segment) -> Position:
+        """The position after a segment's last txn, from its commit record."""
+        with tempfile.TemporaryFile(dir=self.work_dir) as fo:
+            fo.write(self.store.get(seg.key(self.store.root)))
+            fo.seek(0)
+            last = None
+            for txn in self.codec.read_transactions(
+                    read_segment(fo, self.database, self.topic, seg.key(self.store.root)), self.database):
+                for _ in txn.changes:
+                    pass
+                last = txn
+        if last is None or last.txn_id != seg.last_txn:
+            raise PipelineError(f"archive object {seg.key(self.store.root)} does not end with txn {seg.last_txn}",
+                                database=self.database)
+        return last.after
+
+    def run(self, records: Iterable[StreamRecord]) -> None:
+        """Archive every transaction in `records` (which start at the offset `resume()` returned)."""
+        framer = Framer(self.codec, self.database, self.position)
+        seg: _OpenSegment | None = None
+        try:
+            for rec in records:
+                frame = framer.begin(rec)
+                if frame is not None:
+                    if seg is not None and self.rotation.close_before(seg.txns, seg.first_ms, frame.time_ms,
+                                                                      frame.snapshot):
+                        self._finish(seg)
+                        seg = None
+                    if seg is None:
+                        seg = _OpenSegment(self.work_dir, self.codec, self.database, rec.partition, rec.offset,
+                                           frame.txn_id, frame.time_ms, frame.snapshot)
+                    seg.writer.write(rec)
+                    continue
+                done = framer.record(rec)
+                assert seg is not None  # framer.record refuses a record outside a transaction
+                seg.writer.write(rec)
+                if done is not None:
+                    seg.txns += 1
+                    seg.last = done
+                    if self.rotation.close_after(seg.txns, seg.writer.bytes):
+                        self._finish(seg)
+                        seg = None
+            # The stream ended (--once reached the end it saw at start): archive the tail.
+            if seg is not None and seg.txns:
+                if framer.open is not None:
+                    raise PipelineError("the stream ended inside a transaction", database=self.database,
+                                        txn_id=framer.open.txn_id, offset=framer.open.offset, retriable=True)
+                self._finish(seg)
+                seg = None
+        finally:
+            if seg is not None:
+                seg.file.close()
+
+    def _finish(self, seg: _OpenSegment) -> None:
+        seg.writer.close()
+        info = seg.segment()
+        key = info.key(self.store.root)
+        retrying(f"archive {self.database}: uploading {key}", lambda: self.store.put_new(key, seg.file), self.log)
+        seg.file.close()
+        assert seg.last is not None
+        self.position, self.next_offset = seg.last.after, info.last_offset + 1
+        self.archived.append(info)
+        self.log(f"archive {self.database}: {key.rsplit('/', 1)[-1]} ({info.txns} txns, {info.size} bytes)")
+        self.on_archived(seg.last)
+        txns, size = self._since_snapshot
+        self._since_snapshot = (txns + info.txns, size + info.size)
+        if self.snapshots.due(*self._since_snapshot):
+            self.write_snapshot(info.last_txn)
+
+    # --- base snapshots ---------------------------------------------------------------------
+
+    def write_snapshot(self, txn: int) -> Snapshot:
+        """Materialise the pool at `txn` from the archive itself (which also proves it restores),
+        keeping that copy for the next time, and upload it as a base snapshot."""
+        state = self.work_dir / "state"
+        db_dir, blob_dir = state / "db", state / "blob"
+        catalog = retrying(f"archive {self.database}: listing", self.store.catalog, self.log)
+        plan = catalog.plan(txn=txn)
+        self.log(f"archive {self.database}: writing a base snapshot at txn {txn}")
+        sink = retrying(f"archive {self.database}: materialising txn {txn}",
+                        lambda: materialise(self.store, self.codec, plan, db_dir, blob_dir, self.topic,
+                                            self.work_dir, reuse=True), self.log)
+        try:
+            snap = retrying(f"archive {self.database}: uploading the snapshot at txn {txn}",
+                            lambda: upload_snapshot(self.store, sink, db_dir, blob_dir), self.log)
+        finally:
+            sink.close()
+        self._since_snapshot = (0, 0)
+        self.log(f"archive {self.database}: base snapshot at txn {txn} stored")
+        return snap
+
+
+def upload_snapshot(store: ArchiveStore, sink: ReplicaDir, db_dir: Path, blob_dir: Path) -> Snapshot:
+    """Upload the materialised pool as a base snapshot; the manifest goes last and makes it count."""
+    position = sink.position()
+    snap = Snapshot(position.txn_id, sink.source_time_ms)
+    prefix = snap.prefix(store.root)
+    for layout in sink.files:
+        store.upload_file(f"{prefix}db/{hax(layout.file)}", db_dir / hax(layout.file))
+    blobs: dict[str, int] = {}
+    for path in sorted(_blob_files(blob_dir)):
+        blobs[path] = (blob_dir / path).stat().st_size
+        store.upload_file(f"{prefix}blob/{path}", blob_dir / path)
+    manifest = Manifest(store.database, position.txn_id, position.checksum, sink.next_offset, sink.source_time_ms,
+                        list(sink.files), blobs)
+    store.put_new(snap.manifest_key(store.root), manifest.to_json())
+    return snap
+
+
+def _blob_files(blob_dir: Path) -> Iterator[str]:
+    for root, dirs, names in os.walk(blob_dir):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in names:
+            if not name.startswith("."):
+                yield os.path.relpath(os.path.join(root, name), blob_dir)
+
+
+# --- restore --------------------------------------------------------------------------------
+
+
+class _SegmentSource:
+    """Transactions of a restore plan's segments, downloaded one at a time (a Source)."""
+
+    def __init__(self, store: ArchiveStore, codec: Codec, plan: RestorePlan, topic: str, work_dir: Path,
+                 progress: PROGRESS) -> None:
+        self.store, self.codec, self.plan, self.topic, self.work_dir = store, codec, plan, topic, work_dir
+        self.progress = progress
+        self.last: Transaction | None = None
+
+    def _records(self, after: Position) -> Iterator[StreamRecord]:
+        for seg in self.plan.segments:
+            if seg.last_txn <= after.txn_id:
+                self.progress({"bytes": seg.size})
+                continue
+            key = seg.key(self.store.root)
+            tmp = self.work_dir / f".segment-{os.getpid()}"
+            try:
+                self.store.download(key, tmp, lambda n: self.progress({"bytes": n}))
+                with open(tmp, "rb") as fo:
+                    yield from read_segment(fo, self.store.database, self.topic, key)
+            finally:
+                tmp.unlink(missing_ok=True)
+
+    def _beyond(self, txn: Transaction) -> bool:
+        if self.plan.target_txn is not None:
+            return txn.txn_id > self.plan.target_txn
+        return self.plan.time_ms is not None and txn.source_time_ms > self.plan.time_ms
+
+    def transactions(self, after: Position) -> Iterator[Transaction]:
+        txns = self.codec.read_transactions(self._records(after), self.store.database)
+        return itertools.takewhile(lambda t: not self._beyond(t), txns)
+
+    def acknowledge(self, txn: Transaction) -> None:
+        self.last = txn
+        self.progress({"txn": txn.txn_id})
+
+
+def materialise(store: ArchiveStore, codec: Codec, plan: RestorePlan, db_dir: Path, blob_dir: Path, topic: str,
+                work_dir: Path, *, reuse: bool = False, progress: PROGRESS = lambda event: None) -> ReplicaDir:
+    """Bring `db_dir`/`blob_dir` to the plan's target: the base, then the segments, checking txn ids
+    and the rolling checksum after every txn (ReplicaDir). With `reuse`, a copy already between the
+    base and the target only applies what it lacks. Returns the open ReplicaDir at the target."""
+    sink: ReplicaDir | None = None
+    if reuse and state_dir_for(f"{db_dir}/").exists():
+        try:
+            sink = ReplicaDir(f"{db_dir}/", store.database, blob_dir, topic=topic)
+        except PipelineError:
+            sink = None
+        if sink is not None:
+            at = sink.position().txn_id
+            if not (plan.start_txn <= at and (plan.target_txn is None or at <= plan.target_txn)):
+                sink.close()
+                sink = None
+    if sink is None:
+        for d in (db_dir, blob_dir):
+            shutil.rmtree(d, ignore_errors=True)
+            d.mkdir(parents=True)
+        if plan.base is not None:
+            _download_snapshot(store, plan.base, db_dir, blob_dir, topic, progress)
+        try:
+            sink = ReplicaDir(f"{db_dir}/", store.database, blob_dir, topic=topic)
+        except PipelineError as exc:
+            raise PipelineError(f"base snapshot at txn {plan.base.txn if plan.base else '?'} does not match its "
+                                f"manifest: {exc}", database=store.database) from exc
+    try:
+        source = _SegmentSource(store, codec, plan, topic, work_dir, progress)
+        position = replicate(source, sink)
+        if plan.target_txn is not None and position.txn_id != plan.target_txn:
+            raise PipelineError(f"the archive ended at txn {position.txn_id} before the requested txn "
+                                f"{plan.target_txn}", database=store.database, txn_id=position.txn_id)
+    except BaseException:
+        sink.close()
+        raise
+    return sink
+
+
+def _download_snapshot(store: ArchiveStore, snap: Snapshot, db_dir: Path, blob_dir: Path, topic: str,
+                       progress: PROGRESS) -> None:
+    prefix = snap.prefix(store.root)
+    manifest = Manifest.from_json(store.get(snap.manifest_key(store.root)), snap.manifest_key(store.root))
+    if manifest.database != store.database or manifest.txn_id != snap.txn:
+        raise PipelineError(f"snapshot {prefix} holds database {manifest.database!r} txn {manifest.txn_id}, not "
+                            f"{store.database!r} txn {snap.txn}", database=store.database)
+    for layout in manifest.files:
+        path = db_dir / hax(layout.file)
+        store.download(f"{prefix}db/{hax(layout.file)}", path, lambda n: progress({"bytes": n}))
+        if path.stat().st_size != layout.blocks * layout.block_size:
+            raise PipelineError(f"snapshot file {prefix}db/{hax(layout.file)} has {path.stat().st_size} bytes, "
+                                f"the manifest says {layout.blocks * layout.block_size}", database=store.database)
+    for rel, size in manifest.blobs.items():
+        safe_blob_path(rel)
+        dest = blob_dir / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        store.download(f"{prefix}blob/{rel}", dest, lambda n: progress({"bytes": n}))
+        if dest.stat().st_size != size:
+            raise PipelineError(f"snapshot blob {prefix}blob/{rel} has {dest.stat().st_size} bytes, the manifest "
+                                f"says {size}", database=store.database)
+    state = state_dir_for(f"{db_dir}/")
+    state.mkdir(parents=True, exist_ok=True)
+    # The replica's own position record: ReplicaDir rescans the files and refuses them unless
+    # their checksum is the manifest's.
+    write_atomic(state / "position.json", json.dumps({
+        "database": store.database, "topic": topic, "txn_id": manifest.txn_id, "checksum": manifest.checksum,
+        "next_offset": manifest.next_offset, "source_time_ms": manifest.source_time_ms,
+        "files": [f.__dict__ for f in manifest.files], "applied_at_ms": int(time.time() * 1000),
+    }, indent=1).encode())
+
+
+def plan_size(store: ArchiveStore, plan: RestorePlan) -> int:
+    """Bytes a restore downloads (for the progress bar)."""
+    total = sum(s.size for s in plan.segments)
+    if plan.base is not None:
+        total += sum(size for _, size in store.list(plan.base.prefix(store.root)))
+    return total
+
+
+def restore(store: ArchiveStore, codec: Codec, target: Path, *, txn: int | None = None, time_ms: int | None = None,
+            topic: str, progress: PROGRESS = lambda event: None) -> Position:
+    """Restore the pool at `txn` / `time_ms` (default: the newest) into `target`/db and `target`/blob.
+
+    Everything happens in a temp directory beside `target`, renamed into place only once every
+    txn applied with a matching checksum: on any error `target` is untouched.
+    """
+    target = target.absolute()
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise PipelineError(f"restore target {target} exists and is not empty; give a new directory",
+                            database=store.database)
+    catalog = store.catalog()
+    plan = catalog.plan(txn=txn, time_ms=time_ms)
+    progress({"total_bytes": plan_size(store, plan), "plan": plan})
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.restore-", dir=target.parent))
+    try:
+        sink = materialise(store, codec, plan, tmp / "db", tmp / "blob", topic, tmp, progress=progress)
+        position = sink.position()
+        sink.close()
+        shutil.rmtree(state_dir_for(f"{tmp / 'db'}/"))  # the restored pool is a plain pool
+        for leftover in tmp.glob(".segment-*"):
+            leftover.unlink()
+        if target.exists():
+            target.rmdir()
+        os.rename(tmp, target)
+        fd = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return position
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# --- listing and retention ------------------------------------------------------------------
+
+
+def _when(ms: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ms / 1000))
+
+
+def describe(catalog: Catalog, url: str) -> str:
+    """`archive ls` / `restore --list`: snapshots, contiguous txn ranges with times, gaps, restore points."""
+    lines = [f"archive of {catalog.database!r} at {url}"]
+    lines.append(f"base snapshots: {len(catalog.snapshots)}")
+    for s in catalog.snapshots:
+        lines.append(f"  txn {s.txn:>10}  {_when(s.time_ms)}")
+    runs = catalog.runs()
+    lines.append(f"segments: {len(catalog.segments)} objects, {sum(s.size for s in catalog.segments)} bytes")
+    for i, run in enumerate(runs):
+        if i:
+            lines.append(f"  GAP: txns {runs[i - 1][-1].last_txn + 1}-{run[0].first_txn - 1} are missing")
+        lines.append(f"  txns {run[0].first_txn}-{run[-1].last_txn}  {_when(run[0].first_ms)} .. "
+                     f"{_when(run[-1].last_ms)}  ({len(run)} objects, {sum(s.size for s in run)} bytes)")
+    lines.append(catalog.describe_points())
+    return "\n".join(lines)
+
+
+def apply_retention(store: ArchiveStore, *, keep_snapshots: int | None, keep_ms: int | None, dry_run: bool,
+                    log: Callable[[str], None] = print) -> list[str]:
+    """Delete what the policy no longer needs (or only list it, with `dry_run`); returns the keys."""
+    catalog = store.catalog()
+    plan = retention_plan(catalog, keep_snapshots=keep_snapshots, keep_ms=keep_ms, now_ms=int(time.time() * 1000))
+    keys = [s.key(store.root) for s in plan.delete_segments]
+    for snap in plan.delete_snapshots:
+        keys += sorted(k for k, _ in store.list(snap.prefix(store.root)))
+    if plan.keep_from is None:
+        log(f"retention: no snapshot is old enough to be the oldest restore point; nothing to delete")
+        return []
+    verb = "would delete" if dry_run else "deleting"
+    log(f"retention: keeping everything from the snapshot at txn {plan.keep_from.txn} "
+        f"({_when(plan.keep_from.time_ms)}); {verb} {len(plan.delete_snapshots)} snapshots and "
+        f"{len(plan.delete_segments)} segments ({len(keys)} objects)")
+    for key in keys:
+        log(f"  {verb} {key}")
+    if not dry_run and keys:
+        # Manifests first: a half-deleted snapshot must not look complete.
+        manifests = [k for k in keys if k.endswith("/manifest.json")]
+        store.delete(manifests)
+        store.delete([k for k in keys if k not in set(manifests)])
+    return keys
+
+
+def open_store(bucket_url: str, database: str, endpoint_url: str | None = None) -> ArchiveStore:
+    bucket, prefix = parse_bucket_url(bucket_url)
+    return ArchiveStore(s3_client(endpoint_url), bucket, prefix, database)
+

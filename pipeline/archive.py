@@ -1,0 +1,445 @@
+"""The S3 archive's rules without the I/O: object keys, segment files, record-time rotation, restore plans, retention."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from typing import IO, Iterable, Iterator
+
+import fastavro
+import fastavro.write
+
+from pipeline.codec import BEGIN, COMMIT, SNAPSHOT, Codec, StreamRecord, _unsigned
+from pipeline.errors import PipelineError
+from pipeline.model import FileLayout, Position, Transaction
+from pipeline.replicate import check_continues
+
+# A segment is an Avro Object Container File of the topic's records exactly as Kafka held them:
+# the values stay single-object encoded (their schema fingerprints inside), so a restore goes
+# through the same framing checks as a replica, and old segments stay readable as schemas evolve.
+# The record schemas themselves ride along in the file's metadata.
+SEGMENT_SCHEMA = {
+    "type": "record",
+    "name": "ArchivedRecord",
+    "namespace": "pool.pipeline.archive",
+    "doc": "One record of a database topic as Kafka stored it.",
+    "fields": [
+        {"name": "offset", "type": "long", "doc": "Kafka offset in partition 0 of pool.<database>."},
+        {"name": "timestamp_ms", "type": "long", "doc": "Kafka record timestamp."},
+        {"name": "key", "type": ["null", "bytes"]},
+        {"name": "value", "type": "bytes", "doc": "Avro single-object encoded change record."},
+    ],
+}
+_PARSED_SEGMENT_SCHEMA = fastavro.parse_schema(SEGMENT_SCHEMA)
+SEGMENT_CODEC = "zstandard"  # several times faster than deflate at a similar ratio; deterministic at a fixed level
+SEGMENT_LEVEL = 3
+
+_SEGMENT = re.compile(
+    r"^p(?P<partition>\d+)/(?P<first_offset>\d{20})-(?P<last_offset>\d{20})"
+    r"_txn(?P<first_txn>\d{12})-(?P<last_txn>\d{12})_ms(?P<first_ms>\d{13})-(?P<last_ms>\d{13})"
+    r"(?P<snap>_snap)?\.avro$")
+_SNAPSHOT = re.compile(r"^(?P<txn>\d{12})_ms(?P<ms>\d{13})/manifest\.json$")
+
+
+def database_root(prefix: str, database: str) -> str:
+    """Where a database's archive lives under the bucket prefix (no leading or trailing slash)."""
+    return "/".join(p for p in (prefix.strip("/"), database) if p)
+
+
+@dataclass(frozen=True, order=True)
+class Segment:
+    """One archived object of whole transactions; everything a listing needs is in its key."""
+
+    first_txn: int
+    last_txn: int
+    first_offset: int
+    last_offset: int
+    first_ms: int
+    last_ms: int
+    partition: int = 0
+    starts_with_snapshot: bool = False  # its first txn is a full image: a restore may start there
+    size: int = 0
+
+    def key(self, root: str) -> str:
+        return (f"{root}/segments/p{self.partition}/{self.first_offset:020d}-{self.last_offset:020d}"
+                f"_txn{self.first_txn:012d}-{self.last_txn:012d}_ms{self.first_ms:013d}-{self.last_ms:013d}"
+                f"{'_snap' if self.starts_with_snapshot else ''}.avro")
+
+    @classmethod
+    def parse(cls, root: str, key: str, size: int = 0) -> "Segment | None":
+        base = f"{root}/segments/"
+        m = _SEGMENT.match(key[len(base):]) if key.startswith(base) else None
+        if m is None:
+            return None
+        return cls(int(m["first_txn"]), int(m["last_txn"]), int(m["first_offset"]), int(m["last_offset"]),
+                   int(m["first_ms"]), int(m["last_ms"]), int(m["partition"]), bool(m["snap"]), size)
+
+    @property
+    def txns(self) -> int:
+        return self.last_txn - self.first_txn + 1
+
+
+@dataclass(frozen=True, order=True)
+class Snapshot:
+    """A base snapshot: the whole pool (files and blobs) at `txn`, complete once its manifest exists."""
+
+    txn: int
+    time_ms: int
+
+    def prefix(self, root: str) -> str:
+        return f"{root}/snapshots/{self.txn:012d}_ms{self.time_ms:013d}/"
+
+    def manifest_key(self, root: str) -> str:
+        return self.prefix(root) + "manifest.json"
+
+    @classmethod
+    def parse(cls, root: str, key: str) -> "Snapshot | None":
+        base = f"{root}/snapshots/"
+        m = _SNAPSHOT.match(key[len(base):]) if key.startswith(base) else None
+        return cls(int(m["txn"]), int(m["ms"])) if m else None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What a base snapshot holds, and the replica position it restores to."""
+
+    database: str
+    txn_id: int
+    checksum: int
+    next_offset: int
+    source_time_ms: int
+    files: list[FileLayout]
+    blobs: dict[str, int]  # path -> size
+
+    def to_json(self) -> bytes:
+        return json.dumps({
+            "format": 1, "database": self.database, "txn_id": self.txn_id, "checksum": self.checksum,
+            "next_offset": self.next_offset, "source_time_ms": self.source_time_ms,
+            "files": [f.__dict__ for f in self.files], "blobs": self.blobs,
+        }, indent=1, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes, where: str) -> "Manifest":
+        try:
+            m = json.loads(data)
+            return cls(m["database"], m["txn_id"], m["checksum"], m["next_offset"], m["source_time_ms"],
+                       [FileLayout(**f) for f in m["files"]], dict(m["blobs"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise PipelineError(f"snapshot manifest {where} is unreadable: {exc}") from exc
+
+    @property
+    def position(self) -> Position:
+        return Position(self.txn_id, self.checksum)
+
+
+# --- rotation -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rotation:
+    """When a segment closes. Only record contents decide (never the wall clock), so a restarted
+    archiver cuts the same segments with the same keys and bytes."""
+
+    max_txns: int = 10_000
+    max_bytes: int = 64 * 1024 * 1024
+    max_span_ms: int = 3_600_000  # record (source) time between a segment's first and last txn
+
+    def close_before(self, open_txns: int, first_ms: int, begin_ms: int, snapshot: bool) -> bool:
+        """Close the open segment before a txn starting at `begin_ms`? A snapshot txn always starts
+        a segment, so a restore can begin at it without a base snapshot."""
+        return open_txns > 0 and (snapshot or begin_ms - first_ms >= self.max_span_ms)
+
+    def close_after(self, open_txns: int, open_bytes: int) -> bool:
+        return open_txns >= self.max_txns or open_bytes >= self.max_bytes
+
+
+@dataclass(frozen=True)
+class SnapshotPolicy:
+    """A base snapshot every `every_txns` txns or `every_bytes` archived bytes (0 turns a rule off)."""
+
+    every_txns: int = 100_000
+    every_bytes: int = 1024 * 1024 * 1024
+
+    def due(self, txns_since: int, bytes_since: int) -> bool:
+        return bool((self.every_txns and txns_since >= self.every_txns)
+                    or (self.every_bytes and bytes_since >= self.every_bytes))
+
+
+# --- framing --------------------------------------------------------------------------------
+
+
+@dataclass
+class TxnFrame:
+    """The transaction being framed: where it starts and what its begin said."""
+
+    txn_id: int
+    offset: int
+    time_ms: int
+    snapshot: bool
+    changes: int = 0
+
+
+class Framer:
+    """Checks a committed record stream transaction by transaction, decoding only begins and commits.
+
+    Ensures a segment holds whole, contiguous transactions of one database; the body checks of
+    every change happen at restore, where the records are fully decoded anyway.
+    """
+
+    def __init__(self, codec: Codec, database: str, position: Position | None) -> None:
+        self.codec = codec
+        self.database = database
+        self.position = position  # None: no archive yet, the first txn may be anything
+        self.open: TxnFrame | None = None
+
+    def _error(self, message: str, rec: StreamRecord, txn_id: int | None = None) -> PipelineError:
+        return PipelineError(message, database=self.database, txn_id=txn_id, topic=rec.topic, offset=rec.offset)
+
+    def begin(self, rec: StreamRecord) -> TxnFrame | None:
+        """The frame `rec` opens if it is a TxnBegin, else None (the caller then calls `record`)."""
+        if rec.key != b"txn":
+            return None
+        name, value = self.codec.decode(rec.value, topic=rec.topic, offset=rec.offset)
+        if name != BEGIN:
+            return None
+        if value["database"] != self.database:
+            raise self._error(f"record of foreign database {value['database']!r} in the stream of "
+                              f"{self.database!r}", rec, value["txn_id"])
+        if self.open is not None:
+            raise self._error("TxnBegin inside an open transaction (missing TxnCommit)", rec, self.open.txn_id)
+        if self.position is not None:
+            header = Transaction(self.database, value["txn_id"], _unsigned(value["checksum_before"]),
+                                 value["source_time_ms"], snapshot=value["snapshot"], offset=rec.offset)
+            check_continues(self.position, header)
+        self.open = TxnFrame(value["txn_id"], rec.offset, value["source_time_ms"], value["snapshot"])
+        return self.open
+
+    def record(self, rec: StreamRecord) -> Transaction | None:
+        """Check a record after its begin; returns the finished transaction's header at its commit."""
+        txn = self.open
+        name, database, txn_id = self.codec.peek(rec.value, topic=rec.topic, offset=rec.offset)
+        if database != self.database:
+            raise self._error(f"record of foreign database {database!r} in the stream of {self.database!r}",
+                              rec, txn_id)
+        if txn is None:
+            raise self._error(f"{name.rsplit('.', 1)[-1]} record outside a transaction", rec, txn_id)
+        if txn_id != txn.txn_id:
+            raise self._error(f"record of txn {txn_id} inside txn {txn.txn_id} (missing TxnCommit)", rec, txn.txn_id)
+        if name == SNAPSHOT:
+            return None
+        if name != COMMIT:
+            txn.changes += 1
+            return None
+        _, value = self.codec.decode(rec.value, topic=rec.topic, offset=rec.offset)
+        if value["record_count"] != txn.changes:
+            raise self._error(f"transaction has {txn.changes} changes, commit says {value['record_count']}",
+                              rec, txn.txn_id)
+        done = Transaction(self.database, txn.txn_id, _unsigned(value["checksum_before"]), txn.time_ms,
+                           snapshot=txn.snapshot, checksum_after=_unsigned(value["checksum_after"]),
+                           files=[FileLayout(**f) for f in value["files"]], record_count=txn.changes,
+                           offset=txn.offset, end_offset=rec.offset)
+        self.position = done.after
+        self.open = None
+        return done
+
+
+# --- segment files --------------------------------------------------------------------------
+
+
+def _sync_marker(database: str, partition: int, first_offset: int) -> bytes:
+    # fastavro picks a random sync marker; derive it instead so a rewrite is byte-identical.
+    return hashlib.blake2b(f"{database}/{partition}/{first_offset}".encode(), digest_size=16).digest()
+
+
+class SegmentWriter:
+    """Streams records into an Avro container file, so a multi-GiB snapshot txn never sits in memory."""
+
+    def __init__(self, fo: IO[bytes], codec: Codec, database: str, partition: int, first_offset: int) -> None:
+        metadata = {
+            "pool.pipeline.database": database,
+            "pool.pipeline.partition": str(partition),
+            "pool.pipeline.first_offset": str(first_offset),
+            "pool.pipeline.record_schemas": json.dumps(codec.schemas, sort_keys=True),
+        }
+        self._writer = fastavro.write.Writer(
+            fo, _PARSED_SEGMENT_SCHEMA, codec=SEGMENT_CODEC, compression_level=SEGMENT_LEVEL,
+            sync_marker=_sync_marker(database, partition, first_offset), metadata=metadata)
+        self.bytes = 0  # key + value bytes written: the rotation measure, independent of compression
+
+    def write(self, rec: StreamRecord) -> None:
+        self._writer.write({"offset": rec.offset, "timestamp_ms": rec.timestamp_ms, "key": rec.key,
+                            "value": rec.value})
+        self.bytes += len(rec.value or b"") + len(rec.key or b"")
+
+    def close(self) -> None:
+        self._writer.flush()
+
+
+def read_segment(fo: IO[bytes], database: str, topic: str, where: str) -> Iterator[StreamRecord]:
+    """The records of one segment file; errors name the object (`where`)."""
+    try:
+        reader = fastavro.reader(fo)
+        owner = reader.metadata.get("pool.pipeline.database")
+        if owner != database:
+            raise PipelineError(f"archive object {where} belongs to database {owner!r}, not {database!r}",
+                                database=database)
+        partition = int(reader.metadata.get("pool.pipeline.partition", "0"))
+        for r in reader:
+            yield StreamRecord(topic, partition, r["offset"], r["key"], r["value"], r["timestamp_ms"])
+    except PipelineError:
+        raise
+    except Exception as exc:  # fastavro raises many types on a damaged file
+        raise PipelineError(f"archive object {where} is not a readable Avro segment: {exc}",
+                            database=database) from exc
+
+
+# --- catalog, restore plans, retention -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RestorePlan:
+    """How to rebuild the pool at a point: a base (snapshot or a segment starting with a full
+    image), then the segments to apply, stopping at `target_txn` or before the first txn after `time_ms`."""
+
+    base: Snapshot | None
+    segments: list[Segment]
+    target_txn: int | None
+    time_ms: int | None
+
+    @property
+    def start_txn(self) -> int:
+        return self.base.txn if self.base else self.segments[0].first_txn
+
+
+def _fmt_txns(a: int, b: int) -> str:
+    return f"txn {a}" if a == b else f"txns {a}-{b}"
+
+
+@dataclass
+class Catalog:
+    """A database's archive as listed: segments by txn, base snapshots by txn."""
+
+    database: str
+    segments: list[Segment] = field(default_factory=list)
+    snapshots: list[Snapshot] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.segments.sort()
+        self.snapshots.sort()
+
+    @property
+    def last(self) -> Segment | None:
+        return self.segments[-1] if self.segments else None
+
+    def runs(self) -> list[list[Segment]]:
+        """The segments in runs of contiguous txn ids (more than one run means a gap)."""
+        runs: list[list[Segment]] = []
+        for seg in self.segments:
+            if runs and seg.first_txn == runs[-1][-1].last_txn + 1:
+                runs[-1].append(seg)
+            elif runs and seg.first_txn <= runs[-1][-1].last_txn:
+                raise PipelineError(
+                    f"archive of {self.database!r} holds overlapping segments "
+                    f"({_fmt_txns(runs[-1][-1].first_txn, runs[-1][-1].last_txn)} and "
+                    f"{_fmt_txns(seg.first_txn, seg.last_txn)}): two archivers wrote to the same prefix?",
+                    database=self.database)
+            else:
+                runs.append([seg])
+        return runs
+
+    def restore_points(self) -> list[tuple[int, int]]:
+        """The txn ranges a restore can reach: from each usable base to the end of its contiguous run."""
+        out: list[tuple[int, int]] = []
+        for run in self.runs():
+            starts = [s.txn for s in self.snapshots if run[0].first_txn - 1 <= s.txn <= run[-1].last_txn]
+            starts += [seg.first_txn for seg in run if seg.starts_with_snapshot]
+            if starts:
+                out.append((min(starts), run[-1].last_txn))
+        return out
+
+    def describe_points(self) -> str:
+        points = self.restore_points()
+        if not points:
+            return "nothing restorable is archived yet"
+        return "restorable: " + ", ".join(_fmt_txns(a, b) for a, b in points)
+
+    def plan(self, txn: int | None = None, time_ms: int | None = None) -> RestorePlan:
+        """The plan for `txn`, or for the last txn at or before `time_ms`, or for the newest txn.
+
+        The base is the newest full image at or before the target that the segments continue
+        from: a base snapshot, or a segment whose first txn is a snapshot (the stream's first).
+        """
+        if not self.segments and not self.snapshots:
+            raise PipelineError(f"nothing is archived for database {self.database!r}", database=self.database)
+        runs = self.runs()
+        if txn is None and time_ms is None:
+            txn = max(runs[-1][-1].last_txn if runs else 0, self.snapshots[-1].txn if self.snapshots else 0)
+
+        def reached(first_txn: int, first_ms: int) -> bool:
+            return first_txn <= txn if txn is not None else first_ms <= time_ms  # type: ignore[operator]
+
+        plans: list[RestorePlan] = []
+        for i, run in enumerate(runs):
+            if not reached(run[0].first_txn, run[0].first_ms):
+                continue
+            if txn is not None and txn > run[-1].last_txn:
+                continue
+            if time_ms is not None and i + 1 < len(runs) and run[-1].last_ms <= time_ms:
+                raise PipelineError(
+                    f"time {time_ms} ms of database {self.database!r} falls in a gap of the archive after "
+                    f"txn {run[-1].last_txn}; {self.describe_points()}", database=self.database)
+            segs = [s for s in run if reached(s.first_txn, s.first_ms)]
+            snaps = [s for s in self.snapshots if reached(s.txn, s.time_ms) and
+                     run[0].first_txn - 1 <= s.txn <= run[-1].last_txn]
+            seg_start = max((s.first_txn for s in segs if s.starts_with_snapshot), default=None)
+            if snaps and (seg_start is None or snaps[-1].txn >= seg_start):
+                plans.append(RestorePlan(snaps[-1], [s for s in segs if s.last_txn > snaps[-1].txn], txn, time_ms))
+            elif seg_start is not None:
+                plans.append(RestorePlan(None, [s for s in segs if s.first_txn >= seg_start], txn, time_ms))
+        if not plans and txn is not None:
+            plans = [RestorePlan(s, [], txn, None) for s in self.snapshots if s.txn == txn]
+        if not plans:
+            what = f"txn {txn}" if txn is not None else f"time {time_ms} ms"
+            raise PipelineError(f"{what} of database {self.database!r} is not archived; {self.describe_points()}",
+                                database=self.database, txn_id=txn)
+        return plans[-1]
+
+
+@dataclass(frozen=True)
+class RetentionPlan:
+    keep_from: Snapshot | None  # the oldest retained restore point
+    delete_snapshots: list[Snapshot]
+    delete_segments: list[Segment]
+
+
+def retention_plan(catalog: Catalog, *, keep_snapshots: int | None = None, keep_ms: int | None = None,
+                   now_ms: int = 0) -> RetentionPlan:
+    """What a retention policy deletes: everything strictly before the oldest snapshot that must stay.
+
+    `keep_snapshots` keeps the newest K snapshots; `keep_ms` keeps every point in the last window
+    (so the newest snapshot at or before the window's start stays). With both, the older bound wins.
+    Nothing is deleted unless some snapshot is old enough to be that bound: a segment a retained
+    restore point needs is never removed.
+    """
+    bounds: list[Snapshot] = []
+    if keep_snapshots is not None:
+        if keep_snapshots < 1:
+            raise PipelineError("keep at least one snapshot", database=catalog.database)
+        if len(catalog.snapshots) >= keep_snapshots:
+            bounds.append(catalog.snapshots[-keep_snapshots])
+        else:
+            return RetentionPlan(None, [], [])
+    if keep_ms is not None:
+        old = [s for s in catalog.snapshots if s.time_ms <= now_ms - keep_ms]
+        if not old:
+            return RetentionPlan(None, [], [])
+        bounds.append(old[-1])
+    if not bounds:
+        raise PipelineError("give a retention policy: --keep-snapshots K and/or --keep-days D",
+                            database=catalog.database)
+    keep = min(bounds)
+    return RetentionPlan(keep, [s for s in catalog.snapshots if s.txn < keep.txn],
+                         [s for s in catalog.segments if s.last_txn <= keep.txn])
+
