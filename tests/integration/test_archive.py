@@ -236,11 +236,14 @@ def test_archiver_rides_out_an_s3_outage_and_loses_nothing(app: PicoApp, kafka: 
     cli = Cli(app.root, kafka.bootstrap_servers, unique_name("s3-outage"), extra_env=s3_env(endpoint))
     try:
         agent = cli.start_agent()
+        wait_for(lambda: "topic is at" in agent.stdout(), 60, "the agent to start")
         archiver = cli.start("archiver", archive_args(cli, server.bucket, "--segment-txns", "5"))
-        wl = app.workload_proc(60, seed=21, sleep_ms=5)
+        wl = app.workload_proc(60, seed=21, sleep_ms=10)
         assert wl.wait(timeout=120) == 0
-        wait_for(lambda: "_txn" in archiver.stdout(), 60,
-                 "the archiver's first segment")
+        try:
+            wait_for(lambda: "_txn" in archiver.stdout(), 60, "the archiver's first segment")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{archiver.output()}\n{agent.output()}") from None
         server.stop()
         down_at = time.monotonic()
         before = committed_transactions(cli.bootstrap_servers, cli.database)[-1].txn_id
