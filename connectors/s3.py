@@ -9,7 +9,10 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import time
+from collections import deque
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Iterator
@@ -194,18 +197,22 @@ def _read_all(fo: IO[bytes]) -> bytes:
 
 
 def retrying(what: str, fn: Callable[[], Any], log: Callable[[str], None], *, max_backoff: float = 10.0,
-             sleep: Callable[[float], None] = time.sleep) -> Any:
+             stop: threading.Event | None = None) -> Any:
     """Run `fn` until it succeeds, waiting with capped exponential backoff after retriable errors
-    (an S3 outage only delays the archive: nothing is acknowledged before it is stored)."""
+    (an S3 outage only delays the archive: nothing is acknowledged before it is stored).
+    Setting `stop` ends the waiting with the last error."""
     delay = 0.5
     while True:
         try:
             return fn()
         except PipelineError as exc:
-            if not exc.retriable:
+            if not exc.retriable or (stop is not None and stop.is_set()):
                 raise
             log(f"{what}: {exc} — retrying in {delay:.1f} s")
-            sleep(delay)
+            if stop is not None and stop.wait(delay):
+                raise
+            if stop is None:
+                time.sleep(delay)
             delay = min(max_backoff, delay * 2)
 
 
@@ -301,49 +308,83 @@ class Archiver:
         return last.after
 
     def run(self, records: Iterable[StreamRecord]) -> None:
-        """Archive every transaction in `records` (which start at the offset `resume()` returned)."""
-        framer = Framer(self.codec, self.database, self.position)
-        seg: _OpenSegment | None = None
-        try:
-            for rec in records:
-                frame = framer.begin(rec)
-                if frame is not None:
-                    if seg is not None and self.rotation.close_before(seg.txns, seg.first_ms, frame.time_ms,
-                                                                      frame.snapshot):
-                        self._finish(seg)
-                        seg = None
-                    if seg is None:
-                        seg = _OpenSegment(self.work_dir, self.codec, self.database, rec.partition, rec.offset,
-                                           frame.txn_id, frame.time_ms, frame.snapshot)
-                    seg.writer.write(rec)
-                    continue
-                done = framer.record(rec)
-                assert seg is not None  # framer.record refuses a record outside a transaction
-                seg.writer.write(rec)
-                if done is not None:
-                    seg.txns += 1
-                    seg.last = done
-                    if self.rotation.close_after(seg.txns, seg.writer.bytes):
-                        self._finish(seg)
-                        seg = None
-            # The stream ended (--once reached the end it saw at start): archive the tail.
-            if seg is not None and seg.txns:
-                if framer.open is not None:
-                    raise PipelineError("the stream ended inside a transaction", database=self.database,
-                                        txn_id=framer.open.txn_id, offset=framer.open.offset, retriable=True)
-                self._finish(seg)
-                seg = None
-        finally:
-            if seg is not None:
-                seg.file.close()
+        """Archive every transaction in `records` (which start at the offset `resume()` returned).
 
-    def _finish(self, seg: _OpenSegment) -> None:
+        A closed segment uploads on a background thread while the next one fills (at most two in
+        flight); acknowledgements still happen here, in order, once each upload succeeded.
+        """
+        framer = Framer(self.codec, self.database, self.position)
+        self._stopping = threading.Event()
+        seg: _OpenSegment | None = None
+        uploads: deque[tuple[Future, _OpenSegment]] = deque()
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="archive-upload") as pool:
+            try:
+                for rec in records:
+                    while uploads and uploads[0][0].done():
+                        self._uploaded(*uploads.popleft())
+                    frame = framer.begin(rec)
+                    if frame is not None:
+                        if seg is not None and self.rotation.close_before(seg.txns, seg.first_ms, frame.time_ms,
+                                                                          frame.snapshot):
+                            self._close(seg, pool, uploads)
+                            seg = None
+                        if seg is None:
+                            seg = _OpenSegment(self.work_dir, self.codec, self.database, rec.partition, rec.offset,
+                                               frame.txn_id, frame.time_ms, frame.snapshot)
+                        seg.writer.write(rec)
+                        continue
+                    done = framer.record(rec)
+                    assert seg is not None  # framer.record refuses a record outside a transaction
+                    seg.writer.write(rec)
+                    if done is not None:
+                        seg.txns += 1
+                        seg.last = done
+                        if self.rotation.close_after(seg.txns, seg.writer.bytes):
+                            self._close(seg, pool, uploads)
+                            seg = None
+                # The stream ended (--once reached the end it saw at start): archive the tail.
+                if seg is not None and seg.txns:
+                    if framer.open is not None:
+                        raise PipelineError("the stream ended inside a transaction", database=self.database,
+                                            txn_id=framer.open.txn_id, offset=framer.open.offset, retriable=True)
+                    self._close(seg, pool, uploads)
+                    seg = None
+                while uploads:
+                    self._uploaded(*uploads.popleft())
+            finally:
+                self._stopping.set()  # an upload retrying through an outage gives up, unacknowledged
+                if seg is not None:
+                    seg.file.close()
+                for future, pending in uploads:
+                    future.cancel()
+                    try:
+                        future.exception()
+                    except CancelledError:
+                        pass
+                    pending.file.close()
+
+    def _close(self, seg: _OpenSegment, pool: ThreadPoolExecutor,
+               uploads: "deque[tuple[Future, _OpenSegment]]") -> None:
+        if len(uploads) >= 2:  # bound the spool: wait for the older upload
+            self._uploaded(*uploads.popleft())
         seg.writer.close()
+        uploads.append((pool.submit(self._upload, seg), seg))
+
+    def _upload(self, seg: _OpenSegment) -> Segment:
         info = seg.segment()
         key = info.key(self.store.root)
-        retrying(f"archive {self.database}: uploading {key}", lambda: self.store.put_new(key, seg.file), self.log)
-        seg.file.close()
+        retrying(f"archive {self.database}: uploading {key}", lambda: self.store.put_new(key, seg.file), self.log,
+                 stop=self._stopping)
+        return info
+
+    def _uploaded(self, future: Future, seg: _OpenSegment) -> None:
+        """After a segment's upload: move the position, acknowledge, maybe write a base snapshot."""
+        try:
+            info = future.result()
+        finally:
+            seg.file.close()
         assert seg.last is not None
+        key = info.key(self.store.root)
         self.position, self.next_offset = seg.last.after, info.last_offset + 1
         self.archived.append(info)
         self.log(f"archive {self.database}: {key.rsplit('/', 1)[-1]} ({info.txns} txns, {info.size} bytes)")

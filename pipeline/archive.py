@@ -34,7 +34,7 @@ SEGMENT_SCHEMA = {
 }
 _PARSED_SEGMENT_SCHEMA = fastavro.parse_schema(SEGMENT_SCHEMA)
 SEGMENT_CODEC = "zstandard"  # several times faster than deflate at a similar ratio; deterministic at a fixed level
-SEGMENT_LEVEL = 3
+SEGMENT_LEVEL = 1
 
 _SEGMENT = re.compile(
     r"^p(?P<partition>\d+)/(?P<first_offset>\d{20})-(?P<last_offset>\d{20})"

@@ -1,4 +1,4 @@
-"""The end-to-end demo: local stack, a PicoLisp app committing, capture-agent + replica live, then verify."""
+"""The end-to-end demo: local stack, a PicoLisp app committing, capture-agent + replica + archiver live, verify, point-in-time restore."""
 
 from __future__ import annotations
 
@@ -93,52 +93,97 @@ def main() -> int:
         say("2. A PicoLisp app creates its journaled pool: 5 DB files, 64 to 4096-byte blocks, blobs")
         run(pil("create.l", "db/app/", "fifo/app"), app, env)
 
-        say("3. capture-agent publishes the pool to topic pool.app; a replica consumer group follows it")
+        say("3. capture-agent publishes the pool to topic pool.app; a replica consumer group follows it,\n"
+            "   and an archiver writes it to S3 (Avro segments of whole txns, plus base snapshots)")
         procs.append(background(["capture-agent", "--pool", "db/app/", "--journal", "fifo/app",
                                  "--blob", "blob/app/"], app, env, "capture-agent"))
         procs.append(background(["replica", "--database", "app", "--target", "rpl/db/app/",
                                  "--blob", "rpl/blob/app/", "--group", "replica-1"], app, env, "replica"))
+        archive_cmd = ["archive", "--database", "app", "--bucket", f"s3://{env['POOL_PIPELINE_BUCKET']}/archive",
+                       "--work-dir", "archive-work", "--segment-txns", "250", "--snapshot-every-txns", "1000"]
+        procs.append(background(archive_cmd, app, env, "archive"))
 
-        say(f"4. The app commits {args.txns} transactions (objects across files, deletes, blobs) while both run")
-        started = time.monotonic()
-        workload = subprocess.Popen(pil("workload.l", args.txns, 1, 1, args.sleep_ms, 0), cwd=app, env=env,
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        show(pil("workload.l", args.txns, 1, 1, args.sleep_ms, 0))
-        while workload.poll() is None:
-            time.sleep(1)
-            print(f"  [demo] app committing… replica at txn {replica_txn(app)} "
-                  f"({time.monotonic() - started:.0f} s)", flush=True)
-        if workload.returncode != 0:
-            raise SystemExit(f"demo: the PicoLisp workload failed: {workload.stderr.read()[-2000:]}")
-        print(f"  [demo] the app finished committing in {time.monotonic() - started:.1f} s", flush=True)
-
-        say("5. Wait until the replica has applied everything the agent published")
         from connectors.kafka import last_commit
         from pipeline.codec import Codec
         from schemas import load_schemas
 
         codec = Codec(load_schemas())
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
+
+        def topic_txn() -> int:
             published = last_commit(env["KAFKA_BOOTSTRAP_SERVERS"], "app", codec)
-            topic_txn = published[0].txn_id if published else 0
-            idle = ((app / "fifo/app").stat().st_size == 0 and not (app / "fifo/app.agent/journal.spool").exists()
-                    and not any(p.name.startswith("=") for p in (app / "blob/app").iterdir())
-                    and not any((app / "blob/app/.pool-pipeline-inflight").glob("*")))
-            if idle and replica_txn(app) == topic_txn > 0:
-                break
-            print(f"  [demo] topic at txn {topic_txn}, replica at txn {replica_txn(app)}", flush=True)
-            time.sleep(1)
+            return published[0].txn_id if published else 0
+
+        def settle(what: str) -> int:
+            """Wait until the agent has published everything and the replica applied it; the txn id."""
+            deadline, stable_since, seen = time.monotonic() + 180, 0.0, -1
+            while time.monotonic() < deadline:
+                n = topic_txn()
+                idle = ((app / "fifo/app").stat().st_size == 0
+                        and not (app / "fifo/app.agent/journal.spool").exists()
+                        and not any(p.name.startswith("=") for p in (app / "blob/app").iterdir())
+                        and not any((app / "blob/app/.pool-pipeline-inflight").glob("*")))
+                if idle and replica_txn(app) == n > 0:
+                    if n != seen:
+                        seen, stable_since = n, time.monotonic()
+                    elif time.monotonic() - stable_since >= 2:  # a blob-delete scan may still publish
+                        return n
+                else:
+                    print(f"  [demo] {what}: topic at txn {n}, replica at txn {replica_txn(app)}", flush=True)
+                time.sleep(0.5)
+            raise SystemExit(f"demo: the pipeline did not settle within 180 s ({what})")
+
+        def commit(txns: int, seed: int) -> None:
+            started = time.monotonic()
+            cmd = pil("workload.l", txns, seed, 1, args.sleep_ms, 0)
+            show(cmd)
+            workload = subprocess.Popen(cmd, cwd=app, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                        text=True)
+            while workload.poll() is None:
+                time.sleep(1)
+                print(f"  [demo] app committing… replica at txn {replica_txn(app)} "
+                      f"({time.monotonic() - started:.0f} s)", flush=True)
+            if workload.returncode != 0:
+                raise SystemExit(f"demo: the PicoLisp workload failed: {workload.stderr.read()[-2000:]}")
+            print(f"  [demo] the app committed {txns} txns in {time.monotonic() - started:.1f} s", flush=True)
+
+        first = args.txns // 2
+        say(f"4. The app commits {first} transactions (objects across files, deletes, blobs) while all run")
+        commit(first, 1)
+        earlier = settle("catching up")
+        checkpoint = work / "checkpoint"
+        shutil.copytree(app / "db/app", checkpoint / "db")
+        shutil.copytree(app / "blob/app", checkpoint / "blob", ignore=shutil.ignore_patterns(".*"))
+        print(f"  [demo] the source is at txn {earlier}; a copy of it is kept in {checkpoint} for later", flush=True)
+
+        say(f"5. The app commits {args.txns - first} more transactions")
+        commit(args.txns - first, 2)
+
+        say("6. Wait until the replica has applied everything the agent published")
+        latest = settle("catching up")
         print(f"  [demo] replica at txn {replica_txn(app)}", flush=True)
         for proc in procs:
             proc.send_signal(signal.SIGTERM)
         for proc in procs:
-            proc.wait(timeout=30)
+            proc.wait(timeout=60)
         procs.clear()
 
-        say("6. verify: the replica is byte-identical to the source (md5 per file, every blob)")
+        say("7. verify: the replica is byte-identical to the source (md5 per file, every blob)")
         result = run(["verify", "--pool", "db/app/", "--replica", "rpl/db/app/", "--blob", "blob/app/",
                       "--replica-blob", "rpl/blob/app/"], app, env, check=False)
+        if result.returncode != 0:
+            return result.returncode
+
+        say("8. The archiver, stopped while following, archives the rest (--once) and lists what S3 holds")
+        run(archive_cmd + ["--once"], app, env)
+        run(["archive", "ls", "--database", "app", "--bucket", f"s3://{env['POOL_PIPELINE_BUCKET']}/archive"],
+            app, env)
+
+        say(f"9. Point-in-time restore of txn {earlier} (of {latest}) from S3, then verify it against the copy "
+            "of the source taken at that txn")
+        run(["restore", "--database", "app", "--bucket", f"s3://{env['POOL_PIPELINE_BUCKET']}/archive",
+             "--txn", str(earlier), "--target", "restored"], app, env)
+        result = run(["verify", "--pool", f"{checkpoint}/db/", "--replica", "restored/db/",
+                      "--blob", f"{checkpoint}/blob/", "--replica-blob", "restored/blob/"], app, env, check=False)
         return result.returncode
     finally:
         for proc in procs:
