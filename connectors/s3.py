@@ -22,6 +22,7 @@ from pipeline.archive import (
     Framer,
     Manifest,
     RestorePlan,
+    RetentionPlan,
     Rotation,
     Segment,
     SegmentWriter,
@@ -630,13 +631,23 @@ def apply_retention(store: ArchiveStore, *, keep_snapshots: int | None, keep_ms:
     keys = [s.key(store.root) for s in plan.delete_segments]
     for snap in plan.delete_snapshots:
         keys += sorted(k for k, _ in store.list(snap.prefix(store.root)))
-    if plan.keep_from is None:
-        log(f"retention: no snapshot is old enough to be the oldest restore point; nothing to delete")
+    # Files of a snapshot an archiver was stopped in the middle of writing (no manifest): once a
+    # newer snapshot is complete, nothing will ever finish or use them.
+    newest = catalog.snapshots[-1].txn if catalog.snapshots else 0
+    orphans = sorted(k for k, _ in store.list(f"{store.root}/snapshots/")
+                     if (snap := Snapshot.parse(store.root, k, manifest=False)) is not None
+                     and snap not in catalog.snapshots and snap.txn < newest)
+    if plan.keep_from is None and not orphans:
+        log("retention: no snapshot is old enough to be the oldest restore point; nothing to delete")
         return []
+    keys += orphans
+    if plan.keep_from is None:
+        plan = RetentionPlan(None, [], [])
     verb = "would delete" if dry_run else "deleting"
-    log(f"retention: keeping everything from the snapshot at txn {plan.keep_from.txn} "
-        f"({_when(plan.keep_from.time_ms)}); {verb} {len(plan.delete_snapshots)} snapshots and "
-        f"{len(plan.delete_segments)} segments ({len(keys)} objects)")
+    kept = (f"keeping everything from the snapshot at txn {plan.keep_from.txn} ({_when(plan.keep_from.time_ms)})"
+            if plan.keep_from else "no snapshot is old enough to be the oldest restore point")
+    log(f"retention: {kept}; {verb} {len(plan.delete_snapshots)} snapshots, {len(plan.delete_segments)} segments "
+        f"and {len(orphans)} files of unfinished snapshots ({len(keys)} objects)")
     for key in keys:
         log(f"  {verb} {key}")
     if not dry_run and keys:

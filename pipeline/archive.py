@@ -40,7 +40,7 @@ _SEGMENT = re.compile(
     r"^p(?P<partition>\d+)/(?P<first_offset>\d{20})-(?P<last_offset>\d{20})"
     r"_txn(?P<first_txn>\d{12})-(?P<last_txn>\d{12})_ms(?P<first_ms>\d{13})-(?P<last_ms>\d{13})"
     r"(?P<snap>_snap)?\.avro$")
-_SNAPSHOT = re.compile(r"^(?P<txn>\d{12})_ms(?P<ms>\d{13})/manifest\.json$")
+_SNAPSHOT = re.compile(r"^(?P<txn>\d{12})_ms(?P<ms>\d{13})/(?P<rest>.+)$")
 
 
 def database_root(prefix: str, database: str) -> str:
@@ -95,10 +95,13 @@ class Snapshot:
         return self.prefix(root) + "manifest.json"
 
     @classmethod
-    def parse(cls, root: str, key: str) -> "Snapshot | None":
+    def parse(cls, root: str, key: str, *, manifest: bool = True) -> "Snapshot | None":
+        """The snapshot a manifest key names (or, with manifest=False, any of its files' keys)."""
         base = f"{root}/snapshots/"
         m = _SNAPSHOT.match(key[len(base):]) if key.startswith(base) else None
-        return cls(int(m["txn"]), int(m["ms"])) if m else None
+        if m is None or (manifest and m["rest"] != "manifest.json"):
+            return None
+        return cls(int(m["txn"]), int(m["ms"]))
 
 
 @dataclass(frozen=True)

@@ -168,6 +168,9 @@ def test_point_in_time_restore_is_byte_identical_at_first_middle_latest_and_by_t
     # Retention: keep the newest snapshot. A dry run deletes nothing; the real run keeps what the
     # retained restore points need, and the latest still restores byte-identical.
     newest = catalog.snapshots[-1]
+    # The files of a snapshot an archiver was killed while writing (no manifest) are garbage too.
+    orphan = f"{store.root}/snapshots/{newest.txn - 1:012d}_ms{newest.time_ms:013d}/db/@"
+    s3_client.put_object(Bucket=s3.bucket, Key=orphan, Body=b"partial")
     dry = ok(cli.run(archive_args(cli, s3.bucket, "--keep-snapshots", "1", "--dry-run", action="retain")), "dry run")
     assert "would delete" in dry.stdout and f"txn {newest.txn}" in dry.stdout, dry.stdout
     assert store.catalog().segments == catalog.segments
@@ -175,6 +178,7 @@ def test_point_in_time_restore_is_byte_identical_at_first_middle_latest_and_by_t
     kept = store.catalog()
     assert kept.snapshots == [newest]
     assert kept.segments == [s for s in catalog.segments if s.last_txn > newest.txn]
+    assert orphan in dry.stdout and not list(store.list(orphan))
     result = cli.run(restore_args(cli, s3.bucket, "--target", str(tmp_path / "gone"), "--txn", "1"))
     assert result.returncode == 1 and f"restorable: txns {newest.txn}-{t3}" in result.stderr, result.stderr
     target = tmp_path / "restored-after-retention"
