@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import deque
 from typing import Callable, Iterator, NamedTuple, TypeVar
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer
@@ -27,6 +28,7 @@ T = TypeVar("T")
 TOPIC_PREFIX = "pool."
 PARTITION = 0  # one partition per database topic: a total order of transactions
 FENCED = (ProducerFencedError, InvalidProducerEpochError, TransactionalIdAuthorizationFailedError)
+IN_FLIGHT_BYTES = 24 << 20  # TopicSink: unacknowledged record bytes at most (plus one MiB)
 
 
 def topic_for(database: str) -> str:
@@ -283,11 +285,23 @@ class TopicSink:
         return self._position
 
     def apply(self, txn: Transaction) -> None:
+        # kafka-python has no buffer_memory bound: a producer fed faster than the broker acks (a 1 GiB
+        # snapshot, a big backlog round) buffered it all. Wait for the record sent IN_FLIGHT_BYTES ago,
+        # so memory stays bounded whatever the transaction's size (bench/rss.py).
+        marks: deque[tuple[int, object]] = deque()  # (bytes sent so far, future of that record), every MiB
+        sent = next_mark = 0
         try:
             self.producer.begin_transaction()
+            send = self.producer.send
             for key, value in self.codec.transaction_records(txn):
-                self.producer.send(self.topic, value=value, key=key, partition=PARTITION)
-                self.bytes_sent += len(value) + len(key)
+                future = send(self.topic, value=value, key=key, partition=PARTITION)
+                sent += len(value) + len(key)
+                if sent >= next_mark:
+                    marks.append((sent, future))
+                    next_mark = sent + (1 << 20)
+                    while sent - marks[0][0] > IN_FLIGHT_BYTES:
+                        marks.popleft()[1].get(timeout=120)  # type: ignore[attr-defined]  # raises its error
+            self.bytes_sent += sent
             self.producer.commit_transaction()
         except PipelineError:
             self._abort()
@@ -480,7 +494,7 @@ class GroupReader:
         self._new: set[TopicPartition] = set()
         self.failed: set[str] = set()  # databases stopped by a non-retriable error; never read again
         self.offsets = OffsetCommitter(self.consumer)
-        self.consumer.subscribe(pattern=f"^{TOPIC_PREFIX}(?:{pattern})$", listener=_Rebalance(self))
+        self.consumer.subscribe(pattern=f"^{TOPIC_PREFIX}(?!.*\\.stats$)(?:{pattern})$", listener=_Rebalance(self))
         self._idle_rounds = 0
 
     def assigned(self) -> list[str]:
