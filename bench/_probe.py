@@ -9,9 +9,11 @@ attribute wrappers) to append one line per event to <events.log>, with wall-cloc
            J <t_start> <t_end> <n>    PoolSource._take_journal returned n block images
            P <txn> <t_start> <t_end> <records> <source_time_ms>
                                       TopicSink.apply = encode + send + commit_transaction
-  replica: A <txn> <t_start> <t_staged> <t_applied> <fsyncs> <fsync_s> <changes> <begin offset>
+  replica: A <txn> <t_start> <t_staged> <t_applied> <fsyncs> <fsync_s> <changes> <begin offset> <batch>
                                       ReplicaDir.apply: start (the TxnBegin was fetched), redo staged
-                                      and verified, position.json written (the txn is visible)
+                                      and verified; ReplicaDir.flush: position.json written (the txn is
+                                      visible, with the <batch> txns group-committed with it; fsyncs
+                                      and fsync_s are the batch's, divided by <batch>)
            F <t> <n> <first offset> <last offset> <wait_s>
                                       KafkaConsumer.poll returned n > 0 records; wait_s = time spent
                                       inside poll() since the previous F (idle time of the replica)
@@ -96,7 +98,7 @@ def main() -> None:
         from connectors import kafka as kmod
         from connectors import replica_dir
 
-        _require(replica_dir.ReplicaDir, "_stage", "apply")
+        _require(replica_dir.ReplicaDir, "_stage", "apply", "flush")
         _require(kmod.TopicSource, "acknowledge")
         stats = {"n": 0, "s": 0.0}
         orig_fsync = os.fsync
@@ -112,24 +114,40 @@ def main() -> None:
                 stats["s"] += time.perf_counter() - t
         os.fsync = fsync
 
+        # Group commit: apply() stages and verifies a txn; flush() (called by the loop when nothing more is
+        # fetched, or by apply() at a batch cap) makes every staged txn visible. One A line per txn is
+        # written at the flush that made it visible; the batch's fsyncs are shared out over its txns.
         orig_stage = replica_dir.ReplicaDir._stage
-        staged = {"t": 0.0}
+        started = {"t": 0.0}
+        pending: list = []  # (txn, t_start, t_staged) staged since the last flush
 
-        def _stage(self, txn, tmp, stage_dir):
-            plan = orig_stage(self, txn, tmp, stage_dir)
-            staged["t"] = now()
-            return plan
+        def _stage(self, txn, *a, **k):
+            res = orig_stage(self, txn, *a, **k)
+            pending.append((txn, started["t"], now()))
+            return res
         replica_dir.ReplicaDir._stage = _stage
 
         orig_apply = replica_dir.ReplicaDir.apply
 
         def apply(self, txn):
-            stats["n"], stats["s"] = 0, 0.0
-            t = now()
+            started["t"] = now()
             orig_apply(self, txn)
-            out.write(f"A {txn.txn_id} {t:.6f} {staged['t']:.6f} {now():.6f} {stats['n']} {stats['s']:.6f} "
-                      f"{txn.record_count} {txn.offset}\n")
         replica_dir.ReplicaDir.apply = apply
+
+        orig_flush = replica_dir.ReplicaDir.flush
+
+        def flush(self):
+            orig_flush(self)
+            if not pending:
+                return
+            t = now()
+            n = len(pending)
+            for txn, t0, t_staged in pending:
+                out.write(f"A {txn.txn_id} {t0:.6f} {t_staged:.6f} {t:.6f} {stats['n'] / n:.3f} "
+                          f"{stats['s'] / n:.6f} {txn.record_count} {txn.offset} {n}\n")
+            pending.clear()
+            stats["n"], stats["s"] = 0, 0.0
+        replica_dir.ReplicaDir.flush = flush
 
         from kafka import KafkaConsumer
 

@@ -21,7 +21,8 @@ Modes (default both, one after the other on the same broker and pool):
            publish       encode + send + commit_transaction (Kafka transaction latency),
            delivery      commit_transaction returned -> replica starts applying (consumer fetch of
                          read_committed data, including the broker writing the commit markers),
-           replica apply redo staging + verify + fsyncs + pwrite + position.json.
+           replica apply redo staging + verify, then the group commit that made it visible
+                         (fsyncs + pwrite + position.json, shared with the txns batched with it).
   plain  the real console scripts, no probes. Commit k is mapped to the first capture txn whose
          TxnBegin.source_time_ms (read back from the topic) is >= c_k, and position.json is polled
          every millisecond for its applied_at_ms (txns overwritten before a poll use the next one's
@@ -242,8 +243,8 @@ def run_phase(mode: str, app, bs: str, codec: Codec, root: Path, args, seed: int
         applied, fetches, acks, polls = {}, [], [], []
         for ev in parse_events(root / f"replica-{seed}.events"):
             if ev[0] == "A":
-                applied[int(ev[1])] = (float(ev[2]), float(ev[3]), float(ev[4]), int(ev[5]), float(ev[6]), int(ev[7]),
-                                       int(ev[8]))
+                applied[int(ev[1])] = (float(ev[2]), float(ev[3]), float(ev[4]), float(ev[5]), float(ev[6]),
+                                       int(ev[7]), int(ev[8]), int(ev[9]) if len(ev) > 9 else 1)
             elif ev[0] == "F":
                 fetches.append((int(ev[4]), float(ev[1])))  # (last offset, time)
                 polls.append((float(ev[1]), float(ev[5])))
@@ -269,7 +270,7 @@ def run_phase(mode: str, app, bs: str, codec: Codec, root: Path, args, seed: int
                 continue
             t_locked, _, txn = rounds[i]
             p0, p1, _ = publish[txn]
-            a0, a_staged, a1, _, fs, _, offset = applied[txn]
+            a0, a_staged, a1, _, fs, _, offset, _ = applied[txn]
             f = fetched_at(offset)
             comp["lag"].append(a1 - c)
             comp["capture wait"].append(t_locked - c)
@@ -288,6 +289,7 @@ def run_phase(mode: str, app, bs: str, codec: Codec, root: Path, args, seed: int
         res["txn_lag"] = [applied[t][2] - begins[t] / 1000 for t in txns if t in begins]
         res["records_per_txn"] = [publish[t][2] for t in txns if t in publish]
         res["fsyncs_per_txn"] = [applied[t][3] for t in txns]
+        res["batch_sizes"] = [applied[t][7] for t in txns]
         res["commits_per_txn"] = len(comp["lag"]) / max(1, len(txns))
         res["acks"] = acks
         # Utilisation: a stage busy longer than the inter-arrival time queues, and lag grows without bound.
@@ -378,7 +380,10 @@ def main() -> int:
         if res["mode"] == "probe":
             rec = res["records_per_txn"]
             print(f"records per capture txn: mean {sum(rec) / max(1, len(rec)):.1f}, p99 {percentile(rec, 99):.0f}; "
-                  f"fsyncs per applied txn: {percentile(res['fsyncs_per_txn'], 50):.0f}; busy share of the run: "
+                  f"fsyncs per applied txn: p50 {percentile(res['fsyncs_per_txn'], 50):.1f}, mean "
+                  f"{sum(res['fsyncs_per_txn']) / max(1, len(res['fsyncs_per_txn'])):.1f}; txns per group commit: "
+                  f"mean {len(res['batch_sizes']) / max(1e-9, sum(1 / b for b in res['batch_sizes'])):.2f}, max "
+                  f"{max(res['batch_sizes'], default=0)}; busy share of the run: "
                   f"replica apply {res['replica_busy']:.0%}, replica process (all but poll waits) "
                   f"{res['replica_loop_busy']:.0%}, agent publish {res['agent_busy']:.0%} "
                   "(near or above 100% = that stage queues and lag grows)")

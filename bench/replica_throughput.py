@@ -11,9 +11,9 @@ What runs (one run, one private broker on 127.0.0.1):
                    (connectors.kafka.committed_consumer), counting records and bytes;
       raw+decode   the same, plus Avro decoding and transaction framing (Codec.read_transactions,
                    every change materialised): what any consumer of this format must do;
-      replica      ReplicaDir + TopicSource(once) + pipeline.replicate, in-process, into an empty
-                   target, exactly as cli.main._replica wires it (phases timed: stage+verify, fsync,
-                   replay, group offset commit);
+      replica      ReplicaDir(group_commit=True) + TopicSource(once) + pipeline.replicate, in-process,
+                   into an empty target, exactly as cli.main._replica wires it (phases timed:
+                   stage+verify, group commit (flush: fsync, replay), group offset commit);
       replica CLI  the real `replica --once` process into another empty target (wall time, incl.
                    interpreter start and imports), unless --no-cli.
       what-ifs     with --what-if: the in-process replica again (fresh targets) with proposed changes
@@ -111,7 +111,7 @@ def instrument(sink: ReplicaDir, source: TopicSource, acc: dict) -> None:
                 acc[key or name] += time.perf_counter() - t
         setattr(obj, name, wrapper)
 
-    for name in ("apply", "_stage", "_replay"):
+    for name in ("apply", "_stage", "flush", "_replay"):
         timed(sink, name)
     timed(source, "acknowledge")
     real_fsync = os.fsync
@@ -178,8 +178,15 @@ def main() -> int:
 
         # --- the replica, in-process --------------------------------------------------------------
         target = app.root / "rpl/db/app/"
-        sink = ReplicaDir(str(target) + "/", DB, app.root / "rpl/blob/app/", topic=topic)
+        sink = ReplicaDir(str(target) + "/", DB, app.root / "rpl/blob/app/", topic=topic, group_commit=True)
         source = TopicSource(bs, DB, codec, "bench-replica", sink.next_offset, once=True)
+        flushes = [0]
+        real_flush = sink.flush
+
+        def counting_flush():
+            flushes[0] += int(sink.pending() > 0)
+            real_flush()
+        sink.flush = counting_flush
         acc: dict = defaultdict(float)
         real_fsync = os.fsync
         instrument(sink, source, acc)
@@ -253,8 +260,8 @@ def main() -> int:
                 title=f"Reading topic {topic}: {records:,} records, {mib(nbytes):.1f} MiB, {txns} txns "
                       f"(snapshot {mib(split_bytes):.1f} MiB + {txns - 1} incremental txns "
                       f"{mib(inc_bytes):.1f} MiB, {mib(inc_bytes) / max(1, txns - 1) * 1024:.0f} KiB/txn)"))
-    inc = {k: acc.get(k, 0) - marks.get(f"{k}@split", 0) for k in ("apply", "_stage", "_replay", "acknowledge", "fsync",
-                                                           "fsyncs")}
+    inc = {k: acc.get(k, 0) - marks.get(f"{k}@split", 0) for k in ("apply", "_stage", "flush", "_replay", "acknowledge",
+                                                                   "fsync", "fsyncs")}
     n_inc = max(1, txns - 1)
     print()
     t_inc = t_replica - t_rep_split
@@ -262,10 +269,10 @@ def main() -> int:
     def phase(name: str, seconds: float) -> list[object]:
         return [name, seconds, seconds / n_inc * 1000, seconds / t_inc]
     print(table(["replica phase (incremental txns)", "total s", "ms/txn", "share"], [
-        phase("apply (stage+verify+commit point+replay)", inc["apply"]),
-        phase("  _stage: decode+redo write+checksum", inc["_stage"]),
+        phase("_stage: decode+redo write+checksum+verify", inc["_stage"]),
+        phase(f"flush: group commit ({n_inc / max(1, flushes[0] - 1):.1f} txns per batch)", inc["flush"]),
         phase("  _replay: pwrite+fsync+position", inc["_replay"]),
-        phase(f"  fsync, in stage+replay ({inc['fsyncs'] / n_inc:.1f} per txn)", inc["fsync"]),
+        phase(f"  fsync, all ({inc['fsyncs'] / n_inc:.2f} per txn)", inc["fsync"]),
         phase("acknowledge (sync group offset commit)", inc["acknowledge"]),
         phase("everything (incremental part)", t_inc),
     ]))
@@ -311,7 +318,8 @@ def what_if_replica(app, bs: str, codec: Codec, topic: str, name: str, async_ack
                 TopicSource.acknowledge = lambda self, txn: commit_async(self.consumer, self.tp, txn)
         if no_fsync:
             os.fsync = lambda fd: None
-        sink = ReplicaDir(str(app.root / name / "db/app") + "/", DB, app.root / name / "blob/app", topic=topic)
+        sink = ReplicaDir(str(app.root / name / "db/app") + "/", DB, app.root / name / "blob/app", topic=topic,
+                          group_commit=True)
         source = TopicSource(bs, DB, codec, f"bench-{name}", sink.next_offset, once=True)
         split = {}
         t0 = time.perf_counter()

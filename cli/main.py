@@ -148,6 +148,8 @@ def analytics_parser() -> argparse.ArgumentParser:
     p.add_argument("--sqlite", metavar="PATH", help="also write windows (with their offsets) to this SQLite file")
     p.add_argument("--no-stats-topic", action="store_true", help="write only to --sqlite")
     p.add_argument("--once", action="store_true", help="catch up to the current end, then exit")
+    p.add_argument("--instance-id", help="static group member id (unique per process): a restarted member gets "
+                                          "its databases back at once (default with --database: the database)")
     _add_kafka(p)
     return p
 
@@ -631,8 +633,10 @@ def _analytics(args: argparse.Namespace) -> int:
     what = f"analytics {args.database or args.pattern} ({args.group})"
 
     def attempt() -> int:
+        # With one database there is one member: static membership lets it restart without waiting
+        # for its dead predecessor's session to time out.
         stream = ChangeStream(args.bootstrap_servers, args.group, databases=[args.database] if args.database else None,
-                              pattern=args.pattern, once=args.once)
+                              pattern=args.pattern, once=args.once, instance_id=args.instance_id or args.database)
         consumer = None
         try:
             consumer = Analytics(stream, window_ms=max(1, round(args.window * 1000)), top_blocks=args.top_blocks,

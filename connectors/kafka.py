@@ -29,6 +29,7 @@ TOPIC_PREFIX = "pool."
 PARTITION = 0  # one partition per database topic: a total order of transactions
 FENCED = (ProducerFencedError, InvalidProducerEpochError, TransactionalIdAuthorizationFailedError)
 IN_FLIGHT_BYTES = 24 << 20  # TopicSink: unacknowledged record bytes at most (plus one MiB)
+POLL_RECORDS = 20_000  # records per poll for the replica sources: all that is fetched (<= 8 MiB per fetch)
 
 
 def topic_for(database: str) -> str:
@@ -359,7 +360,9 @@ class TopicSource:
         self._next = 0
 
     def _fetch(self, timeout_ms: int) -> bool:
-        self._fetched = self.consumer.poll(timeout_ms=timeout_ms, max_records=2000).get(self.tp, [])
+        # max_records is high so that one poll hands over everything the client already fetched:
+        # that is what buffered() reports, and so what one group commit of the replica may cover.
+        self._fetched = self.consumer.poll(timeout_ms=timeout_ms, max_records=POLL_RECORDS).get(self.tp, [])
         self._next = 0
         return bool(self._fetched)
 
@@ -377,13 +380,10 @@ class TopicSource:
                     self.idle()
 
     def buffered(self) -> bool:
-        """True if unread records are already fetched: a group-committing sink keeps batching
-        (pipeline.replicate). Never waits: poll(0) only returns what the client already holds."""
-        if self._next < len(self._fetched):
-            return True
-        if self.once and self.consumer.position(self.tp) >= self.end_at_start:
-            return False
-        return self._fetch(0)
+        """True if records the last poll returned are still unread: a group-committing sink keeps
+        batching (pipeline.replicate). Never touches the network: a poll(timeout_ms=0) here made
+        kafka-python 3 miss the wake-up of the next poll, adding 100 ms stalls (bench/lag.py p99)."""
+        return self._next < len(self._fetched)
 
     def transactions(self, after: Position) -> Iterator[Transaction]:
         return self.codec.read_transactions(self._records(), self.database)
@@ -590,15 +590,13 @@ class PartitionSource:
         self._next = 0
 
     def _fetch(self, timeout_ms: int) -> bool:
-        self._fetched = self.reader.consumer.poll(timeout_ms=timeout_ms, max_records=2000).get(self.tp, [])
+        self._fetched = self.reader.consumer.poll(timeout_ms=timeout_ms, max_records=POLL_RECORDS).get(self.tp, [])
         self._next = 0
         return bool(self._fetched)
 
     def buffered(self) -> bool:
-        """True if unread records of this partition are already fetched (see TopicSource.buffered)."""
-        if self._next < len(self._fetched):
-            return True
-        return self.tp in self.reader.consumer.assignment() and self._fetch(0)
+        """True if records of this partition the last poll returned are still unread (see TopicSource.buffered)."""
+        return self._next < len(self._fetched)
 
     def _records(self) -> Iterator[StreamRecord]:
         consumer = self.reader.consumer

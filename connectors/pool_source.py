@@ -7,7 +7,9 @@ import hashlib
 import json
 import os
 import shutil
+import struct
 import time
+from array import array
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -15,14 +17,13 @@ from connectors.picolisp import (
     JournalConsumer,
     _pread_all,
     blob_markers,
-    blob_tree,
     block_size_of,
     hax,
     parse_journal,
     pool_files,
     touched_blocks,
 )
-from pipeline.checksum import RollingChecksum
+from pipeline.checksum import RollingChecksum, block_hash
 from pipeline.errors import PipelineError
 from pipeline.model import (
     MAX_BLOB_CHUNK,
@@ -37,6 +38,7 @@ from pipeline.model import (
 )
 
 INFLIGHT = ".pool-pipeline-inflight"  # markers renamed aside live here, inside the blob dir (same filesystem)
+_SLICE = 4 << 20  # reads and writes of block images go in slices of about this size
 
 
 class AgentLock:
@@ -120,6 +122,72 @@ class _Pool:
         self.fds.clear()
 
 
+_ENTRY = struct.Struct("<BHIH")  # a journal entry's header: size code, file, 6-byte address (picolisp-format.md §2.2)
+
+
+def _touched_fast(data: bytes, block_sizes: list[int], into: set[tuple[int, int]]) -> bool:
+    """Add the (file, block) pairs the journal `data` writes to `into`; False at anything parse_journal
+    would refuse (the caller then lets it say what). Only the headers are read: parse_journal copies
+    every payload into an entry object, which made it the costliest part of a round (and of its memory)."""
+    shifts = [bs.bit_length() - 7 for bs in block_sizes]
+    files = len(shifts)
+    unpack = _ENTRY.unpack_from
+    add = into.add
+    found: list[tuple[int, int]] = []
+    append = found.append
+    pos, end = 0, len(data)
+    while pos < end:
+        if end - pos < _ENTRY.size:
+            return False
+        size, file, lo, hi = unpack(data, pos)
+        if file >= files:
+            return False
+        shift = shifts[file]
+        length = 64 << shift if size == 0 or size == 64 else size  # 0 and 64: a full block (§2.3)
+        nxt = pos + _ENTRY.size + length
+        if nxt > end:
+            return False
+        offset = (lo | hi << 32) << shift
+        block = offset >> (shift + 6)
+        if (offset + length - 1) >> (shift + 6) != block:
+            return False
+        append((file, block))
+        pos = nxt
+    for key in found:  # only a journal that parsed whole adds anything
+        add(key)
+    return True
+
+
+class _Images:
+    """A round's final block images, in `keys` order, back to back in the image spool (see
+    PoolSource._copy_images). Iterating reads them back in slices; valid until the next round."""
+
+    def __init__(self, fd: int, keys: list[tuple[int, int]], block_sizes: list[int]) -> None:
+        self.fd = fd
+        self.keys = keys
+        self.block_sizes = block_sizes
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __iter__(self) -> Iterator[BlockWrite]:
+        keys, sizes = self.keys, self.block_sizes
+        pos, i, n = 0, 0, len(keys)
+        while i < n:
+            j, total = i, 0
+            while j < n and (j == i or total + sizes[keys[j][0]] <= _SLICE):
+                total += sizes[keys[j][0]]
+                j += 1
+            buf = _pread_all(self.fd, total, pos)
+            off = 0
+            for file, index in keys[i:j]:
+                bs = sizes[file]
+                yield BlockWrite(file, index, buf[off:off + bs])
+                off += bs
+            pos += total
+            i = j
+
+
 class PoolSource:
     """Yields the transactions of one PicoLisp pool (a Source for the capture agent).
 
@@ -146,7 +214,12 @@ class PoolSource:
         self.pool = _Pool(prefix, database)
         self.journal = JournalConsumer(journal)
         self.spool_path = state_dir / "journal.spool"
-        self.blob_spool = state_dir / "blobs"
+        self.blob_spool = state_dir / "blobs.spool"  # the blobs of the round being published, back to back
+        self._spool_fd: int | None = None
+        self.image_spool = state_dir / "images.spool"  # the block images of the round being published
+        self._image_fd: int | None = None
+        self._inflight_ready = False
+        shutil.rmtree(state_dir / "blobs", ignore_errors=True)  # a file per blob, from earlier versions
         self.known_blobs_path = state_dir / "known-blobs.json"
         self.last_txn_path = state_dir / "last-txn.json"
         self.published = {f.file: f.blocks for f in (last_layout or [])}
@@ -164,7 +237,11 @@ class PoolSource:
         sizes = self.pool.block_sizes
         want: set[tuple[int, int]] = set()
         for chunk, what, path in ((spooled, "agent spool", self.spool_path), (data, "journal", self.journal.path)):
-            try:
+            if not chunk:
+                continue
+            if _touched_fast(chunk, sizes, want):
+                continue
+            try:  # something is wrong with it: parse_journal names what and where
                 entries = parse_journal(chunk, sizes)
             except PipelineError as exc:
                 raise PipelineError(f"{what} {path}: {exc.message}; nothing was published and the journal is "
@@ -179,11 +256,12 @@ class PoolSource:
         spooled = self.spool_path.read_bytes() if self.spool_path.exists() else b""
         self.journal.read_locked(lambda data: self._touched(spooled, data))
 
-    def _take_journal(self) -> tuple[list[BlockWrite], list[FileLayout]]:
-        """Under the journal lock: parse it, pread touched and grown blocks, spool it, truncate it."""
+    def _take_journal(self) -> tuple[_Images, list[FileLayout]]:
+        """Under the journal lock: parse it, copy touched and grown blocks to the image spool, spool the
+        journal, truncate it."""
         spooled = self.spool_path.read_bytes() if self.spool_path.exists() else b""
 
-        def locked(data: bytes) -> tuple[list[BlockWrite], list[FileLayout]]:
+        def locked(data: bytes) -> tuple[_Images, list[FileLayout]]:
             want = self._touched(spooled, data)
             layout = self.pool.layout()
             for f in layout:
@@ -192,7 +270,7 @@ class PoolSource:
                 if index >= layout[file].blocks:
                     raise PipelineError(f"journal writes block {index} of file {hax(file)}, beyond its end "
                                         f"({layout[file].blocks} blocks)", database=self.database)
-            images = [BlockWrite(f, i, self.pool.read_block(f, i)) for f, i in sorted(want)]
+            images = self._copy_images(sorted(want))
             if data:
                 with open(self.spool_path, "ab") as spool:
                     spool.write(data)  # survives kill -9 (page cache); PicoLisp never fsyncs the journal either
@@ -200,6 +278,37 @@ class PoolSource:
             return images, layout
 
         return self.journal.read_locked(locked)
+
+    def _copy_images(self, keys: list[tuple[int, int]]) -> _Images:
+        """The current images of `keys` (sorted), copied into the image spool in runs of adjacent blocks.
+
+        A file, not memory: one round can touch far more block bytes than its journal holds (a few
+        bytes written into each of many 4 KiB blocks), and holding them all took a restarted agent
+        past 200 MiB. The copy is taken under the journal lock, so it is the state the journal ends at.
+        """
+        if self._image_fd is None:
+            self._image_fd = os.open(self.image_spool, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = self._image_fd
+        os.ftruncate(fd, 0)
+        sizes = self.pool.block_sizes
+        buf = bytearray()
+        written = 0
+        i, n = 0, len(keys)
+        while i < n:
+            file, first = keys[i]
+            bs = sizes[file]
+            j = i + 1
+            while j < n and keys[j] == (file, first + j - i) and (j - i) * bs < _SLICE:
+                j += 1
+            buf += _pread_all(self.pool.fds[file], (j - i) * bs, first * bs)
+            if len(buf) >= _SLICE:
+                os.pwrite(fd, buf, written)
+                written += len(buf)
+                buf.clear()
+            i = j
+        if buf:
+            os.pwrite(fd, buf, written)
+        return _Images(fd, keys, list(sizes))
 
     # --- blobs --------------------------------------------------------------------------------
 
@@ -218,39 +327,71 @@ class PoolSource:
         if self.known_blobs_path.exists():
             self._known_blobs = set(json.loads(self.known_blobs_path.read_text()))
         else:
-            self._known_blobs = set(blob_tree(self.blob_dir))
+            self._known_blobs = set(self._blob_paths())
 
-    def _spool_blob(self, rel: str) -> tuple[Path, int, str] | None:
-        """Copy a blob to the agent's spool (so it cannot change under us); None if it is gone."""
+    def _open_blob_spool(self) -> int:
+        """The round's blob spool, emptied: one file reused by every round. A file per blob cost an
+        inode creation each (~0.3 ms here, more than copying a small blob)."""
+        if self._spool_fd is None:
+            self._spool_fd = os.open(self.blob_spool, os.O_RDWR | os.O_CREAT, 0o644)
+        os.ftruncate(self._spool_fd, 0)
+        return self._spool_fd
+
+    def _spool_blob(self, rel: str, spool: int, offset: int) -> tuple[int, int, str] | None:
+        """Append a blob to the round's spool at `offset` (so it cannot change under us): (offset, size,
+        sha256), or None if it is gone."""
         assert self.blob_dir is not None
-        self.blob_spool.mkdir(parents=True, exist_ok=True)
-        dst = self.blob_spool / hashlib.sha1(rel.encode()).hexdigest()
         sha = hashlib.sha256()
         size = 0
         try:
-            with open(self.blob_dir / rel, "rb") as src, open(dst, "wb") as out:
+            with open(self.blob_dir / rel, "rb", buffering=0) as src:
                 while chunk := src.read(1 << 20):
                     sha.update(chunk)
-                    out.write(chunk)
+                    os.pwrite(spool, chunk, offset + size)
                     size += len(chunk)
         except FileNotFoundError:
-            dst.unlink(missing_ok=True)
             return None
-        return dst, size, sha.hexdigest()
+        return offset, size, sha.hexdigest()
 
-    @staticmethod
-    def _chunks(rel: str, spooled: Path, size: int, sha: str) -> Iterator[BlobChunk]:
+    def _chunks(self, rel: str, offset: int, size: int, sha: str) -> Iterator[BlobChunk]:
         count = max(1, -(-size // MAX_BLOB_CHUNK))
-        with open(spooled, "rb") as f:
-            for index in range(count):
-                yield BlobChunk(rel, size, sha, index, count, f.read(MAX_BLOB_CHUNK))
+        for index in range(count):
+            start = index * MAX_BLOB_CHUNK
+            assert self._spool_fd is not None
+            data = _pread_all(self._spool_fd, min(MAX_BLOB_CHUNK, size - start), offset + start)
+            yield BlobChunk(rel, size, sha, index, count, data)
 
-    def _blob_changes(self, snapshot: bool) -> tuple[list[tuple[str, Path, int, str]], list[str], list[str]]:
-        """(puts, deletes, inflight marker names) to publish in this round."""
+    def _blob_paths(self) -> list[str]:
+        """Every blob file, as blob_tree() lists them (no '.'/'=' names, no symlinks), sorted. scandir's
+        file types spare a stat per file: this runs every delete_scan_interval."""
+        assert self.blob_dir is not None
+        out: list[str] = []
+
+        def walk(path: str, prefix: str) -> None:
+            try:
+                entries = list(os.scandir(path))
+            except (FileNotFoundError, NotADirectoryError):
+                return
+            for entry in entries:
+                if entry.name.startswith((".", "=")):
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    walk(entry.path, f"{prefix}{entry.name}/")
+                elif entry.is_file(follow_symlinks=False):
+                    out.append(prefix + entry.name)
+
+        walk(str(self.blob_dir), "")
+        out.sort()
+        return out
+
+    def _blob_changes(self, snapshot: bool) -> tuple[list[tuple[str, int, int, str]], list[str], list[str]]:
+        """(puts as (path, spool offset, size, sha256), deletes, inflight marker names) to publish in this round."""
         if self.blob_dir is None:
             return [], [], []
         inflight = self.blob_dir / INFLIGHT
-        inflight.mkdir(exist_ok=True)
+        if not self._inflight_ready:
+            inflight.mkdir(exist_ok=True)
+            self._inflight_ready = True
         markers = []
         paths: dict[str, None] = {}
         for name, target in blob_markers(self.blob_dir):
@@ -260,49 +401,57 @@ class PoolSource:
             markers.append(name)
             paths[target] = None
         if snapshot:
-            paths.update(dict.fromkeys(sorted(blob_tree(self.blob_dir))))
+            paths.update(dict.fromkeys(self._blob_paths()))
         puts, deletes = [], []
-        for rel in paths:
-            safe_blob_path(rel)
-            spooled = self._spool_blob(rel)
-            if spooled is None:
-                if not snapshot:
-                    deletes.append(rel)
-            else:
-                puts.append((rel, *spooled))
+        if paths:
+            spool, offset = self._open_blob_spool(), 0
+            for rel in paths:
+                safe_blob_path(rel)
+                spooled = self._spool_blob(rel, spool, offset)
+                if spooled is None:
+                    if not snapshot:
+                        deletes.append(rel)
+                else:
+                    puts.append((rel, *spooled))
+                    offset += spooled[1]
         now = time.monotonic()
         if not snapshot and now - self._last_delete_scan >= self.delete_scan_interval:
             # The original never replicates deletes (zap> just unlinks the file): find them by scanning.
             self._last_delete_scan = now
-            present = set(blob_tree(self.blob_dir))
+            present = set(self._blob_paths())
             put_paths = {p for p, *_ in puts}
             deletes.extend(sorted(p for p in self._known_blobs - present if p not in put_paths and p not in deletes))
         return puts, deletes, markers
 
     # --- transactions -------------------------------------------------------------------------
 
-    def _transaction(self, after: Position, blocks: list[BlockWrite], layout: list[FileLayout],
+    def _transaction(self, after: Position, blocks: _Images, layout: list[FileLayout],
                      puts: list, deletes: list[str], markers: list[str], *, snapshot: bool) -> Transaction:
-        for b in blocks:
-            self.rolling.set_block(b.file, b.index, b.data)
         blob_records = sum(max(1, -(-size // MAX_BLOB_CHUNK)) for _, _, size, _ in puts)
-
-        def changes() -> Iterator[Change]:
-            yield from blocks
-            for rel, spooled, size, sha in puts:
-                yield from self._chunks(rel, spooled, size, sha)
-            for rel in deletes:
-                yield BlobDelete(rel)
-
         txn = Transaction(
             database=self.database, txn_id=after.txn_id + 1, checksum_before=after.checksum,
-            source_time_ms=int(time.time() * 1000), changes=changes(), snapshot=snapshot,
-            checksum_after=self.rolling.value, files=layout,
+            source_time_ms=int(time.time() * 1000), snapshot=snapshot, files=layout,
             record_count=len(blocks) + blob_records + len(deletes),
         )
 
+        def changes() -> Iterator[Change]:
+            # The images are hashed as they stream out (one pass over the image spool), so the trailer
+            # is known only at the end, as for a snapshot: TxnCommit is encoded after the changes.
+            hashes = array("Q")
+            for block in blocks:
+                hashes.append(block_hash(block.file, block.index, block.data))
+                yield block
+            for rel, offset, size, sha in puts:
+                yield from self._chunks(rel, offset, size, sha)
+            for rel in deletes:
+                yield BlobDelete(rel)
+            for (file, index), h in zip(blocks.keys, hashes):
+                self.rolling.set_hash(file, index, h)
+            txn.checksum_after = self.rolling.value
+            self._record_txn(txn.txn_id, txn.checksum_before, txn.checksum_after)  # before the Kafka commit
+
+        txn.changes = changes()
         self._remember_blobs(puts)
-        self._record_txn(txn.txn_id, txn.checksum_before, txn.checksum_after)
         self._ack = self._acknowledger(layout, puts, deletes, markers, snapshot=snapshot)
         return txn
 
@@ -346,7 +495,9 @@ class PoolSource:
             for name in markers:
                 assert self.blob_dir is not None
                 (self.blob_dir / INFLIGHT / name).unlink(missing_ok=True)
-            shutil.rmtree(self.blob_spool, ignore_errors=True)
+            for fd in (self._spool_fd, self._image_fd):
+                if fd is not None:
+                    os.ftruncate(fd, 0)  # give the round's disk space back now, not under the next lock
             known = (set() if snapshot else set(self._known_blobs)) | {p for p, *_ in puts}
             known -= set(deletes)
             if known != self._known_blobs or snapshot:
@@ -397,8 +548,8 @@ class PoolSource:
                 yield block
             puts, _, markers = self._blob_changes(snapshot=True)
             self._remember_blobs(puts)
-            for rel, spooled, size, sha in puts:
-                for chunk in self._chunks(rel, spooled, size, sha):
+            for rel, offset, size, sha in puts:
+                for chunk in self._chunks(rel, offset, size, sha):
                     count += 1
                     yield chunk
             self.rolling = rolling
@@ -463,3 +614,7 @@ class PoolSource:
     def close(self) -> None:
         self.pool.close()
         self.journal.close()
+        for fd in (self._spool_fd, self._image_fd):
+            if fd is not None:
+                os.close(fd)
+        self._spool_fd = self._image_fd = None
