@@ -91,6 +91,18 @@ class _Held(dict[str, bytes]):
     total = 0  # bytes
 
 
+def write_position(state: Path, database: str, topic: str | None, position: Position, next_offset: int,
+                   source_time_ms: int, files: list[FileLayout], batch: dict | None = None) -> None:
+    """The replica's position record (position.json, written atomically): the truth a replica resumes
+    from. Also how a restore adopts files it downloaded from a base snapshot."""
+    write_atomic(state / "position.json", json.dumps({
+        "database": database, "topic": topic, "txn_id": position.txn_id,
+        "checksum": position.checksum, "next_offset": next_offset, "source_time_ms": source_time_ms,
+        "files": [f.__dict__ for f in files], "applied_at_ms": int(time.time() * 1000),
+        **({"batch": batch} if batch else {}),  # the group commit that wrote it: first txn, txns
+    }, indent=1).encode())
+
+
 @dataclass
 class _BlobStage:
     chunk: BlobChunk
@@ -217,12 +229,7 @@ class ReplicaDir:
 
     def _store_position(self, position: Position, next_offset: int, source_time_ms: int,
                         files: list[FileLayout], batch: dict | None = None) -> None:
-        write_atomic(self._pos_file, json.dumps({
-            "database": self.database, "topic": self.topic, "txn_id": position.txn_id,
-            "checksum": position.checksum, "next_offset": next_offset, "source_time_ms": source_time_ms,
-            "files": [f.__dict__ for f in files], "applied_at_ms": int(time.time() * 1000),
-            **({"batch": batch} if batch else {}),  # the group commit that wrote it: first txn, txns
-        }, indent=1).encode())
+        write_position(self.state, self.database, self.topic, position, next_offset, source_time_ms, files, batch)
         self._position, self.next_offset, self.source_time_ms, self.files = position, next_offset, source_time_ms, files
 
     # --- files ----------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from pipeline.model import Position, Transaction, safe_blob_path
 from pipeline.replicate import replicate
 
 from connectors.picolisp import hax, pool_files
-from connectors.replica_dir import ReplicaDir, state_dir_for, write_atomic
+from connectors.replica_dir import ReplicaDir, state_dir_for, write_position
 
 PROGRESS = Callable[[dict], None]
 _RETRIABLE_CODES = {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout", "RequestTimeTooSkewed",
@@ -478,6 +478,9 @@ class _SegmentSource:
         txns = self.codec.read_transactions(self._records(after), self.store.database)
         return itertools.takewhile(lambda t: not self._beyond(t), txns)
 
+    def buffered(self) -> bool:
+        return True  # archived txns are all at hand: let the sink's batch caps decide when to commit
+
     def acknowledge(self, txn: Transaction) -> None:
         self.last = txn
         self.progress({"txn": txn.txn_id})
@@ -491,7 +494,7 @@ def materialise(store: ArchiveStore, codec: Codec, plan: RestorePlan, db_dir: Pa
     sink: ReplicaDir | None = None
     if reuse and state_dir_for(f"{db_dir}/").exists():
         try:
-            sink = ReplicaDir(f"{db_dir}/", store.database, blob_dir, topic=topic)
+            sink = ReplicaDir(f"{db_dir}/", store.database, blob_dir, topic=topic, group_commit=True)
         except PipelineError:
             sink = None
         if sink is not None:
@@ -506,7 +509,7 @@ def materialise(store: ArchiveStore, codec: Codec, plan: RestorePlan, db_dir: Pa
         if plan.base is not None:
             _download_snapshot(store, plan.base, db_dir, blob_dir, topic, progress)
         try:
-            sink = ReplicaDir(f"{db_dir}/", store.database, blob_dir, topic=topic)
+            sink = ReplicaDir(f"{db_dir}/", store.database, blob_dir, topic=topic, group_commit=True)
         except PipelineError as exc:
             raise PipelineError(f"base snapshot at txn {plan.base.txn if plan.base else '?'} does not match its "
                                 f"manifest: {exc}", database=store.database) from exc
@@ -545,13 +548,9 @@ def _download_snapshot(store: ArchiveStore, snap: Snapshot, db_dir: Path, blob_d
                                 f"says {size}", database=store.database)
     state = state_dir_for(f"{db_dir}/")
     state.mkdir(parents=True, exist_ok=True)
-    # The replica's own position record: ReplicaDir rescans the files and refuses them unless
-    # their checksum is the manifest's.
-    write_atomic(state / "position.json", json.dumps({
-        "database": store.database, "topic": topic, "txn_id": manifest.txn_id, "checksum": manifest.checksum,
-        "next_offset": manifest.next_offset, "source_time_ms": manifest.source_time_ms,
-        "files": [f.__dict__ for f in manifest.files], "applied_at_ms": int(time.time() * 1000),
-    }, indent=1).encode())
+    # ReplicaDir rescans the files and refuses them unless their checksum is the manifest's.
+    write_position(state, store.database, topic, manifest.position, manifest.next_offset, manifest.source_time_ms,
+                   manifest.files)
 
 
 def plan_size(store: ArchiveStore, plan: RestorePlan) -> int:

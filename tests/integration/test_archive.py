@@ -319,15 +319,18 @@ def test_restore_refuses_damaged_foreign_or_gapped_archives_and_leaves_the_targe
     gap = copy_archive("gap")
     s3_client.delete_object(Bucket=s3.bucket, Key=middle.key(gap.root))
 
-    for prefix, expected in (("corrupt", "not a readable Avro segment"), ("foreign", "belongs to database 'other-db'"),
-                             ("gap", f"txns {middle.first_txn}-{middle.last_txn} are missing")):
+    # Damage is caught by the container (sync markers, codec) or, where garbage still decodes, by
+    # the per-txn checks behind it (record framing, blob sha256, rolling checksum).
+    damaged = ("not a readable Avro segment", "sha256", "checksum", "cannot decode", "not an Avro")
+    for prefix, expected in (("corrupt", damaged), ("foreign", ("belongs to database 'other-db'",)),
+                             ("gap", (f"txns {middle.first_txn}-{middle.last_txn} are missing",))):
         target = tmp_path / f"target-{prefix}"
         target.mkdir()
         listing = cli.run(restore_args(cli, s3.bucket, "--list", prefix=prefix)).stdout
         result = cli.run(restore_args(cli, s3.bucket, "--target", str(target), prefix=prefix))
         assert result.returncode == 1, f"{prefix}: {result.stdout} {result.stderr}"
         message = result.stderr + (listing if prefix == "gap" else "")
-        assert expected in message, f"{prefix}: {message}"
+        assert any(e in message for e in expected), f"{prefix}: {message}"
         assert cli.database in result.stderr
         assert list(target.iterdir()) == [], f"{prefix}: restore wrote into the target"
         assert [p.name for p in tmp_path.iterdir() if ".restore-" in p.name] == []
