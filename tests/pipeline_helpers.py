@@ -32,6 +32,7 @@ __all__ = [
     "Proc",
     "TopicTxn",
     "codec",
+    "ok",
     "committed_transactions",
     "end_offset",
     "produce_transactional",
@@ -49,6 +50,12 @@ TOPIC_PREFIX = "pool."
 def unique_name(prefix: str) -> str:
     """A database name no other test (or earlier run against the same broker) has used."""
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def ok(result: subprocess.CompletedProcess, what: str) -> subprocess.CompletedProcess:
+    """Assert a CLI run succeeded, showing its output tails if not."""
+    assert result.returncode == 0, f"{what} exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
 
 
 def codec() -> Codec:

@@ -17,16 +17,9 @@ from connectors.s3 import ArchiveStore
 from pipeline.archive import SegmentWriter, read_segment
 from tests.picolisp_fixtures import *  # noqa: F401,F403
 from tests.picolisp_fixtures import PicoApp, copy_pool
-from tests.pipeline_helpers import BIN, Cli, codec, committed_transactions, unique_name, wait_for
+from tests.pipeline_helpers import BIN, Cli, codec, committed_transactions, ok, unique_name, wait_for
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def app(tmp_path: Path, picolisp: str) -> PicoApp:
-    app = PicoApp(tmp_path / "app", picolisp)
-    app.create()
-    return app
 
 
 def s3_env(s3: Any) -> dict[str, str]:
@@ -40,11 +33,6 @@ def cli(app: PicoApp, kafka: Any, s3: Any, request: pytest.FixtureRequest) -> An
     c = Cli(app.root, kafka.bootstrap_servers, unique_name(name), extra_env=s3_env(s3))
     yield c
     c.stop_all()
-
-
-def ok(result: Any, what: str) -> Any:
-    assert result.returncode == 0, f"{what} exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result
 
 
 def archive_args(cli: Cli, bucket: str, *extra: str, action: str = "run", prefix: str = "arch",

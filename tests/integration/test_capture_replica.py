@@ -20,6 +20,7 @@ from connectors.picolisp import compare_blob_trees, compare_pools, md5_file, poo
 from tests.picolisp_fixtures import *  # noqa: F401,F403
 from tests.picolisp_fixtures import PicoApp, copy_pool
 from tests.pipeline_helpers import (
+    ok,
     Cli,
     check_caught_up,
     codec,
@@ -38,26 +39,6 @@ pytestmark = pytest.mark.integration
 
 RPL = "rpl/db/app/"
 RPL_BLOB = "rpl/blob/app/"
-
-
-@pytest.fixture
-def app(tmp_path: Path, picolisp: str) -> PicoApp:
-    app = PicoApp(tmp_path / "app", picolisp)
-    app.create()
-    return app
-
-
-@pytest.fixture
-def cli(app: PicoApp, kafka: Any, request: pytest.FixtureRequest) -> Any:
-    name = request.node.originalname.removeprefix("test_").replace("_", "-")[:40]
-    c = Cli(app.root, kafka.bootstrap_servers, unique_name(name))
-    yield c
-    c.stop_all()
-
-
-def ok(result: Any, what: str) -> Any:
-    assert result.returncode == 0, f"{what} exited {result.returncode}:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
-    return result
 
 
 def workload(app: PicoApp, txns: int, seed: int, sleep_ms: int = 0) -> None:

@@ -16,7 +16,6 @@ import sys
 import textwrap
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -25,6 +24,7 @@ from pipeline.model import Position
 from tests.picolisp_fixtures import *  # noqa: F401,F403
 from tests.picolisp_fixtures import PicoApp
 from tests.pipeline_helpers import (
+    ok,
     Cli,
     TopicTxn,
     codec,
@@ -33,7 +33,6 @@ from tests.pipeline_helpers import (
     produce_transactional,
     replica_at_boundary,
     replica_position,
-    unique_name,
 )
 
 pytestmark = pytest.mark.integration
@@ -41,26 +40,6 @@ pytestmark = pytest.mark.integration
 RPL = "rpl/db/app/"
 RPL_BLOB = "rpl/blob/app/"
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def app(tmp_path: Path, picolisp: str) -> PicoApp:
-    app = PicoApp(tmp_path / "app", picolisp)
-    app.create()
-    return app
-
-
-@pytest.fixture
-def cli(app: PicoApp, kafka: Any, request: pytest.FixtureRequest) -> Any:
-    name = request.node.originalname.removeprefix("test_").replace("_", "-")[:30]
-    c = Cli(app.root, kafka.bootstrap_servers, unique_name(name))
-    yield c
-    c.stop_all()
-
-
-def ok(result: Any, what: str) -> Any:
-    assert result.returncode == 0, f"{what} exited {result.returncode}:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
-    return result
 
 
 def publish_many(app: PicoApp, cli: Cli, rounds: int, txns_per_round: int = 25, seed: int = 500) -> list[TopicTxn]:
