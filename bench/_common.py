@@ -213,3 +213,32 @@ def capture_pending(app, state_dir: Path | None = None) -> list[str]:
         if inflight.is_dir() and os.listdir(inflight):
             pending.append("in-flight blob markers")
     return pending
+
+
+def wait_published(app, bs: str, database: str, codec):
+    """Wait until the following agent has drained the journal and published it all; the last commit."""
+    from connectors.kafka import last_commit
+
+    prev = None
+    while True:
+        time.sleep(0.5)
+        lc = last_commit(bs, database, codec)
+        if not capture_pending(app) and lc == prev:
+            return lc
+        prev = lc
+
+
+def time_method(obj, name: str, acc: dict, key: str | None = None) -> None:
+    """Accumulate the time spent in obj.name into acc[key or name] (an instance attribute shadows the method)."""
+    fn = getattr(obj, name, None)
+    if fn is None:  # the code changed under the benchmark: report the phase as 0, keep measuring
+        log(f"note: {type(obj).__name__}.{name} does not exist any more; its phase is not timed")
+        return
+
+    def wrapper(*a, **k):
+        t = time.perf_counter()
+        try:
+            return fn(*a, **k)
+        finally:
+            acc[key or name] += time.perf_counter() - t
+    setattr(obj, name, wrapper)

@@ -36,7 +36,7 @@ from typing import Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    agent_argv, bin_path, capture_pending, env_with, kafka, log, median, mib, new_app, spawn, stop, table, workdir,
+    agent_argv, bin_path, wait_published, env_with, kafka, log, median, mib, new_app, spawn, stop, table, workdir,
 )
 
 from connectors.analytics import Analytics  # noqa: E402
@@ -153,15 +153,8 @@ def main() -> int:
         if wl.returncode != 0:
             raise SystemExit("workload failed")
         log(f"workload {args.txns} txns in {time.monotonic() - t:.1f} s while the agent followed")
-        prev = None
-        while True:  # the agent has drained the journal and published everything
-            time.sleep(0.5)
-            lc = last_commit(bs, DB, codec)
-            if not capture_pending(app) and lc == prev:
-                break
-            prev = lc
+        last = wait_published(app, bs, DB, codec)  # the agent has drained the journal and published everything
         stop(agent)
-        last = last_commit(bs, DB, codec)
         end = last.offset + 1
         log(f"topic {topic}: {last.position.txn_id} txns, last commit at offset {last.offset}")
 

@@ -41,7 +41,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    agent_argv, env_with, kafka, log, median, mib, new_app, table, workdir,
+    agent_argv, env_with, time_method, kafka, log, median, mib, new_app, table, workdir,
 )
 
 from kafka import KafkaProducer  # noqa: E402
@@ -151,23 +151,9 @@ def print_profile(prof: cProfile.Profile, what: str) -> None:
 def instrument(source: PoolSource, sink: TopicSink, acc: dict) -> None:
     """Wrap the phases of one capture round with timers (instance attributes shadow the methods)."""
 
-    def timed(obj, name):
-        fn = getattr(obj, name, None)
-        if fn is None:  # the code changed under the benchmark: report the phase as 0, keep measuring
-            log(f"note: {type(obj).__name__}.{name} does not exist any more; its phase is not timed")
-            return
-
-        def wrapper(*a, **k):
-            t = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                acc[name] += time.perf_counter() - t
-        setattr(obj, name, wrapper)
-
     for name in ("_resume", "_take_journal", "_blob_changes", "_transaction"):
-        timed(source, name)
-    timed(sink, "apply")
+        time_method(source, name, acc)
+    time_method(sink, "apply", acc)
 
     scan = getattr(source, "_scan", None)
     if scan is None:

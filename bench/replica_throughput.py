@@ -40,7 +40,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    agent_argv, bin_path, capture_pending, env_with, kafka, log, median, mib, new_app, replica_argv, spawn, stop, table,
+    agent_argv, bin_path, wait_published, env_with, kafka, log, median, mib, new_app, replica_argv, spawn, stop, table, time_method,
     workdir,
 )
 
@@ -97,23 +97,9 @@ def raw_read(bs: str, topic: str, split_offset: int, decode: Codec | None = None
 
 
 def instrument(sink: ReplicaDir, source: TopicSource, acc: dict) -> None:
-    def timed(obj, name, key=None):
-        fn = getattr(obj, name, None)
-        if fn is None:  # the code changed under the benchmark: report the phase as 0, keep measuring
-            log(f"note: {type(obj).__name__}.{name} does not exist any more; its phase is not timed")
-            return
-
-        def wrapper(*a, **k):
-            t = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                acc[key or name] += time.perf_counter() - t
-        setattr(obj, name, wrapper)
-
     for name in ("apply", "_stage", "flush", "_replay"):
-        timed(sink, name)
-    timed(source, "acknowledge")
+        time_method(sink, name, acc)
+    time_method(source, "acknowledge", acc)
     real_fsync = os.fsync
 
     def fsync(fd):
@@ -161,15 +147,8 @@ def main() -> int:
         if wl.returncode != 0:
             raise SystemExit(f"workload failed: {wl.stderr.read()[-2000:] if wl.stderr else ''}")
         log(f"workload {args.txns} txns in {time.monotonic() - t:.1f} s while the agent followed")
-        prev = None
-        while True:  # the agent has drained the journal and published everything
-            time.sleep(0.5)
-            lc = last_commit(bs, DB, codec)
-            if not capture_pending(app) and lc == prev:
-                break
-            prev = lc
+        last = wait_published(app, bs, DB, codec)  # the agent has drained the journal and published everything
         stop(agent)
-        last = last_commit(bs, DB, codec)
         log(f"topic {topic}: snapshot = txn 1 (commit offset {snap.offset}); last txn {last.position.txn_id} "
             f"at offset {last.offset}")
 

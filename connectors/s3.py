@@ -5,7 +5,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import itertools
-import json
 import os
 import shutil
 import tempfile
@@ -37,7 +36,7 @@ from pipeline.errors import PipelineError
 from pipeline.model import Position, Transaction, safe_blob_path
 from pipeline.replicate import replicate
 
-from connectors.picolisp import hax, pool_files
+from connectors.picolisp import hax
 from connectors.replica_dir import ReplicaDir, state_dir_for, write_position
 
 PROGRESS = Callable[[dict], None]
@@ -293,19 +292,22 @@ class Archiver:
         return self.next_offset
 
     def _last_position(self, seg: Segment) -> Position:
-        """The position after a segment's last txn, from its commit record."""
-        with tempfile.TemporaryFile(dir=self.work_dir) as fo:
-            fo.write(self.store.get(seg.key(self.store.root)))
-            fo.seek(0)
-            last = None
-            for txn in self.codec.read_transactions(
-                    read_segment(fo, self.database, self.topic, seg.key(self.store.root)), self.database):
-                for _ in txn.changes:
-                    pass
-                last = txn
+        """The position after a segment's last txn, from its commit record (framing only: no block
+        body is decoded, and the object streams through a temp file, not memory)."""
+        key = seg.key(self.store.root)
+        tmp = self.work_dir / f".last-segment-{os.getpid()}"
+        framer = Framer(self.codec, self.database, None)
+        last: Transaction | None = None
+        try:
+            self.store.download(key, tmp)
+            with open(tmp, "rb") as fo:
+                for rec in read_segment(fo, self.database, self.topic, key):
+                    if framer.begin(rec) is None:
+                        last = framer.record(rec) or last
+        finally:
+            tmp.unlink(missing_ok=True)
         if last is None or last.txn_id != seg.last_txn:
-            raise PipelineError(f"archive object {seg.key(self.store.root)} does not end with txn {seg.last_txn}",
-                                database=self.database)
+            raise PipelineError(f"archive object {key} does not end with txn {seg.last_txn}", database=self.database)
         return last.after
 
     def run(self, records: Iterable[StreamRecord]) -> None:
