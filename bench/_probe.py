@@ -90,7 +90,7 @@ def main() -> None:
         def apply(self, txn):
             t = now()
             orig_apply(self, txn)
-            out.write(f"P {txn.txn_id} {t:.6f} {now():.6f} {txn.record_count} {txn.source_time_ms}\n")
+            out.write(f"P {txn.txn_id} {t:.6f} {now():.6f} {txn.change_count} {txn.source_time_ms}\n")
         kmod.TopicSink.apply = apply
 
         from cli.main import capture_agent as entry
@@ -144,7 +144,7 @@ def main() -> None:
             n = len(pending)
             for txn, t0, t_staged in pending:
                 out.write(f"A {txn.txn_id} {t0:.6f} {t_staged:.6f} {t:.6f} {stats['n'] / n:.3f} "
-                          f"{stats['s'] / n:.6f} {txn.record_count} {txn.offset} {n}\n")
+                          f"{stats['s'] / n:.6f} {txn.change_count} {txn.offset} {n}\n")
             pending.clear()
             stats["n"], stats["s"] = 0, 0.0
         replica_dir.ReplicaDir.flush = flush

@@ -56,7 +56,7 @@ def stream(database: str, pool_blocks: int, txns: int, per_txn: int, seed: int):
             yield BlockWrite(0, i, data)
         txn.checksum_after = rolling.value
 
-    t = Transaction(database, 1, 0, 1_700_000_000_000, snapshot=True, files=layout, record_count=pool_blocks)
+    t = Transaction(database, 1, 0, 1_700_000_000_000, snapshot=True, files=layout, change_count=pool_blocks)
     t.changes = snapshot_changes(t)
     yield t
     for n in range(2, txns + 2):
@@ -67,7 +67,7 @@ def stream(database: str, pool_blocks: int, txns: int, per_txn: int, seed: int):
             rolling.set_block(0, i, data)
             changes.append(BlockWrite(0, i, data))
         yield Transaction(database, n, before, 1_700_000_000_000 + n * 10, changes, checksum_after=rolling.value,
-                          files=layout, record_count=per_txn)
+                          files=layout, change_count=per_txn)
 
 
 def main() -> int:

@@ -336,7 +336,7 @@ class ChangeStream:
     def _complete(self, inner: Transaction, out: ChangeTransaction) -> Iterator[Change]:
         yield from inner.changes
         out.checksum_after, out.files = inner.checksum_after, inner.files
-        out.record_count, out.end_offset = inner.record_count, inner.end_offset
+        out.change_count, out.end_offset = inner.change_count, inner.end_offset
         out.publish_time_ms = self._last_ts  # the TxnCommit record was the last one read
 
     def _records(self, tp: TopicPartition) -> Iterator[StreamRecord]:

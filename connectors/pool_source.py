@@ -431,7 +431,7 @@ class PoolSource:
         txn = Transaction(
             database=self.database, txn_id=after.txn_id + 1, checksum_before=after.checksum,
             source_time_ms=int(time.time() * 1000), snapshot=snapshot, files=layout,
-            record_count=len(blocks) + blob_records + len(deletes),
+            change_count=len(blocks) + blob_records + len(deletes),
         )
 
         def changes() -> Iterator[Change]:
@@ -553,7 +553,7 @@ class PoolSource:
                     count += 1
                     yield chunk
             self.rolling = rolling
-            txn.record_count, txn.checksum_after, txn.files = count, rolling.value, layout
+            txn.change_count, txn.checksum_after, txn.files = count, rolling.value, layout
             self._record_txn(txn.txn_id, txn.checksum_before, txn.checksum_after)
             self._ack = self._acknowledger(layout, puts, [], markers, snapshot=True)
 

@@ -454,8 +454,8 @@ class ReplicaDir:
             if blob is not None:
                 blob.fh.close()  # type: ignore[attr-defined]
         layout = txn.validate_trailer()
-        if count != txn.record_count:
-            raise txn.error(f"staged {count} changes, the transaction has {txn.record_count}")
+        if count != txn.change_count:
+            raise txn.error(f"staged {count} changes, the transaction has {txn.change_count}")
         for file, size in sizes.items():
             f = layout.get(file)
             if f is None or f.block_size != size or max_index[file] >= f.blocks:

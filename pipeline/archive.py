@@ -237,11 +237,11 @@ class Framer:
             return None
         _, value = self.codec.decode(rec.value, topic=rec.topic, offset=rec.offset)
         if value["record_count"] != txn.changes:
-            raise self._error(f"transaction has {txn.changes} changes, commit says {value['record_count']}",
+            raise self._error(f"transaction has {txn.changes} change records, commit says {value['record_count']}",
                               rec, txn.txn_id)
         done = Transaction(self.database, txn.txn_id, _unsigned(value["checksum_before"]), txn.time_ms,
                            snapshot=txn.snapshot, checksum_after=_unsigned(value["checksum_after"]),
-                           files=[FileLayout(**f) for f in value["files"]], record_count=txn.changes,
+                           files=[FileLayout(**f) for f in value["files"]],
                            offset=txn.offset, end_offset=rec.offset)
         self.position = done.after
         self.open = None

@@ -81,7 +81,7 @@ class Transaction:
     broker) so that a multi-GiB bootstrap never has to fit in memory. A source raises
     PipelineError from inside that iteration if the stream turns out broken, so a sink
     must stage everything and apply only after the iteration ended cleanly.
-    The trailer (`record_count`, `checksum_after`, `files`, `end_offset`) is filled in by
+    The trailer (`change_count`, `checksum_after`, `files`, `end_offset`) is filled in by
     the time `changes` is exhausted: a streamed snapshot only knows it at its end.
     `snapshot` marks a full image of the pool: every block of every file and every blob.
     """
@@ -94,7 +94,7 @@ class Transaction:
     snapshot: bool = False
     checksum_after: int = 0
     files: list[FileLayout] = field(default_factory=list)
-    record_count: int = 0
+    change_count: int = 0
     offset: int | None = None
     end_offset: int | None = None
 
@@ -116,8 +116,8 @@ class Transaction:
         check_database_name(self.database)
         if self.txn_id < 1:
             raise self.error(f"txn id must be >= 1, got {self.txn_id}")
-        if self.record_count < 0:
-            raise self.error(f"negative record count {self.record_count}")
+        if self.change_count < 0:
+            raise self.error(f"negative change count {self.change_count}")
         layout = {f.file: f for f in self.files}
         if not self.files or sorted(layout) != list(range(len(self.files))):
             raise self.error(f"pool layout must number files 0..n-1, got {[f.file for f in self.files]}")

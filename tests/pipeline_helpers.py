@@ -272,7 +272,7 @@ class TopicTxn:
     snapshot: bool
     checksum_before: int
     checksum_after: int
-    record_count: int
+    change_count: int
     offset: int
     end_offset: int
     blocks: int = 0
@@ -292,7 +292,7 @@ def committed_transactions(bootstrap_servers: str, database: str) -> list[TopicT
         for change in txn.changes:
             kinds[type(change)] += 1
         assert txn.end_offset is not None
-        out.append(TopicTxn(txn.txn_id, txn.snapshot, txn.checksum_before, txn.checksum_after, txn.record_count,
+        out.append(TopicTxn(txn.txn_id, txn.snapshot, txn.checksum_before, txn.checksum_after, txn.change_count,
                             txn.offset or 0, txn.end_offset, kinds[BlockWrite], kinds[BlobChunk],
                             kinds[BlobDelete], txn.source_time_ms))
     return out

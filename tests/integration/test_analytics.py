@@ -45,7 +45,7 @@ def synthetic(database: str, first: int, n: int, t0: int, step_ms: int = 50) -> 
         if txn_id % 11 == 0:
             changes.append(BlobDelete(f"d/{txn_id - 4}.doc"))
         out.append(Transaction(database, txn_id, txn_id, t0 + txn_id * step_ms, changes, checksum_after=txn_id + 1,
-                               files=[FileLayout(0, 64, 30), FileLayout(1, 128, 30)], record_count=len(changes)))
+                               files=[FileLayout(0, 64, 30), FileLayout(1, 128, 30)], change_count=len(changes)))
     return out
 
 

@@ -317,7 +317,7 @@ def test_malformed_foreign_gap_or_escaping_records_stop_the_replica_before_it_ap
             checksum_after: int | None = None) -> list[tuple[bytes, bytes]]:
         t = Transaction(database=db, txn_id=txn_id or position.txn_id + 1, checksum_before=position.checksum,
                         source_time_ms=int(time.time() * 1000), changes=list(changes), files=layout,
-                        record_count=len(changes),
+                        change_count=len(changes),
                         checksum_after=position.checksum if checksum_after is None else checksum_after)
         return list(c.transaction_records(t))
 

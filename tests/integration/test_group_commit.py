@@ -180,7 +180,7 @@ def test_a_bad_txn_behind_good_ones_in_one_batch_stops_the_replica_at_the_last_g
     bad_offset = end_offset(cli.bootstrap_servers, cli.database)
     bad = Transaction(database=cli.database, txn_id=last.txn_id + 1, checksum_before=last.checksum_after,
                       source_time_ms=int(time.time() * 1000), changes=[BlockWrite(1, 1, os.urandom(256))],
-                      files=committed_layout(cli), record_count=1,
+                      files=committed_layout(cli), change_count=1,
                       checksum_after=last.checksum_after)  # a lie: block 1 changes
     produce_transactional(cli.bootstrap_servers, cli.database, list(codec().transaction_records(bad)))
     target = cli.root / RPL

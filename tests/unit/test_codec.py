@@ -9,7 +9,7 @@ from pathlib import Path
 import fastavro
 import pytest
 
-from pipeline.codec import BEGIN, BLOCK, Codec, StreamRecord
+from pipeline.codec import BATCH_BYTES, BEGIN, BLOCK, BLOCK_BATCH, COMMIT, Codec, StreamRecord
 from pipeline.errors import PipelineError
 from pipeline.model import BlobChunk, BlobDelete, BlockWrite, FileLayout, Transaction
 from schemas import SCHEMA_DIR, load_schemas
@@ -27,7 +27,7 @@ def txn(txn_id: int = 1, changes: list | None = None, **kw) -> Transaction:
     return Transaction(
         database=kw.pop("database", "app"), txn_id=txn_id, checksum_before=kw.pop("before", 0),
         checksum_after=kw.pop("after", 0xFFFFFFFFFFFFFFFF), source_time_ms=1_700_000_000_000,
-        files=[FileLayout(0, 64, 4)], record_count=len(changes), changes=changes, **kw,
+        files=[FileLayout(0, 64, 4)], change_count=len(changes), changes=changes, **kw,
     )
 
 
@@ -71,7 +71,7 @@ def test_unread_changes_are_drained_before_next_transaction(codec: Codec) -> Non
 @pytest.mark.parametrize(
     "mutate, message",
     [
-        (lambda r: r[:1] + r[2:], "transaction has 0 changes, commit says 1"),  # lost block record
+        (lambda r: r[:1] + r[2:], "transaction has 0 change records, commit says 1"),  # lost block record
         (lambda r: r[1:], "outside a transaction"),  # begin lost
         (lambda r: r[:-1], "stream ended inside a transaction"),  # commit lost
         (lambda r: r[:2] + r[:1] + r[2:], "TxnBegin inside an open transaction"),
@@ -110,6 +110,49 @@ def test_block_size_field_must_match_data(codec: Codec) -> None:
     records[1] = StreamRecord("pool.app", 0, 1, b"k", bad)
     with pytest.raises(PipelineError, match="says 128 bytes but carries 64"):
         read_all(codec, records)
+
+
+def test_block_writes_travel_in_batches_per_file_and_come_back_one_by_one(codec: Codec) -> None:
+    per_batch = BATCH_BYTES // 4096
+    changes = ([BlockWrite(0, i, bytes([i % 251]) * 64) for i in range(3)]
+               + [BlockWrite(1, i, bytes([i % 251]) * 4096) for i in range(per_batch + 2)]
+               + [BlobDelete("x/y")] + [BlockWrite(1, 900, b"\x07" * 4096)])
+    t = txn(5, changes)
+    t.files = [FileLayout(0, 64, 4), FileLayout(1, 4096, 1000)]
+    records = stream(codec, t)
+    names = [codec.decode(r.value)[0] for r in records]
+    # file 0's 3 blocks, file 1 split at BATCH_BYTES, the delete, then file 1's last block
+    assert names == [BEGIN, BLOCK_BATCH, BLOCK_BATCH, BLOCK_BATCH, "pool.pipeline.BlobDelete", BLOCK_BATCH, COMMIT]
+    assert codec.decode(records[-1].value)[1]["record_count"] == 5
+    assert [len(codec.decode(r.value)[1]["block_indexes"]) for r in records[1:4]] == [3, per_batch, 2]
+    assert max(len(r.value) for r in records) < BATCH_BYTES + 1024
+    [(got, got_changes)] = read_all(codec, records)
+    assert got_changes == changes
+    assert got.change_count == len(changes)
+
+
+def test_old_one_block_records_are_still_read(codec: Codec) -> None:
+    """Topics written before BlockBatch hold one BlockWrite record per block."""
+    head = {"database": "app", "txn_id": 1}
+    records = stream(codec, txn(1, [BlockWrite(0, 1, b"\x01" * 64)]))
+    records[1] = StreamRecord("pool.app", 0, 1, b"b/0/1", codec.encode(
+        BLOCK, {**head, "file": 0, "block_index": 1, "block_size": 64, "data": b"\x02" * 64}))
+    [(_, got)] = read_all(codec, records)
+    assert got == [BlockWrite(0, 1, b"\x02" * 64)]
+
+
+@pytest.mark.parametrize("indexes, data, message", [
+    ([1, 2], b"x" * 64, "says 2 blocks of 64 bytes but carries 64"),
+    ([], b"", "says 0 blocks"),
+])
+def test_a_batch_whose_data_does_not_fit_its_indexes_is_refused(codec: Codec, indexes, data, message) -> None:
+    records = stream(codec, txn(1))
+    bad = codec.encode(BLOCK_BATCH, {"database": "app", "txn_id": 1, "file": 0, "block_size": 64,
+                                     "block_indexes": indexes, "data": data})
+    records[1] = StreamRecord("pool.app", 0, 1, b"k", bad)
+    with pytest.raises(PipelineError, match=message) as exc:
+        read_all(codec, records)
+    assert (exc.value.txn_id, exc.value.offset) == (1, 1)
 
 
 def _committed_schema_versions() -> list[tuple[str, str, dict]]:
