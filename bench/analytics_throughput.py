@@ -86,7 +86,8 @@ def raw_read(bs: str, topic: str, end: int, decode: Codec | None = None) -> dict
 
 
 def analytics_read(bs: str, codec: Codec, window_ms: int, profile: bool) -> dict:
-    stream = ChangeStream(bs, f"bench-analytics-{uuid.uuid4().hex[:8]}", databases=[DB], codec=codec, once=True)
+    stream = ChangeStream(bs, f"bench-analytics-{uuid.uuid4().hex[:8]}", databases=[DB], codec=codec, once=True,
+                          batches=True)  # as cli.main wires it
     marks: dict[str, float] = {}
     real_poll = stream._poll
 

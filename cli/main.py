@@ -636,7 +636,8 @@ def _analytics(args: argparse.Namespace) -> int:
         # With one database there is one member: static membership lets it restart without waiting
         # for its dead predecessor's session to time out.
         stream = ChangeStream(args.bootstrap_servers, args.group, databases=[args.database] if args.database else None,
-                              pattern=args.pattern, once=args.once, instance_id=args.instance_id or args.database)
+                              pattern=args.pattern, once=args.once, instance_id=args.instance_id or args.database,
+                              batches=True)  # statistics only count blocks: no object per block
         consumer = None
         try:
             consumer = Analytics(stream, window_ms=max(1, round(args.window * 1000)), top_blocks=args.top_blocks,

@@ -12,6 +12,7 @@ from pipeline.errors import PipelineError
 from pipeline.model import (
     BlobChunk,
     BlobDelete,
+    BlockBatch,
     BlockWrite,
     Change,
     FileLayout,
@@ -210,13 +211,16 @@ class Codec:
             )
         return self.encode(BLOB_DELETE, {**head, "path": change.path})
 
-    def read_transactions(self, records: Iterable[StreamRecord], database: str) -> Iterator[Transaction]:
+    def read_transactions(self, records: Iterable[StreamRecord], database: str, *,
+                          batches: bool = False) -> Iterator[Transaction]:
         """Group a committed record stream into transactions, checking framing as it goes.
 
         Each yielded transaction's `changes` pull lazily from `records`; anything left
         unread is drained before the next transaction starts. A broken stream (record
         outside a transaction, foreign database, wrong txn id, count mismatch, missing
         commit) raises PipelineError from inside the `changes` iteration.
+        With `batches`, a BlockBatch record comes out as one BlockBatch change instead of a
+        BlockWrite per block.
         """
         it = iter(records)
         for rec in it:
@@ -239,13 +243,14 @@ class Codec:
                 offset=rec.offset,
             )
             state = {"done": False}
-            txn.changes = self._changes(it, txn, value, state)
+            txn.changes = self._changes(it, txn, value, state, batches)
             yield txn
             if not state["done"]:
                 for _ in txn.changes:
                     pass
 
-    def _changes(self, it: Iterator[StreamRecord], txn: Transaction, begin: dict, state: dict) -> Iterator[Change]:
+    def _changes(self, it: Iterator[StreamRecord], txn: Transaction, begin: dict, state: dict,
+                 batches: bool) -> Iterator[Change | BlockBatch]:
         records = changes = 0
         snapshot_phase = None
         for rec in it:
@@ -305,9 +310,11 @@ class Codec:
                         database=txn.database, txn_id=txn.txn_id, topic=rec.topic, offset=rec.offset,
                     )
                 changes += len(indexes)
-                file = value["file"]
-                for k, index in enumerate(indexes):
-                    yield BlockWrite(file, index, data[k * size:(k + 1) * size])
+                batch = BlockBatch(value["file"], size, indexes, data)
+                if batches:
+                    yield batch
+                else:
+                    yield from batch.blocks()
                 continue
             changes += 1
             if name == BLOCK:

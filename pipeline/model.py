@@ -5,7 +5,7 @@ from __future__ import annotations
 import posixpath
 import re
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from pipeline.errors import PipelineError
 
@@ -40,6 +40,25 @@ class BlockWrite:
     @property
     def block_size(self) -> int:
         return len(self.data)
+
+
+@dataclass(frozen=True)
+class BlockBatch:
+    """Final images of several blocks of one file, as they travel in one record.
+
+    Readers that only count or copy blocks take these whole (`batches=True` on the read side),
+    because a Python object per small block costs more than the block itself.
+    """
+
+    file: int
+    block_size: int
+    indexes: list[int]
+    data: bytes
+
+    def blocks(self) -> Iterator[BlockWrite]:
+        size, file = self.block_size, self.file
+        for k, index in enumerate(self.indexes):
+            yield BlockWrite(file, index, self.data[k * size:(k + 1) * size])
 
 
 @dataclass(frozen=True)

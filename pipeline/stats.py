@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+from itertools import repeat
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable
 
 from pipeline.errors import PipelineError
-from pipeline.model import BlobChunk, BlobDelete, BlockWrite, Transaction
+from pipeline.model import BlobChunk, BlobDelete, BlockBatch, BlockWrite, Transaction
 
 STATS_SUFFIX = ".stats"
 DEFAULT_WINDOW_MS = 60_000
@@ -65,14 +66,15 @@ def summarize(txn: Transaction, publish_time_ms: int | None = None) -> TxnSummar
     blocks: list[tuple[int, int]] = []
     blob_bytes = blob_chunks = blobs_written = blob_deletes = 0
     for change in txn.changes:
-        if isinstance(change, BlockWrite):
+        if isinstance(change, (BlockWrite, BlockBatch)):
+            indexes = (change.index,) if isinstance(change, BlockWrite) else change.indexes
             acc = files.get(change.file)
             if acc is None:
                 acc = files[change.file] = [0, 0]
-            acc[0] += 1
+            acc[0] += len(indexes)
             acc[1] += len(change.data)
             if not txn.snapshot:  # a snapshot rewrites every block: that says nothing about which are hot
-                blocks.append((change.file, change.index))
+                blocks.extend(zip(repeat(change.file), indexes))
         elif isinstance(change, BlobChunk):
             blob_chunks += 1
             blob_bytes += len(change.data)

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from pipeline.codec import Codec
+from pipeline.codec import Codec, StreamRecord
 from pipeline.errors import PipelineError
 from pipeline.model import BlobChunk, BlobDelete, BlockWrite, FileLayout, Transaction
 from pipeline.stats import HotBlock, TxnSummary, Windows, percentile, stats_topic, summarize
@@ -150,3 +150,31 @@ def test_layout_is_not_needed_for_stats() -> None:
     b = Transaction(DB, 1, 0, T0, iter([block(0, 1)]), offset=0)
     a.end_offset = b.end_offset = 3
     assert summarize(a, T0) == summarize(b, T0)
+
+
+def test_a_summary_of_block_batches_equals_the_summary_of_their_blocks() -> None:
+    """The analytics CLI reads BlockBatch changes whole (batches=True): the figures must not change."""
+    codec = Codec(load_schemas())
+    changes = ([BlockWrite(0, i, bytes([i]) * 64) for i in (5, 1, 9)] + [BlobChunk("d/1", 3, "0" * 64, 0, 1, b"abc")]
+               + [BlockWrite(1, i, bytes(4096)) for i in range(70)] + [BlobDelete("d/2")])
+    t = Transaction(DB, 4, 0, T0, changes, files=[FileLayout(0, 64, 10), FileLayout(1, 4096, 70)],
+                    change_count=len(changes), checksum_after=1)
+    records = [StreamRecord("pool.app", 0, 100 + i, k, v) for i, (k, v) in enumerate(codec.transaction_records(t))]
+
+    def summary(batches: bool) -> tuple[TxnSummary, list]:
+        [got] = list(codec.read_transactions(records, DB, batches=batches))
+        kinds, inner = [], got.changes
+
+        def seen():
+            for change in inner:
+                kinds.append(type(change).__name__)
+                yield change
+        got.changes = seen()
+        return summarize(got, T0 + 5), kinds
+
+    whole, whole_kinds = summary(True)
+    split, split_kinds = summary(False)
+    assert "BlockBatch" in whole_kinds and "BlockBatch" not in split_kinds
+    assert whole == split
+    assert whole.file_blocks == ((0, 3, 192), (1, 70, 70 * 4096))
+    assert whole.blocks[:3] == ((0, 5), (0, 1), (0, 9))
