@@ -161,31 +161,16 @@ class Codec:
         })
         if txn.snapshot:
             yield b"snapshot", self.encode(SNAPSHOT, {**head, "phase": "START", "files": [], "reason": ""})
-        changes = records = 0
-        batch: list[BlockWrite] = []
-        batch_bytes = 0
-        for change in txn.changes:
-            changes += 1
-            if isinstance(change, BlockWrite):
-                if batch and (change.file != batch[0].file or len(change.data) != len(batch[0].data)
-                              or batch_bytes + len(change.data) > BATCH_BYTES):
-                    records += 1
-                    yield self._batch_record(head, batch)
-                    batch, batch_bytes = [], 0
-                batch.append(change)
-                batch_bytes += len(change.data)
-                continue
-            if batch:
-                records += 1
-                yield self._batch_record(head, batch)
-                batch, batch_bytes = [], 0
+        counted = [0]
+        records = 0
+        for unit in _batched(txn.changes, counted):
             records += 1
-            yield change_key(change), self.encode_change(head, change)
-        if batch:
-            records += 1
-            yield self._batch_record(head, batch)
-        if changes != txn.change_count:
-            raise txn.error(f"transaction announced {txn.change_count} changes but produced {changes}")
+            if isinstance(unit, list):
+                yield self._batch_record(head, unit)
+            else:
+                yield change_key(unit), self.encode_change(head, unit)
+        if counted[0] != txn.change_count:
+            raise txn.error(f"transaction announced {txn.change_count} changes but produced {counted[0]}")
         files = [{"file": f.file, "block_size": f.block_size, "blocks": f.blocks} for f in txn.files]
         if txn.snapshot:
             yield b"snapshot", self.encode(SNAPSHOT, {**head, "phase": "END", "files": files, "reason": ""})
@@ -347,6 +332,31 @@ class Codec:
                 f"record of foreign database {value.get('database')!r} in the stream of {database!r}",
                 database=database, txn_id=value.get("txn_id"), topic=rec.topic, offset=rec.offset,
             )
+
+
+def _batched(changes: Iterable[Change], counted: list[int]) -> Iterator[list[BlockWrite] | BlobChunk | BlobDelete]:
+    """One unit per record: runs of block writes of one file (up to BATCH_BYTES), or a blob change.
+
+    Counts the changes into counted[0], since the caller checks them against the announced count.
+    """
+    batch: list[BlockWrite] = []
+    size = 0
+    for change in changes:
+        counted[0] += 1
+        if not isinstance(change, BlockWrite):
+            if batch:
+                yield batch
+                batch, size = [], 0
+            yield change
+            continue
+        if batch and (change.file != batch[0].file or len(change.data) != len(batch[0].data)
+                      or size + len(change.data) > BATCH_BYTES):
+            yield batch
+            batch, size = [], 0
+        batch.append(change)
+        size += len(change.data)
+    if batch:
+        yield batch
 
 
 def change_key(change: Change) -> bytes:
