@@ -161,16 +161,17 @@ class Codec:
         })
         if txn.snapshot:
             yield b"snapshot", self.encode(SNAPSHOT, {**head, "phase": "START", "files": [], "reason": ""})
-        counted = [0]
-        records = 0
-        for unit in _batched(txn.changes, counted):
+        records = changes = 0
+        for unit in _batched(txn.changes):
             records += 1
             if isinstance(unit, list):
+                changes += len(unit)
                 yield self._batch_record(head, unit)
             else:
+                changes += 1
                 yield change_key(unit), self.encode_change(head, unit)
-        if counted[0] != txn.change_count:
-            raise txn.error(f"transaction announced {txn.change_count} changes but produced {counted[0]}")
+        if changes != txn.change_count:
+            raise txn.error(f"transaction announced {txn.change_count} changes but produced {changes}")
         files = [{"file": f.file, "block_size": f.block_size, "blocks": f.blocks} for f in txn.files]
         if txn.snapshot:
             yield b"snapshot", self.encode(SNAPSHOT, {**head, "phase": "END", "files": files, "reason": ""})
@@ -334,15 +335,11 @@ class Codec:
             )
 
 
-def _batched(changes: Iterable[Change], counted: list[int]) -> Iterator[list[BlockWrite] | BlobChunk | BlobDelete]:
-    """One unit per record: runs of block writes of one file (up to BATCH_BYTES), or a blob change.
-
-    Counts the changes into counted[0], since the caller checks them against the announced count.
-    """
+def _batched(changes: Iterable[Change]) -> Iterator[list[BlockWrite] | BlobChunk | BlobDelete]:
+    """One unit per record: runs of block writes of one file (up to BATCH_BYTES), or a blob change."""
     batch: list[BlockWrite] = []
     size = 0
     for change in changes:
-        counted[0] += 1
         if not isinstance(change, BlockWrite):
             if batch:
                 yield batch
