@@ -42,7 +42,7 @@ from _common import (  # noqa: E402
 from connectors.analytics import Analytics  # noqa: E402
 from connectors.changes import ChangeStream  # noqa: E402
 from connectors.kafka import committed_consumer, last_commit, topic_for  # noqa: E402
-from pipeline.codec import Codec, StreamRecord  # noqa: E402
+from pipeline.codec import Codec, Record  # noqa: E402
 from schemas import load_schemas  # noqa: E402
 
 DB = "app"
@@ -61,7 +61,7 @@ def raw_read(bs: str, topic: str, end: int, decode: Codec | None = None) -> dict
         marks: dict[str, float] = {}
         counts = {"records": 0, "bytes": 0, "last": -1}
 
-        def stream() -> Iterator[StreamRecord]:
+        def stream() -> Iterator[Record]:
             while counts["last"] < end - 1:
                 for recs in c.poll(timeout_ms=200, max_records=2000).values():
                     marks.setdefault("first", time.perf_counter())
@@ -69,7 +69,7 @@ def raw_read(bs: str, topic: str, end: int, decode: Codec | None = None) -> dict
                         counts["records"] += 1
                         counts["bytes"] += len(r.key or b"") + len(r.value or b"")
                         counts["last"] = r.offset
-                        yield StreamRecord(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp)
+                        yield r
 
         if decode is None:
             for _ in stream():

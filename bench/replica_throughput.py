@@ -37,6 +37,7 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
@@ -48,7 +49,7 @@ from kafka.structs import TopicPartition  # noqa: E402
 
 from connectors.kafka import PARTITION, TopicSource, committed_consumer, last_commit, topic_for  # noqa: E402
 from connectors.replica_dir import ReplicaDir  # noqa: E402
-from pipeline.codec import Codec, StreamRecord  # noqa: E402
+from pipeline.codec import Codec, Record  # noqa: E402
 from pipeline.replicate import replicate  # noqa: E402
 from schemas import load_schemas  # noqa: E402
 
@@ -68,10 +69,10 @@ def raw_read(bs: str, topic: str, split_offset: int, decode: Codec | None = None
         split_bytes = 0
         t0 = time.perf_counter()
 
-        def stream():
+        def stream() -> Iterator[Record]:
             while c.position(tp) < end:
                 for r in c.poll(timeout_ms=200, max_records=2000).get(tp, []):
-                    yield StreamRecord(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp)
+                    yield r
 
         it = stream()
         if decode is not None:

@@ -21,7 +21,7 @@ import re
 import sqlite3
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence, cast
 
 from kafka import ConsumerRebalanceListener, KafkaProducer
 from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
@@ -39,9 +39,9 @@ from connectors.kafka import (
     is_fenced,
     topic_for,
 )
-from pipeline.codec import Codec, StreamRecord
+from pipeline.codec import Codec, Record
 from pipeline.errors import PipelineError
-from pipeline.model import Change, Transaction
+from pipeline.model import Transaction
 from pipeline.stats import STATS_SUFFIX
 from schemas import load_schemas
 
@@ -50,13 +50,12 @@ COMMITTED = -1  # a listener's answer to assigned(): "start at the group's commi
 
 @dataclass
 class ChangeTransaction(Transaction):
-    """A Transaction as read from its topic, plus the topic and the broker timestamp of its TxnCommit record.
+    """A Transaction as read from its topic. Its trailer, with `end_offset` and `publish_time_ms`
+    (the broker timestamp of its TxnCommit record), is filled in once `changes` is exhausted."""
 
-    The trailer fields, `end_offset` and `publish_time_ms` are filled in once `changes` is exhausted.
-    """
-
-    topic: str = ""
-    publish_time_ms: int = 0
+    @property
+    def topic(self) -> str:
+        return topic_for(self.database)
 
 
 @dataclass(frozen=True)
@@ -153,7 +152,6 @@ class ChangeStream:
         self._committed: dict[TopicPartition, int | None] = {}
         self._ends: dict[TopicPartition, int] = {}  # with once: the end (last stable offset) when assigned
         self._listener_error: BaseException | None = None
-        self._last_ts = 0
         self._subscribed = False
 
     # --- membership ---------------------------------------------------------------------------
@@ -328,23 +326,11 @@ class ChangeStream:
             raise _broker_error(f"consumer group {self.group} cannot read its positions", exc) from exc
 
     def _transactions(self, tp: TopicPartition) -> Iterator[ChangeTransaction]:
-        database = database_for(tp.topic)
-        for inner in self.codec.read_transactions(self._records(tp), database, batches=self.batches):
-            out = ChangeTransaction(database=database, txn_id=inner.txn_id, checksum_before=inner.checksum_before,
-                                    source_time_ms=inner.source_time_ms, snapshot=inner.snapshot,
-                                    offset=inner.offset, topic=tp.topic)
-            out.changes = self._complete(inner, out)
-            yield out
-            for _ in out.changes:  # what the caller left unread; this also fills in the trailer
-                pass
+        txns = self.codec.read_transactions(self._records(tp), database_for(tp.topic), batches=self.batches,
+                                            kind=ChangeTransaction)
+        return cast(Iterator[ChangeTransaction], txns)
 
-    def _complete(self, inner: Transaction, out: ChangeTransaction) -> Iterator[Change]:
-        yield from inner.changes
-        out.checksum_after, out.files = inner.checksum_after, inner.files
-        out.change_count, out.end_offset = inner.change_count, inner.end_offset
-        out.publish_time_ms = self._last_ts  # the TxnCommit record was the last one read
-
-    def _records(self, tp: TopicPartition) -> Iterator[StreamRecord]:
+    def _records(self, tp: TopicPartition) -> Iterator[Record]:
         """The buffered records of one partition up to a transaction boundary; fetches more mid-transaction."""
         epoch = self._epochs.get(tp, 0)
         buf = self._buffers[tp]
@@ -357,8 +343,7 @@ class ChangeStream:
                 r = buf.popleft()
                 if r.key == b"txn":
                     inside = not inside
-                self._last_ts = r.timestamp
-                yield StreamRecord(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp)
+                yield r
             if not inside:
                 return
             # Mid-transaction: fetch only this partition, so others do not pile up in memory meanwhile.

@@ -20,7 +20,7 @@ from kafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
 from kafka.coordinator.assignors.sticky.sticky_assignor import StickyPartitionAssignor
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
-from pipeline.codec import BEGIN, COMMIT, Codec, StreamRecord
+from pipeline.codec import BEGIN, COMMIT, Codec, Record
 from pipeline.errors import PipelineError
 from pipeline.model import FileLayout, Position, Transaction, check_database_name
 
@@ -368,12 +368,12 @@ class TopicSource:
         self._next = 0
         return bool(self._fetched)
 
-    def _records(self) -> Iterator[StreamRecord]:
+    def _records(self) -> Iterator[Record]:
         while True:
             while self._next < len(self._fetched):  # buffered() may refill the list while we are suspended
                 r = self._fetched[self._next]
                 self._next += 1
-                yield StreamRecord(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp)
+                yield r
             if self.once and self.consumer.position(self.tp) >= self.end_at_start:
                 return
             if not self._fetch(100):
@@ -390,7 +390,7 @@ class TopicSource:
     def transactions(self, after: Position) -> Iterator[Transaction]:
         return self.codec.read_transactions(self._records(), self.database)
 
-    def records(self) -> Iterator[StreamRecord]:
+    def records(self) -> Iterator[Record]:
         """The raw committed records, for consumers that keep them as they are (the archiver)."""
         return self._records()
 
@@ -600,7 +600,7 @@ class PartitionSource:
         """True if records of this partition the last poll returned are still unread (see TopicSource.buffered)."""
         return self._next < len(self._fetched)
 
-    def _records(self) -> Iterator[StreamRecord]:
+    def _records(self) -> Iterator[Record]:
         consumer = self.reader.consumer
         others = [tp for tp in consumer.assignment() if tp != self.tp]
         consumer.pause(*others)
@@ -618,7 +618,7 @@ class PartitionSource:
                     self._next += 1
                     if r.key == b"txn":
                         inside = not inside
-                    yield StreamRecord(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp)
+                    yield r
         finally:
             consumer.resume(*[tp for tp in others if tp in consumer.assignment()
                               and database_for(tp.topic) not in self.reader.failed])

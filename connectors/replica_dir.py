@@ -26,7 +26,6 @@ from pipeline.checksum import RollingChecksum, block_hash
 from pipeline.errors import PipelineError
 from pipeline.model import (
     BlobChunk,
-    BlobDelete,
     BlockWrite,
     FileLayout,
     Position,

@@ -31,7 +31,7 @@ from pipeline.archive import (
     read_segment,
     retention_plan,
 )
-from pipeline.codec import Codec, StreamRecord
+from pipeline.codec import Codec, Record
 from pipeline.errors import PipelineError
 from pipeline.model import Position, Transaction, safe_blob_path
 from pipeline.replicate import replicate
@@ -310,7 +310,7 @@ class Archiver:
             raise PipelineError(f"archive object {key} does not end with txn {seg.last_txn}", database=self.database)
         return last.after
 
-    def run(self, records: Iterable[StreamRecord]) -> None:
+    def run(self, records: Iterable[Record]) -> None:
         """Archive every transaction in `records` (which start at the offset `resume()` returned).
 
         A closed segment uploads on a background thread while the next one fills (at most two in
@@ -457,7 +457,7 @@ class _SegmentSource:
         self.progress = progress
         self.last: Transaction | None = None
 
-    def _records(self, after: Position) -> Iterator[StreamRecord]:
+    def _records(self, after: Position) -> Iterator[Record]:
         for seg in self.plan.segments:
             if seg.last_txn <= after.txn_id:
                 self.progress({"bytes": seg.size})

@@ -11,7 +11,7 @@ from typing import IO, Iterator
 import fastavro
 import fastavro.write
 
-from pipeline.codec import BEGIN, COMMIT, SNAPSHOT, Codec, StreamRecord, _unsigned
+from pipeline.codec import BEGIN, COMMIT, SNAPSHOT, Codec, Record, StreamRecord, _unsigned
 from pipeline.errors import PipelineError
 from pipeline.model import FileLayout, Position, Transaction
 from pipeline.replicate import check_continues
@@ -197,10 +197,10 @@ class Framer:
         self.position = position  # None: no archive yet, the first txn may be anything
         self.open: TxnFrame | None = None
 
-    def _error(self, message: str, rec: StreamRecord, txn_id: int | None = None) -> PipelineError:
+    def _error(self, message: str, rec: Record, txn_id: int | None = None) -> PipelineError:
         return PipelineError(message, database=self.database, txn_id=txn_id, topic=rec.topic, offset=rec.offset)
 
-    def begin(self, rec: StreamRecord) -> TxnFrame | None:
+    def begin(self, rec: Record) -> TxnFrame | None:
         """The frame `rec` opens if it is a TxnBegin, else None (the caller then calls `record`)."""
         if rec.key != b"txn":
             return None
@@ -219,7 +219,7 @@ class Framer:
         self.open = TxnFrame(value["txn_id"], rec.offset, value["source_time_ms"], value["snapshot"])
         return self.open
 
-    def record(self, rec: StreamRecord) -> Transaction | None:
+    def record(self, rec: Record) -> Transaction | None:
         """Check a record after its begin; returns the finished transaction's header at its commit."""
         txn = self.open
         name, database, txn_id = self.codec.peek(rec.value, topic=rec.topic, offset=rec.offset)
@@ -271,8 +271,8 @@ class SegmentWriter:
             sync_marker=_sync_marker(database, partition, first_offset), metadata=metadata)
         self.bytes = 0  # key + value bytes written: the rotation measure, independent of compression
 
-    def write(self, rec: StreamRecord) -> None:
-        self._writer.write({"offset": rec.offset, "timestamp_ms": rec.timestamp_ms, "key": rec.key,
+    def write(self, rec: Record) -> None:
+        self._writer.write({"offset": rec.offset, "timestamp_ms": rec.timestamp, "key": rec.key,
                             "value": rec.value})
         self.bytes += len(rec.value or b"") + len(rec.key or b"")
 
@@ -280,7 +280,7 @@ class SegmentWriter:
         self._writer.flush()
 
 
-def read_segment(fo: IO[bytes], database: str, topic: str, where: str) -> Iterator[StreamRecord]:
+def read_segment(fo: IO[bytes], database: str, topic: str, where: str) -> Iterator[Record]:
     """The records of one segment file; errors name the object (`where`)."""
     try:
         reader = fastavro.reader(fo)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Protocol
 
 import fastavro
 
@@ -55,16 +55,33 @@ def _varint(buf: bytes, pos: int) -> tuple[int, int]:
             raise IndexError("varint longer than 64 bits")
 
 
+class Record(Protocol):
+    """What is read of a record: kafka-python's ConsumerRecord has these, so readers pass its records on uncopied."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes | None: ...
+    @property
+    def timestamp(self) -> int: ...
+
+
 @dataclass(frozen=True)
 class StreamRecord:
-    """One record as a broker delivered it: where it came from, plus its key and value bytes."""
+    """A Record not straight from a broker (read back from an archive segment, or built by a test)."""
 
     topic: str
     partition: int
     offset: int
     key: bytes | None
     value: bytes | None
-    timestamp_ms: int = 0
+    timestamp: int = 0  # ms, named as in kafka-python's ConsumerRecord
 
 
 class Codec:
@@ -197,8 +214,8 @@ class Codec:
             )
         return self.encode(BLOB_DELETE, {**head, "path": change.path})
 
-    def read_transactions(self, records: Iterable[StreamRecord], database: str, *,
-                          batches: bool = False) -> Iterator[Transaction]:
+    def read_transactions(self, records: Iterable[Record], database: str, *, batches: bool = False,
+                          kind: Callable[..., Transaction] = Transaction) -> Iterator[Transaction]:
         """Group a committed record stream into transactions, checking framing as it goes.
 
         Each yielded transaction's `changes` pull lazily from `records`; anything left
@@ -206,7 +223,7 @@ class Codec:
         outside a transaction, foreign database, wrong txn id, count mismatch, missing
         commit) raises PipelineError from inside the `changes` iteration.
         With `batches`, a BlockBatch record comes out as one BlockBatch change instead of a
-        BlockWrite per block.
+        BlockWrite per block. `kind` builds the transactions (a Transaction subclass).
         """
         it = iter(records)
         for rec in it:
@@ -220,7 +237,7 @@ class Codec:
                     f"{name.rsplit('.', 1)[-1]} record outside a transaction (expected TxnBegin)",
                     database=database, txn_id=value.get("txn_id"), topic=rec.topic, offset=rec.offset,
                 )
-            txn = Transaction(
+            txn = kind(
                 database=database,
                 txn_id=value["txn_id"],
                 checksum_before=_unsigned(value["checksum_before"]),
@@ -235,7 +252,7 @@ class Codec:
                 for _ in txn.changes:
                     pass
 
-    def _changes(self, it: Iterator[StreamRecord], txn: Transaction, begin: dict, state: dict,
+    def _changes(self, it: Iterator[Record], txn: Transaction, begin: dict, state: dict,
                  batches: bool) -> Iterator[Change | BlockBatch]:
         records = changes = 0
         snapshot_phase = None
@@ -270,6 +287,7 @@ class Codec:
                 txn.checksum_after = _unsigned(value["checksum_after"])
                 txn.files = [FileLayout(f["file"], f["block_size"], f["blocks"]) for f in value["files"]]
                 txn.end_offset = rec.offset
+                txn.publish_time_ms = rec.timestamp
                 state["done"] = True
                 return
             if name == SNAPSHOT:
@@ -327,7 +345,7 @@ class Codec:
         )
 
     @staticmethod
-    def _check_db(value: dict, database: str, rec: StreamRecord) -> None:
+    def _check_db(value: dict, database: str, rec: Record) -> None:
         if value.get("database") != database:
             raise PipelineError(
                 f"record of foreign database {value.get('database')!r} in the stream of {database!r}",

@@ -100,8 +100,8 @@ class Transaction:
     broker) so that a multi-GiB bootstrap never has to fit in memory. A source raises
     PipelineError from inside that iteration if the stream turns out broken, so a sink
     must stage everything and apply only after the iteration ended cleanly.
-    The trailer (`change_count`, `checksum_after`, `files`, `end_offset`) is filled in by
-    the time `changes` is exhausted: a streamed snapshot only knows it at its end.
+    The trailer (`change_count`, `checksum_after`, `files`, `end_offset`, `publish_time_ms`) is
+    filled in by the time `changes` is exhausted: a streamed snapshot only knows it at its end.
     `snapshot` marks a full image of the pool: every block of every file and every blob.
     """
 
@@ -116,6 +116,7 @@ class Transaction:
     change_count: int = 0
     offset: int | None = None
     end_offset: int | None = None
+    publish_time_ms: int = 0  # broker timestamp of the TxnCommit record, once read from a topic
 
     @property
     def before(self) -> Position:

@@ -59,8 +59,8 @@ class TxnSummary:
 def summarize(txn: Transaction, publish_time_ms: int | None = None) -> TxnSummary:
     """Consume `txn.changes` and return its summary (the trailer is filled once the changes are exhausted).
 
-    Without `publish_time_ms`, the transaction's own `publish_time_ms` attribute is used once its
-    changes are read (connectors.changes.ChangeTransaction fills it in), else its source time.
+    Without `publish_time_ms`, the transaction's own (filled in once its changes are read from a
+    topic) is used, else its source time.
     """
     files: dict[int, list[int]] = {}
     blocks: list[tuple[int, int]] = []
@@ -85,7 +85,7 @@ def summarize(txn: Transaction, publish_time_ms: int | None = None) -> TxnSummar
     if txn.end_offset is None or txn.offset is None:
         raise txn.error("transaction has no offsets: summarize it only after reading it from a topic")
     if publish_time_ms is None:
-        publish_time_ms = getattr(txn, "publish_time_ms", None) or txn.source_time_ms
+        publish_time_ms = txn.publish_time_ms or txn.source_time_ms
     return TxnSummary(
         database=txn.database, txn_id=txn.txn_id, source_time_ms=txn.source_time_ms,
         publish_time_ms=publish_time_ms, offset=txn.offset, end_offset=txn.end_offset, snapshot=txn.snapshot,

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from connectors.picolisp import compare_blob_trees, compare_pools
-from pipeline.codec import Codec, StreamRecord
+from pipeline.codec import Codec, Record
 from pipeline.model import Transaction
 
 __all__ = [
@@ -242,7 +242,7 @@ def end_offset(bootstrap_servers: str, database: str, isolation_level: str = "re
         consumer.close()
 
 
-def read_committed_records(bootstrap_servers: str, database: str, timeout: float = 60) -> list[StreamRecord]:
+def read_committed_records(bootstrap_servers: str, database: str, timeout: float = 60) -> list[Record]:
     """Every committed record of the database topic, up to its current last stable offset."""
     from kafka.structs import TopicPartition
 
@@ -253,14 +253,14 @@ def read_committed_records(bootstrap_servers: str, database: str, timeout: float
         consumer.assign([tp])
         consumer.seek_to_beginning(tp)
         end = consumer.end_offsets([tp])[tp]
-        records: list[StreamRecord] = []
+        records: list[Record] = []
         deadline = time.monotonic() + timeout
         while consumer.position(tp) < end:
             if time.monotonic() > deadline:
                 raise AssertionError(f"timed out reading {topic} up to offset {end}")
             for r in consumer.poll(timeout_ms=200).get(tp, []):
                 if r.offset < end:
-                    records.append(StreamRecord(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp))
+                    records.append(r)
         return records
     finally:
         consumer.close()

@@ -69,7 +69,7 @@ def publish(bootstrap: str, database: str, txns: list[Transaction], per_kafka_tx
 def expected_windows(bootstrap: str, database: str, window_ms: int) -> list[WindowStats]:
     """The closed windows of the topic as it is now, computed without the analytics consumer."""
     records = read_committed_records(bootstrap, database)
-    published = {r.offset: r.timestamp_ms for r in records}
+    published = {r.offset: r.timestamp for r in records}
     windows = Windows(database, window_ms)
     out = []
     for txn in codec().read_transactions(records, database):
