@@ -261,12 +261,29 @@ class Codec:
                 name, value = self.decode(rec.value, topic=rec.topic, offset=rec.offset)
             except PipelineError as exc:
                 raise exc.with_context(database=txn.database, txn_id=txn.txn_id)
-            self._check_db(value, txn.database, rec)
+            if value["database"] != txn.database:
+                self._check_db(value, txn.database, rec)
             if value["txn_id"] != txn.txn_id:
                 raise PipelineError(
                     f"record of txn {value['txn_id']} inside txn {txn.txn_id} (missing TxnCommit)",
                     database=txn.database, txn_id=txn.txn_id, topic=rec.topic, offset=rec.offset,
                 )
+            if name == BLOCK_BATCH:  # the most frequent record first
+                records += 1
+                size, indexes, data = value["block_size"], value["block_indexes"], value["data"]
+                if not indexes or size < 1 or size * len(indexes) != len(data):
+                    raise PipelineError(
+                        f"block batch of file {value['file']} says {len(indexes)} blocks of {size} bytes "
+                        f"but carries {len(data)}",
+                        database=txn.database, txn_id=txn.txn_id, topic=rec.topic, offset=rec.offset,
+                    )
+                changes += len(indexes)
+                batch = BlockBatch(value["file"], size, indexes, data)
+                if batches:
+                    yield batch
+                else:
+                    yield from batch.blocks()
+                continue
             if name == COMMIT:
                 if value["record_count"] != records:
                     raise PipelineError(
@@ -305,21 +322,6 @@ class Codec:
                     database=txn.database, txn_id=txn.txn_id, topic=rec.topic, offset=rec.offset,
                 )
             records += 1
-            if name == BLOCK_BATCH:
-                size, indexes, data = value["block_size"], value["block_indexes"], value["data"]
-                if not indexes or size < 1 or size * len(indexes) != len(data):
-                    raise PipelineError(
-                        f"block batch of file {value['file']} says {len(indexes)} blocks of {size} bytes "
-                        f"but carries {len(data)}",
-                        database=txn.database, txn_id=txn.txn_id, topic=rec.topic, offset=rec.offset,
-                    )
-                changes += len(indexes)
-                batch = BlockBatch(value["file"], size, indexes, data)
-                if batches:
-                    yield batch
-                else:
-                    yield from batch.blocks()
-                continue
             changes += 1
             if name == BLOCK:
                 if value["block_size"] != len(value["data"]):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import math
 from itertools import repeat
 from collections import Counter
@@ -66,8 +67,8 @@ def summarize(txn: Transaction, publish_time_ms: int | None = None) -> TxnSummar
     blocks: list[tuple[int, int]] = []
     blob_bytes = blob_chunks = blobs_written = blob_deletes = 0
     for change in txn.changes:
-        if isinstance(change, (BlockWrite, BlockBatch)):
-            indexes = (change.index,) if isinstance(change, BlockWrite) else change.indexes
+        if isinstance(change, (BlockBatch, BlockWrite)):
+            indexes = change.indexes if isinstance(change, BlockBatch) else (change.index,)
             acc = files.get(change.file)
             if acc is None:
                 acc = files[change.file] = [0, 0]
@@ -248,7 +249,7 @@ class Windows:
 
     def _close(self, w: _Open) -> WindowStats:
         # Hottest first; ties broken by block address so the order never depends on hashing.
-        hottest = sorted(w.hits.items(), key=lambda kv: (-kv[1], kv[0]))[: self.top_blocks]
+        hottest = heapq.nsmallest(self.top_blocks, ((-n, block) for block, n in w.hits.items()))
         blocks = sum(n for n, _ in w.files.values())
         block_bytes = sum(b for _, b in w.files.values())
         return WindowStats(
@@ -261,7 +262,7 @@ class Windows:
             blob_deletes=w.blob_deletes, bytes=block_bytes + w.blob_bytes,
             txn_bytes_p50=percentile(w.sizes, 50), txn_bytes_p99=percentile(w.sizes, 99),
             txn_bytes_max=max(w.sizes),
-            hottest_blocks=tuple(HotBlock(f, i, n) for (f, i), n in hottest),
+            hottest_blocks=tuple(HotBlock(f, i, -negative) for negative, (f, i) in hottest),
             capture_lag_ms_p50=percentile(w.lags, 50), capture_lag_ms_p99=percentile(w.lags, 99),
             capture_lag_ms_max=max(w.lags),
         )
