@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import sys
 import tempfile
 import time
@@ -31,44 +30,9 @@ from connectors.kafka import TopicSink, TopicSource, ensure_topic, topic_for  # 
 from connectors.localstack import _s3_client, free_port, start_s3  # noqa: E402
 from connectors.s3 import Archiver, ArchiveStore, restore  # noqa: E402
 from pipeline.archive import Rotation, SnapshotPolicy  # noqa: E402
-from pipeline.checksum import RollingChecksum  # noqa: E402
 from pipeline.codec import Codec  # noqa: E402
-from pipeline.model import BlockWrite, FileLayout, Transaction  # noqa: E402
 from schemas import load_schemas  # noqa: E402
-
-BLOCK = 4096
-
-
-def block(rng: random.Random) -> bytes:
-    return rng.randbytes(BLOCK // 2) + bytes(BLOCK // 2)
-
-
-def stream(database: str, pool_blocks: int, txns: int, per_txn: int, seed: int):
-    """Transactions with correct checksums: a snapshot, then small updates."""
-    rng = random.Random(seed)
-    rolling = RollingChecksum()
-    layout = [FileLayout(0, BLOCK, pool_blocks)]
-
-    def snapshot_changes(txn: Transaction):
-        for i in range(pool_blocks):
-            data = block(rng)
-            rolling.set_block(0, i, data)
-            yield BlockWrite(0, i, data)
-        txn.checksum_after = rolling.value
-
-    t = Transaction(database, 1, 0, 1_700_000_000_000, snapshot=True, files=layout, change_count=pool_blocks)
-    t.changes = snapshot_changes(t)
-    yield t
-    for n in range(2, txns + 2):
-        before = rolling.value
-        changes = []
-        for i in rng.sample(range(pool_blocks), per_txn):
-            data = block(rng)
-            rolling.set_block(0, i, data)
-            changes.append(BlockWrite(0, i, data))
-        yield Transaction(database, n, before, 1_700_000_000_000 + n * 10, changes, checksum_after=rolling.value,
-                          files=layout, change_count=per_txn)
-
+from tests.pipeline_helpers import SYNTHETIC_BLOCK, synthetic_stream  # noqa: E402
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -92,7 +56,7 @@ def main() -> int:
 
         t = time.monotonic()
         sink = TopicSink(bs, database, codec)
-        for txn in stream(database, args.pool_mib * 1024 * 1024 // BLOCK, args.txns, args.blocks, 1):
+        for txn in synthetic_stream(database, args.pool_mib * 1024 * 1024 // SYNTHETIC_BLOCK, args.txns, args.blocks, 1):
             sink.apply(txn)
         sink.close()
         log(f"published {mib(sink.bytes_sent):.0f} MiB in {time.monotonic() - t:.1f} s")

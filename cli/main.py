@@ -117,6 +117,9 @@ def archive_parser() -> argparse.ArgumentParser:
                    "segment), then exit")
     p.add_argument("--segment-txns", type=int, default=10_000, help="close a segment after N txns (default 10000)")
     p.add_argument("--segment-bytes", type=int, default=64 << 20, help="... or after N record bytes (default 64 MiB)")
+    p.add_argument("--part-bytes", type=int,
+                   help="a transaction bigger than --segment-bytes and this is uploaded in parts of N bytes while "
+                   "it is still read (default 16 MiB, at least 5 MiB)")
     p.add_argument("--segment-span", type=float, default=3600.0,
                    help="... or when a txn is N seconds of source time after the segment's first (default 3600)")
     p.add_argument("--snapshot-every-txns", type=int, default=100_000,
@@ -493,7 +496,8 @@ def _archive(args: argparse.Namespace) -> int:
     archiver = Archiver(
         store, codec, rotation=Rotation(args.segment_txns, args.segment_bytes, int(args.segment_span * 1000)),
         snapshots=SnapshotPolicy(args.snapshot_every_txns, args.snapshot_every_bytes), work_dir=work_dir,
-        topic=topic_for(database), log=lambda line: print(line, flush=True))
+        topic=topic_for(database), log=lambda line: print(line, flush=True),
+        **({"part_bytes": args.part_bytes} if args.part_bytes is not None else {}))
     if args.action == "snapshot":
         try:
             archiver.resume()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
+import io
 import itertools
 import os
 import shutil
@@ -11,8 +13,8 @@ import tempfile
 import threading
 import time
 from collections import deque
-from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Iterator
 
@@ -40,6 +42,10 @@ from connectors.picolisp import hax
 from connectors.replica_dir import ReplicaDir, state_dir_for, write_position
 
 PROGRESS = Callable[[dict], None]
+_CHUNK = 8 << 20
+# A segment being streamed goes up in parts of this size (S3 wants >= 5 MiB, at most 10 000 parts).
+PART_BYTES = 16 << 20
+MIN_PART_BYTES = 5 << 20
 _RETRIABLE_CODES = {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout", "RequestTimeTooSkewed",
                     "503", "500", "502", "504", "Throttling", "OperationAborted"}
 
@@ -149,27 +155,65 @@ class ArchiveStore:
     def put_new(self, key: str, body: IO[bytes] | bytes) -> None:
         """Create `key` unless it exists (If-None-Match: *). An existing identical object is fine: a
         restarted archiver rewrote the same bytes; a different one means two writers, and stops us."""
-        data = body if isinstance(body, bytes) else None
-        try:
-            if data is not None:
-                self.client.put_object(Bucket=self.bucket, Key=key, Body=data, IfNoneMatch="*")
-            else:
-                assert not isinstance(body, bytes)
-                body.seek(0)
-                self.client.put_object(Bucket=self.bucket, Key=key, Body=body, IfNoneMatch="*")
+        if not isinstance(body, bytes):
+            body.seek(0)
+        if self._created(key, lambda: self.client.put_object(Bucket=self.bucket, Key=key, Body=body, IfNoneMatch="*")):
             return
-        except Exception as exc:
-            from botocore.exceptions import BotoCoreError, ClientError
+        self._check_same(key, io.BytesIO(body) if isinstance(body, bytes) else body)
 
-            if not isinstance(exc, (BotoCoreError, ClientError)):
-                raise
+    def _created(self, key: str, create: Callable[[], Any]) -> bool:
+        """Run a conditional create; False if the key already existed."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            create()
+            return True
+        except (BotoCoreError, ClientError) as exc:
             if _status_of(exc) not in (409, 412):
                 raise _s3_error(f"cannot write {key}", exc, self.database) from exc
-        ours = hashlib.md5(data if data is not None else _read_all(body)).hexdigest()  # type: ignore[arg-type]
-        theirs = hashlib.md5(self.get(key)).hexdigest()
-        if ours != theirs:
+            return False
+
+    def _check_same(self, key: str, ours: IO[bytes]) -> None:
+        """An object found where we were creating one must hold our bytes (compared streaming)."""
+        mine, theirs = hashlib.md5(), hashlib.md5()
+        ours.seek(0)
+        while chunk := ours.read(_CHUNK):
+            mine.update(chunk)
+        body = self.call(f"cannot read {key}", self.client.get_object, Bucket=self.bucket, Key=key)["Body"]
+        for chunk in body.iter_chunks(_CHUNK):
+            theirs.update(chunk)
+        if mine.digest() != theirs.digest():
             raise PipelineError(f"{key} already exists with different content: is another archiver writing "
                                 f"to {self.url}?", database=self.database)
+
+    # Multipart: a big segment is uploaded part by part while it is still being written.
+
+    def start_upload(self, key: str) -> str:
+        return self.call(f"cannot start uploading {key}", self.client.create_multipart_upload,
+                         Bucket=self.bucket, Key=key)["UploadId"]
+
+    def upload_part(self, key: str, upload_id: str, number: int, data: bytes) -> str:
+        return self.call(f"cannot upload part {number} of {key}", self.client.upload_part, Bucket=self.bucket,
+                         Key=key, UploadId=upload_id, PartNumber=number, Body=data)["ETag"]
+
+    def complete_new(self, key: str, upload_id: str, etags: list[str], ours: IO[bytes]) -> None:
+        """Complete a multipart upload unless `key` exists: the same rule as put_new."""
+        parts = {"Parts": [{"ETag": etag, "PartNumber": i} for i, etag in enumerate(etags, 1)]}
+        if self._created(key, lambda: self.client.complete_multipart_upload(
+                Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload=parts, IfNoneMatch="*")):
+            return
+        self.abort_upload(key, upload_id)
+        self._check_same(key, ours)
+
+    def abort_upload(self, key: str, upload_id: str) -> None:
+        with contextlib.suppress(Exception):  # best effort: `archive` aborts leftovers when it starts
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+
+    def unfinished_uploads(self) -> list[tuple[str, str]]:
+        """(key, upload id) of the multipart uploads under this archive that were never completed."""
+        response = self.call(f"cannot list the unfinished uploads of {self.url}", self.client.list_multipart_uploads,
+                             Bucket=self.bucket, Prefix=f"{self.root}/")
+        return [(u["Key"], u["UploadId"]) for u in response.get("Uploads", [])]
 
     def upload_file(self, key: str, path: Path) -> None:
         # Snapshot files are deterministic at their txn, so rewriting one is harmless; multipart
@@ -189,11 +233,6 @@ class ArchiveStore:
             batch = [{"Key": k} for k in keys[i:i + 1000]]
             self.call("cannot delete old archive objects", self.client.delete_objects, Bucket=self.bucket,
                       Delete={"Objects": batch, "Quiet": True})
-
-
-def _read_all(fo: IO[bytes]) -> bytes:
-    fo.seek(0)
-    return fo.read()
 
 
 def retrying(what: str, fn: Callable[[], Any], log: Callable[[str], None], *, max_backoff: float = 10.0,
@@ -230,12 +269,26 @@ class _OpenSegment:
         self.snapshot = snapshot
         self.txns = 0
         self.last: Transaction | None = None
+        self.upload: _PartUpload | None = None  # set once it is uploaded while still being written
 
     def segment(self) -> Segment:
-        assert self.last is not None and self.last.end_offset is not None
+        assert self.last is not None
         size = self.file.seek(0, os.SEEK_END)
-        return Segment(self.first_txn, self.last.txn_id, self.first_offset, self.last.end_offset, self.first_ms,
-                       self.last.source_time_ms, self.partition, self.snapshot, size)
+        return Segment(self.first_txn, self.last.txn_id, self.first_offset, self.first_ms, self.last.source_time_ms,
+                       self.partition, self.snapshot, size)
+
+
+@dataclass
+class _PartUpload:
+    """A segment's multipart upload, fed on the upload thread while the segment is still written."""
+
+    key: str
+    fd: int
+    upload_id: str | None = None
+    etags: list[str] = field(default_factory=list)
+    queued: int = 0  # bytes of the segment file handed to the upload thread so far
+    parts_queued: int = 0
+    failed: BaseException | None = None
 
 
 class Archiver:
@@ -250,7 +303,11 @@ class Archiver:
 
     def __init__(self, store: ArchiveStore, codec: Codec, *, rotation: Rotation, snapshots: SnapshotPolicy,
                  work_dir: Path, topic: str, log: Callable[[str], None] = print,
-                 on_archived: Callable[[Transaction], None] = lambda txn: None) -> None:
+                 on_archived: Callable[[Transaction], None] = lambda txn: None, part_bytes: int = PART_BYTES) -> None:
+        if part_bytes < MIN_PART_BYTES:
+            raise PipelineError(f"the upload part size must be at least {MIN_PART_BYTES >> 20} MiB (S3's minimum), "
+                                f"got {part_bytes}", database=store.database)
+        self.part_bytes = part_bytes
         self.store = store
         self.codec = codec
         self.database = store.database
@@ -280,20 +337,26 @@ class Archiver:
         """Read the archive's end from S3; return the Kafka offset to read from."""
         catalog = retrying(f"archive {self.database}: listing {self.store.url}", self.store.catalog, self.log)
         catalog.runs()  # refuses overlapping segments
+        for key, upload_id in retrying(f"archive {self.database}: listing unfinished uploads",
+                                       self.store.unfinished_uploads, self.log):
+            self.log(f"archive {self.database}: aborting the unfinished upload of {key} (an earlier run stopped "
+                     "while writing it; it is written again)")
+            self.store.abort_upload(key, upload_id)
         last = catalog.last
         if last is not None:
             head = retrying(f"archive {self.database}: reading {last.key(self.store.root)}",
-                            lambda: self._last_position(last), self.log)
-            self.position, self.next_offset = head, last.last_offset + 1
+                            lambda: self._last_txn(last), self.log)
+            assert head.end_offset is not None
+            self.position, self.next_offset = head.after, head.end_offset + 1
         newest = catalog.snapshots[-1].txn if catalog.snapshots else 0
         after = [s for s in catalog.segments if s.last_txn > newest]
         self._since_snapshot = (sum(s.last_txn - max(s.first_txn - 1, newest) for s in after),
                                 sum(s.size for s in after))
         return self.next_offset
 
-    def _last_position(self, seg: Segment) -> Position:
-        """The position after a segment's last txn, from its commit record (framing only: no block
-        body is decoded, and the object streams through a temp file, not memory)."""
+    def _last_txn(self, seg: Segment) -> Transaction:
+        """A segment's last txn as its commit record tells it, with its offsets (framing only: no
+        block body is decoded, and the object streams through a temp file, not memory)."""
         key = seg.key(self.store.root)
         tmp = self.work_dir / f".last-segment-{os.getpid()}"
         framer = Framer(self.codec, self.database, None)
@@ -308,13 +371,14 @@ class Archiver:
             tmp.unlink(missing_ok=True)
         if last is None or last.txn_id != seg.last_txn:
             raise PipelineError(f"archive object {key} does not end with txn {seg.last_txn}", database=self.database)
-        return last.after
+        return last
 
     def run(self, records: Iterable[Record]) -> None:
         """Archive every transaction in `records` (which start at the offset `resume()` returned).
 
         A closed segment uploads on a background thread while the next one fills (at most two in
-        flight); acknowledgements still happen here, in order, once each upload succeeded.
+        flight), and a big one-txn segment already while it is written (_stream); acknowledgements
+        still happen here, in order, once each upload succeeded.
         """
         framer = Framer(self.codec, self.database, self.position)
         self._stopping = threading.Event()
@@ -339,6 +403,8 @@ class Archiver:
                     done = framer.record(rec)
                     assert seg is not None  # framer.record refuses a record outside a transaction
                     seg.writer.write(rec)
+                    if seg.txns == 0 and seg.writer.bytes >= max(self.rotation.max_bytes, self.part_bytes):
+                        self._stream(seg, pool)
                     if done is not None:
                         seg.txns += 1
                         seg.last = done
@@ -356,28 +422,76 @@ class Archiver:
                     self._uploaded(*uploads.popleft())
             finally:
                 self._stopping.set()  # an upload retrying through an outage gives up, unacknowledged
-                if seg is not None:
-                    seg.file.close()
-                for future, pending in uploads:
-                    future.cancel()
-                    try:
-                        future.exception()
-                    except CancelledError:
-                        pass
-                    pending.file.close()
+                pool.shutdown(wait=True, cancel_futures=True)
+                for unfinished in ([seg] if seg is not None else []) + [pending for _, pending in uploads]:
+                    if unfinished.upload is not None and unfinished.upload.upload_id is not None:
+                        self.store.abort_upload(unfinished.upload.key, unfinished.upload.upload_id)
+                    unfinished.file.close()
 
     def _close(self, seg: _OpenSegment, pool: ThreadPoolExecutor,
                uploads: "deque[tuple[Future, _OpenSegment]]") -> None:
         if len(uploads) >= 2:  # bound the spool: wait for the older upload
             self._uploaded(*uploads.popleft())
         seg.writer.close()
+        seg.file.flush()  # the upload thread reads the file by its descriptor
         uploads.append((pool.submit(self._upload, seg), seg))
+
+    def _stream(self, seg: _OpenSegment, pool: ThreadPoolExecutor) -> None:
+        """Upload a segment in parts while it is still written, once its key is known.
+
+        That is when its first txn alone reached the byte limit: the segment then closes right
+        after that txn, so its last txn and time are its first. This overlaps a big snapshot
+        txn's upload with its reading and compressing, which otherwise come one after the other.
+        """
+        if seg.upload is None:
+            key = Segment(seg.first_txn, seg.first_txn, seg.first_offset, seg.first_ms, seg.first_ms,
+                          seg.partition, seg.snapshot).key(self.store.root)
+            seg.upload = _PartUpload(key, seg.file.fileno())
+            self.log(f"archive {self.database}: txn {seg.first_txn} holds over {seg.writer.bytes >> 20} MiB: "
+                     f"uploading {key.rsplit('/', 1)[-1]} in parts while it is read")
+        up = seg.upload
+        seg.file.flush()
+        written = seg.file.tell()
+        while True:
+            size = self.part_bytes << (up.parts_queued // 2500)  # 10 000 parts (S3's limit) reach ~600 GiB
+            if written - up.queued < size:
+                return
+            pool.submit(self._upload_part, up, up.queued, up.queued + size)
+            up.queued += size
+            up.parts_queued += 1
+
+    def _upload_part(self, up: _PartUpload, start: int, end: int) -> None:
+        """On the upload thread; a failure is kept and raised when the segment's upload finishes."""
+        if up.failed is not None:
+            return
+        try:
+            if up.upload_id is None:
+                up.upload_id = retrying(f"archive {self.database}: starting the upload of {up.key}",
+                                        lambda: self.store.start_upload(up.key), self.log, stop=self._stopping)
+            data = os.pread(up.fd, end - start, start)
+            number = len(up.etags) + 1
+            up.etags.append(retrying(f"archive {self.database}: uploading part {number} of {up.key}",
+                                     lambda: self.store.upload_part(up.key, up.upload_id, number, data),  # type: ignore[arg-type]
+                                     self.log, stop=self._stopping))
+        except BaseException as exc:  # noqa: BLE001 - raised again by _upload, in order
+            up.failed = exc
 
     def _upload(self, seg: _OpenSegment) -> Segment:
         info = seg.segment()
         key = info.key(self.store.root)
-        retrying(f"archive {self.database}: uploading {key}", lambda: self.store.put_new(key, seg.file), self.log,
-                 stop=self._stopping)
+        up = seg.upload
+        if up is None:
+            retrying(f"archive {self.database}: uploading {key}", lambda: self.store.put_new(key, seg.file), self.log,
+                     stop=self._stopping)
+            return info
+        assert up.key == key, (up.key, key)  # _stream only starts when the key is known
+        if info.size > up.queued or not up.etags:
+            self._upload_part(up, up.queued, info.size)
+        if up.failed is not None:
+            raise up.failed
+        retrying(f"archive {self.database}: completing {key}",
+                 lambda: self.store.complete_new(key, up.upload_id, up.etags, seg.file),  # type: ignore[arg-type]
+                 self.log, stop=self._stopping)
         return info
 
     def _uploaded(self, future: Future, seg: _OpenSegment) -> None:
@@ -388,7 +502,8 @@ class Archiver:
             seg.file.close()
         assert seg.last is not None
         key = info.key(self.store.root)
-        self.position, self.next_offset = seg.last.after, info.last_offset + 1
+        assert seg.last.end_offset is not None
+        self.position, self.next_offset = seg.last.after, seg.last.end_offset + 1
         self.archived.append(info)
         self.log(f"archive {self.database}: {key.rsplit('/', 1)[-1]} ({info.txns} txns, {info.size} bytes)")
         self.on_archived(seg.last)

@@ -37,7 +37,7 @@ SEGMENT_CODEC = "zstandard"  # several times faster than deflate at a similar ra
 SEGMENT_LEVEL = 1
 
 _SEGMENT = re.compile(
-    r"^p(?P<partition>\d+)/(?P<first_offset>\d{20})-(?P<last_offset>\d{20})"
+    r"^p(?P<partition>\d+)/(?P<first_offset>\d{20})(?:-(?P<last_offset>\d{20}))?"
     r"_txn(?P<first_txn>\d{12})-(?P<last_txn>\d{12})_ms(?P<first_ms>\d{13})-(?P<last_ms>\d{13})"
     r"(?P<snap>_snap)?\.avro$")
 _SNAPSHOT = re.compile(r"^(?P<txn>\d{12})_ms(?P<ms>\d{13})/(?P<rest>.+)$")
@@ -55,15 +55,18 @@ class Segment:
     first_txn: int
     last_txn: int
     first_offset: int
-    last_offset: int
     first_ms: int
     last_ms: int
     partition: int = 0
     starts_with_snapshot: bool = False  # its first txn is a full image: a restore may start there
     size: int = 0
+    # Keys written by earlier builds also carried the last offset. It was dropped so that a big segment's
+    # key is known when it opens and its upload can run while it is written; old keys still parse.
+    legacy_last_offset: int | None = field(default=None, compare=False)
 
     def key(self, root: str) -> str:
-        return (f"{root}/segments/p{self.partition}/{self.first_offset:020d}-{self.last_offset:020d}"
+        legacy = "" if self.legacy_last_offset is None else f"-{self.legacy_last_offset:020d}"
+        return (f"{root}/segments/p{self.partition}/{self.first_offset:020d}{legacy}"
                 f"_txn{self.first_txn:012d}-{self.last_txn:012d}_ms{self.first_ms:013d}-{self.last_ms:013d}"
                 f"{'_snap' if self.starts_with_snapshot else ''}.avro")
 
@@ -73,8 +76,9 @@ class Segment:
         m = _SEGMENT.match(key[len(base):]) if key.startswith(base) else None
         if m is None:
             return None
-        return cls(int(m["first_txn"]), int(m["last_txn"]), int(m["first_offset"]), int(m["last_offset"]),
-                   int(m["first_ms"]), int(m["last_ms"]), int(m["partition"]), bool(m["snap"]), size)
+        return cls(int(m["first_txn"]), int(m["last_txn"]), int(m["first_offset"]), int(m["first_ms"]),
+                   int(m["last_ms"]), int(m["partition"]), bool(m["snap"]), size,
+                   int(m["last_offset"]) if m["last_offset"] else None)
 
     @property
     def txns(self) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -15,11 +16,12 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 from connectors.picolisp import compare_blob_trees, compare_pools
 from pipeline.codec import Codec, Record
-from pipeline.model import Transaction
+from pipeline.checksum import RollingChecksum
+from pipeline.model import BlockWrite, FileLayout, Transaction
 
 __all__ = [
     "CrashStats",
@@ -487,3 +489,40 @@ def _gaps(ids: list[int]) -> str:
     missing = sorted(set(range(1, max(ids, default=0) + 1)) - set(seen))
     out_of_order = [b for a, b in zip(ids, ids[1:]) if b <= a][:10]
     return f"{len(ids)} txns, doubled {doubled[:20]}, missing {missing[:20]}, out of order {out_of_order}"
+
+
+SYNTHETIC_BLOCK = 4096
+
+
+def synthetic_block(rng: random.Random) -> bytes:
+    """Half random, half zeros: compresses to about half (real pool blocks compress further)."""
+    return rng.randbytes(SYNTHETIC_BLOCK // 2) + bytes(SYNTHETIC_BLOCK // 2)
+
+
+def synthetic_stream(database: str, pool_blocks: int, txns: int, per_txn: int, seed: int) -> Iterator[Transaction]:
+    """Transactions of a one-file pool with correct rolling checksums: txn 1 a snapshot of
+    `pool_blocks` 4 KiB blocks, then `txns` updates of `per_txn` blocks. For sizes PicoLisp
+    would take long to build (the archive benchmark, big-transaction tests)."""
+    rng = random.Random(seed)
+    rolling = RollingChecksum()
+    layout = [FileLayout(0, SYNTHETIC_BLOCK, pool_blocks)]
+
+    def snapshot_changes(txn: Transaction) -> Iterator[BlockWrite]:
+        for i in range(pool_blocks):
+            data = synthetic_block(rng)
+            rolling.set_block(0, i, data)
+            yield BlockWrite(0, i, data)
+        txn.checksum_after = rolling.value
+
+    t = Transaction(database, 1, 0, 1_700_000_000_000, snapshot=True, files=layout, change_count=pool_blocks)
+    t.changes = snapshot_changes(t)
+    yield t
+    for n in range(2, txns + 2):
+        before = rolling.value
+        changes = []
+        for i in rng.sample(range(pool_blocks), per_txn):
+            data = synthetic_block(rng)
+            rolling.set_block(0, i, data)
+            changes.append(BlockWrite(0, i, data))
+        yield Transaction(database, n, before, 1_700_000_000_000 + n * 10, changes, checksum_after=rolling.value,
+                          files=layout, change_count=per_txn)

@@ -324,3 +324,57 @@ def test_restore_refuses_damaged_foreign_or_gapped_archives_and_leaves_the_targe
         assert cli.database in result.stderr
         assert list(target.iterdir()) == [], f"{prefix}: restore wrote into the target"
         assert [p.name for p in tmp_path.iterdir() if ".restore-" in p.name] == []
+
+
+# --- big transactions: uploaded in parts while read ---------------------------------------------
+
+
+def test_a_big_txn_uploads_in_parts_while_read_and_kills_leave_no_unfinished_upload(
+        kafka: Any, s3: Any, s3_client: Any, tmp_path: Path) -> None:
+    from connectors.kafka import TopicSink
+    from tests.pipeline_helpers import SYNTHETIC_BLOCK, synthetic_stream
+
+    database = unique_name("parts")
+    pool_blocks = 48 * 1024 * 1024 // SYNTHETIC_BLOCK  # a 48 MiB snapshot txn: ~24 MiB compressed, 4+ parts
+    sink = TopicSink(kafka.bootstrap_servers, database, codec())
+    for txn in synthetic_stream(database, pool_blocks, 30, 4, seed=5):
+        sink.apply(txn)
+    sink.close()
+    cli = Cli(tmp_path, kafka.bootstrap_servers, database, extra_env=s3_env(s3))
+    flags = ["--segment-bytes", str(1 << 20), "--part-bytes", str(5 << 20), "--segment-txns", "10",
+             "--snapshot-every-txns", "0", "--snapshot-every-bytes", "0"]
+    store = store_for(s3_client, s3.bucket, "arch", database)
+
+    def unfinished() -> list:
+        return s3_client.list_multipart_uploads(Bucket=s3.bucket, Prefix=f"{store.root}/").get("Uploads", [])
+
+    try:
+        outputs = []
+        for _ in range(3):  # killed while the big segment's parts go up: the upload is left unfinished
+            archiver = cli.start("archiver", archive_args(cli, s3.bucket, *flags))
+            wait_for(unfinished, 60, "a multipart upload to start", interval=0.02)
+            archiver.kill9()
+            outputs.append(archiver.output())
+            assert store.catalog().segments == [], "the big segment cannot be complete yet"
+        final = ok(cli.run(archive_args(cli, s3.bucket, "--once", *flags)), "archive --once")
+    finally:
+        cli.stop_all()
+    assert "in parts while it is read" in outputs[0], outputs[0]
+    assert "aborting the unfinished upload" in final.stdout, final.stdout
+    assert unfinished() == []
+    assert archived_txn_ids(store) == list(range(1, 32))
+    first = store.catalog().segments[0]
+    assert (first.first_txn, first.last_txn, first.starts_with_snapshot) == (1, 1, True)
+
+    # Uploaded in parts or in one put, the objects are the same, key for key and byte for byte.
+    ok(cli.run(archive_args(cli, s3.bucket, "--once", *flags[:2], "--part-bytes", str(1 << 30), *flags[4:],
+                            prefix="whole", work="whole-work")), "archive --once, no parts")
+    assert objects(store, "segments/") == objects(store_for(s3_client, s3.bucket, "whole", database), "segments/")
+
+    expected = bytearray(pool_blocks * SYNTHETIC_BLOCK)
+    for txn in synthetic_stream(database, pool_blocks, 30, 4, seed=5):
+        for change in txn.changes:
+            expected[change.index * SYNTHETIC_BLOCK:(change.index + 1) * SYNTHETIC_BLOCK] = change.data
+    target = tmp_path / "restored"
+    ok(cli.run(restore_args(cli, s3.bucket, "--target", str(target))), "restore")
+    assert (target / "db" / "@").read_bytes() == expected

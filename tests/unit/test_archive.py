@@ -28,7 +28,7 @@ CODEC = Codec(load_schemas())
 
 def seg(first: int, last: int, *, snap: bool = False, ms: int | None = None) -> Segment:
     t0 = 1_000_000 + first * 1000 if ms is None else ms
-    return Segment(first, last, first * 10, last * 10 + 5, t0, 1_000_000 + last * 1000, 0, snap, 100)
+    return Segment(first, last, first * 10, t0, 1_000_000 + last * 1000, 0, snap, 100)
 
 
 def snapshot(txn: int) -> Snapshot:
@@ -36,11 +36,14 @@ def snapshot(txn: int) -> Snapshot:
 
 
 def test_segment_and_snapshot_keys_round_trip_and_sort_by_offset() -> None:
-    s = Segment(12, 40, 1234, 9876, 1_700_000_000_000, 1_700_000_005_000, 0, True, 55)
+    s = Segment(12, 40, 1234, 1_700_000_000_000, 1_700_000_005_000, 0, True, 55)
     key = s.key(ROOT)
-    assert key == ("prefix/app/segments/p0/00000000000000001234-00000000000000009876"
+    assert key == ("prefix/app/segments/p0/00000000000000001234"
                    "_txn000000000012-000000000040_ms1700000000000-1700000005000_snap.avro")
     assert Segment.parse(ROOT, key, 55) == s
+    # Keys of earlier builds, with the last offset, still parse, and name the same object.
+    old = key.replace("1234_txn", "1234-00000000000000009876_txn")
+    assert Segment.parse(ROOT, old, 55) == s and Segment.parse(ROOT, old).key(ROOT) == old  # type: ignore[union-attr]
     assert Segment.parse(ROOT, key.replace(".avro", ".tmp")) is None
     assert Segment.parse("prefix/other", key) is None
     snap = Snapshot(40, 1_700_000_005_000)
