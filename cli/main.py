@@ -500,7 +500,7 @@ def _archive(args: argparse.Namespace) -> int:
         **({"part_bytes": args.part_bytes} if args.part_bytes is not None else {}))
     if args.action == "snapshot":
         try:
-            archiver.resume()
+            archiver.resume(abort_unfinished=False)  # a running archiver's upload may be in flight
             if archiver.position is None:
                 _fail(f"nothing is archived for {database!r} yet: run the archiver first")
             archiver.write_snapshot(archiver.position.txn_id)

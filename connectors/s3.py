@@ -333,12 +333,17 @@ class Archiver:
     def close(self) -> None:
         os.close(self._lock_fd)
 
-    def resume(self) -> int:
-        """Read the archive's end from S3; return the Kafka offset to read from."""
+    def resume(self, *, abort_unfinished: bool = True) -> int:
+        """Read the archive's end from S3; return the Kafka offset to read from.
+
+        The archiver about to run takes over its archive: multipart uploads a killed run left
+        unfinished are aborted (`archive snapshot`, which may run beside it, passes False).
+        """
         catalog = retrying(f"archive {self.database}: listing {self.store.url}", self.store.catalog, self.log)
         catalog.runs()  # refuses overlapping segments
-        for key, upload_id in retrying(f"archive {self.database}: listing unfinished uploads",
-                                       self.store.unfinished_uploads, self.log):
+        unfinished = retrying(f"archive {self.database}: listing unfinished uploads", self.store.unfinished_uploads,
+                              self.log) if abort_unfinished else []
+        for key, upload_id in unfinished:
             self.log(f"archive {self.database}: aborting the unfinished upload of {key} (an earlier run stopped "
                      "while writing it; it is written again)")
             self.store.abort_upload(key, upload_id)
