@@ -163,6 +163,12 @@ def test_restore_plan_reports_gaps_and_unrestorable_ranges() -> None:
     cat = Catalog("app", [seg(1, 10, snap=True), seg(11, 20), seg(31, 40)], [snapshot(30)])
     assert cat.restore_points() == [(1, 20), (30, 40)]
     assert cat.plan(txn=35).base == snapshot(30)
+    # Only a snapshot left (retention after a snapshot at the last txn): it is a restore point.
+    cat = Catalog("app", [], [snapshot(120)])
+    assert cat.describe_points() == "restorable: txn 120"
+    with pytest.raises(PipelineError, match="txn 1 .* not archived; restorable: txn 120"):
+        cat.plan(txn=1)
+    assert cat.plan().base == snapshot(120)
 
 
 def test_retention_never_deletes_what_a_retained_point_needs() -> None:
