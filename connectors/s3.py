@@ -490,7 +490,7 @@ class Archiver:
                      stop=self._stopping)
             return info
         assert up.key == key, (up.key, key)  # _stream only starts when the key is known
-        if info.size > up.queued or not up.etags:
+        if info.size > up.queued:  # the tail after the last full part
             self._upload_part(up, up.queued, info.size)
         if up.failed is not None:
             raise up.failed
