@@ -36,7 +36,8 @@ from typing import Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    agent_argv, bin_path, wait_published, env_with, kafka, log, median, mib, new_app, spawn, stop, table, workdir,
+    agent_argv, bin_path, wait_published, env_with, kafka, log, median, mib, new_app, spawn, stop, table, time_method,
+    workdir,
 )
 
 from connectors.analytics import Analytics  # noqa: E402
@@ -89,15 +90,25 @@ def analytics_read(bs: str, codec: Codec, window_ms: int, profile: bool) -> dict
     stream = ChangeStream(bs, f"bench-analytics-{uuid.uuid4().hex[:8]}", databases=[DB], codec=codec, once=True,
                           batches=True)  # as cli.main wires it
     marks: dict[str, float] = {}
+    phases: dict[str, float] = {"poll": 0.0, "flush": 0.0, "txns": 0}
+    time_method(stream.consumer, "poll", phases)  # inside kafka-python: fetch waits and record parsing
     real_poll = stream._poll
 
     def poll(timeout_ms: int) -> None:  # time the first records received, as for raw
         real_poll(timeout_ms)
         if "first" not in marks and any(stream._buffers.values()):
             marks["first"] = time.perf_counter()
+            phases["poll"] = 0.0  # the group join is not counted
     stream._poll = poll  # type: ignore[method-assign]
     consumer = Analytics(stream, window_ms=window_ms, stats_topic_template="{topic}." + uuid.uuid4().hex[:6] + ".stats",
                          log=lambda line: None)
+    time_method(consumer.kafka, "send", phases, "flush")  # the exactly-once output: Kafka transactions
+    real_send = consumer.kafka.send
+
+    def send(*a, **k) -> bool:
+        phases["txns"] += 1
+        return real_send(*a, **k)
+    consumer.kafka.send = send  # type: ignore[method-assign]
     prof = cProfile.Profile() if profile else None
     t0 = time.perf_counter()
     try:
@@ -114,7 +125,9 @@ def analytics_read(bs: str, codec: Codec, window_ms: int, profile: bool) -> dict
         out = io.StringIO()
         pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(25)
         print(out.getvalue(), file=sys.stderr)
-    return {"t": t_end - marks["first"], "join": marks["first"] - t0, "windows": windows, "txns": consumer.txns}
+    t = t_end - marks["first"]
+    return {"t": t, "join": marks["first"] - t0, "windows": windows, "txns": consumer.txns,
+            "poll": phases["poll"], "flush": phases["flush"], "ktxns": phases["txns"]}
 
 
 def main() -> int:
@@ -166,7 +179,9 @@ def main() -> int:
             raws.append(raw_read(bs, topic, end))
             log(f"raw: {raws[-1]['records']} records, {mib(raws[-1]['bytes']):.1f} MiB in {raws[-1]['t']:.2f} s")
             anas.append(analytics_read(bs, codec, max(1, round(args.window * 1000)), args.profile and i == 0))
-            log(f"analytics: {anas[-1]['txns']} txns, {anas[-1]['windows']} windows in {anas[-1]['t']:.2f} s")
+            a = anas[-1]
+            log(f"analytics: {a['txns']} txns, {a['windows']} windows in {a['t']:.2f} s (in poll {a['poll']:.2f} s, "
+                f"in the output's {a['ktxns']} Kafka transactions {a['flush']:.3f} s)")
         ana = dict(anas[0], t=median([a["t"] for a in anas]), join=median([a["join"] for a in anas]))
         cli = None
         if not args.no_cli:

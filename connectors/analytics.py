@@ -14,7 +14,7 @@ from connectors.changes import (
     Rebalanced,
     SqliteOutput,
 )
-from connectors.kafka import ensure_topic, topic_for
+from connectors.kafka import topic_for
 from pipeline.errors import PipelineError
 from pipeline.stats import (
     DEFAULT_TOP_BLOCKS,
@@ -64,11 +64,11 @@ class Analytics:
         self._last_flush = 0.0
         self.written: dict[str, int] = {}  # windows written per database, this run
         self.txns = 0
-        self._topics_ready: set[str] = set()
         self._last_log = 0.0
         stream.listen(self)  # first, so a moved database's open window is dropped before outputs re-init
         stream.on_idle(self.flush)
-        self.kafka = KafkaTransactions(stream, transactional_prefix) if to_kafka else None
+        self.kafka = KafkaTransactions(stream, transactional_prefix,
+                                       topics=lambda db: [self.stats_topic(db)]) if to_kafka else None
         self.sqlite = SqliteOutput(stream, sqlite_path, commit_group=not to_kafka) if sqlite_path else None
         if self.sqlite is not None:
             self.sqlite.conn.execute(
@@ -78,11 +78,6 @@ class Analytics:
     def assigned(self, database: str) -> None:
         self.windows.pop(database, None)
         self.pending.pop(database, None)
-        if self.kafka is not None:
-            topic = self.stats_topic(database)
-            if topic not in self._topics_ready:  # created up front, so writing a window never waits for it
-                ensure_topic(self.stream.bootstrap_servers, topic)
-                self._topics_ready.add(topic)
         self.log(f"analytics {database}: assigned to this member of group {self.stream.group}")
         return None
 

@@ -98,6 +98,11 @@ class Codec:
             fingerprint = bytes.fromhex(fastavro.schema.fingerprint(canonical, "CRC-64-AVRO"))
             self._writers[fingerprint] = (name, parsed)
             self._current[name] = (MAGIC + fingerprint, parsed)  # later versions win
+        # fingerprint -> (name, writer schema, reader schema or None when it is the writer's)
+        self._readers: dict[bytes, tuple[str, dict, dict | None]] = {}
+        for fingerprint, (name, parsed) in self._writers.items():
+            reader = self._current[name][1]
+            self._readers[fingerprint] = (name, parsed, None if reader is parsed else reader)
 
     @property
     def record_names(self) -> list[str]:
@@ -115,12 +120,32 @@ class Codec:
 
     def decode(self, value: bytes | None, *, topic: str | None = None, offset: int | None = None) -> tuple[str, dict]:
         """Return (record name, record) or raise PipelineError naming topic and offset."""
+        try:  # the hot path of every reader: one lookup, then fastavro
+            name, writer, reader = self._readers[value[2:10]]  # type: ignore[index]
+            if value[:2] != MAGIC:  # type: ignore[index]
+                raise KeyError
+        except (KeyError, TypeError):
+            name, writer, reader = self._schema_of(value, topic, offset)
+        buf = io.BytesIO(value)  # type: ignore[arg-type]
+        buf.seek(10)
+        try:
+            record = fastavro.schemaless_reader(buf, writer, reader)
+        except Exception as exc:  # fastavro raises many types on a bad body
+            raise PipelineError(f"cannot decode {name} body: {exc}", topic=topic, offset=offset) from exc
+        if buf.tell() != len(value):  # type: ignore[arg-type]
+            raise PipelineError(
+                f"{name} record has {len(value) - buf.tell()} trailing bytes", topic=topic, offset=offset  # type: ignore[arg-type]
+            )
+        return name, record
+
+    def _schema_of(self, value: bytes | None, topic: str | None, offset: int | None) -> tuple[str, dict, dict | None]:
+        """(name, writer, reader) of a record's schema, or the PipelineError that says why it has none."""
         if value is None or len(value) < 10 or value[:2] != MAGIC:
             raise PipelineError(
                 "not an Avro single-object record (missing C3 01 marker)", topic=topic, offset=offset
             )
         fingerprint = bytes(value[2:10])
-        known = self._writers.get(fingerprint)
+        known = self._readers.get(fingerprint)
         if known is None:
             raise PipelineError(
                 f"unknown writer schema fingerprint {fingerprint[::-1].hex()}: "
@@ -128,19 +153,7 @@ class Codec:
                 topic=topic,
                 offset=offset,
             )
-        name, writer = known
-        _, reader = self._current[name]
-        buf = io.BytesIO(value)
-        buf.seek(10)
-        try:
-            record = fastavro.schemaless_reader(buf, writer, None if reader is writer else reader)
-        except Exception as exc:  # fastavro raises many types on a bad body
-            raise PipelineError(f"cannot decode {name} body: {exc}", topic=topic, offset=offset) from exc
-        if buf.tell() != len(value):
-            raise PipelineError(
-                f"{name} record has {len(value) - buf.tell()} trailing bytes", topic=topic, offset=offset
-            )
-        return name, record
+        return known
 
     def peek(self, value: bytes | None, *, topic: str | None = None,
              offset: int | None = None) -> tuple[str, str, int]:
@@ -148,19 +161,15 @@ class Codec:
 
         Lets a consumer that only frames transactions (the archiver) skip parsing block images.
         """
-        if value is None or len(value) < 12 or value[:2] != MAGIC:
-            raise PipelineError("not an Avro single-object record (missing C3 01 marker)", topic=topic, offset=offset)
-        known = self._writers.get(bytes(value[2:10]))
-        if known is None:
-            raise PipelineError(f"unknown writer schema fingerprint {bytes(value[2:10])[::-1].hex()}: "
-                                "record written by a newer or foreign producer", topic=topic, offset=offset)
+        name = self._schema_of(value if value is None or len(value) >= 12 else None, topic, offset)[0]
+        assert value is not None
         try:
             length, pos = _varint(value, 10)
             database = bytes(value[pos:pos + length]).decode()
             txn_id, _ = _varint(value, pos + length)
         except (IndexError, UnicodeDecodeError) as exc:
-            raise PipelineError(f"cannot decode {known[0]} header: {exc}", topic=topic, offset=offset) from exc
-        return known[0], database, txn_id
+            raise PipelineError(f"cannot decode {name} header: {exc}", topic=topic, offset=offset) from exc
+        return name, database, txn_id
 
     # --- transactions <-> records -------------------------------------------------------------
 
@@ -256,17 +265,18 @@ class Codec:
                  batches: bool) -> Iterator[Change | BlockBatch]:
         records = changes = 0
         snapshot_phase = None
+        decode, database, txn_id = self.decode, txn.database, txn.txn_id  # locals: this loop runs per record
         for rec in it:
             try:
-                name, value = self.decode(rec.value, topic=rec.topic, offset=rec.offset)
+                name, value = decode(rec.value)
             except PipelineError as exc:
-                raise exc.with_context(database=txn.database, txn_id=txn.txn_id)
-            if value["database"] != txn.database:
-                self._check_db(value, txn.database, rec)
-            if value["txn_id"] != txn.txn_id:
+                raise exc.with_context(database=database, txn_id=txn_id, topic=rec.topic, offset=rec.offset)
+            if value["database"] != database:
+                self._check_db(value, database, rec)
+            if value["txn_id"] != txn_id:
                 raise PipelineError(
-                    f"record of txn {value['txn_id']} inside txn {txn.txn_id} (missing TxnCommit)",
-                    database=txn.database, txn_id=txn.txn_id, topic=rec.topic, offset=rec.offset,
+                    f"record of txn {value['txn_id']} inside txn {txn_id} (missing TxnCommit)",
+                    database=database, txn_id=txn_id, topic=rec.topic, offset=rec.offset,
                 )
             if name == BLOCK_BATCH:  # the most frequent record first
                 records += 1
@@ -275,14 +285,13 @@ class Codec:
                     raise PipelineError(
                         f"block batch of file {value['file']} says {len(indexes)} blocks of {size} bytes "
                         f"but carries {len(data)}",
-                        database=txn.database, txn_id=txn.txn_id, topic=rec.topic, offset=rec.offset,
+                        database=database, txn_id=txn_id, topic=rec.topic, offset=rec.offset,
                     )
                 changes += len(indexes)
-                batch = BlockBatch(value["file"], size, indexes, data)
                 if batches:
-                    yield batch
+                    yield BlockBatch(value["file"], size, indexes, data)
                 else:
-                    yield from batch.blocks()
+                    yield from BlockBatch(value["file"], size, indexes, data).blocks()
                 continue
             if name == COMMIT:
                 if value["record_count"] != records:

@@ -45,12 +45,12 @@ class TxnSummary:
 
     @property
     def block_bytes(self) -> int:
-        return sum(b for _, _, b in self.file_blocks)
+        return sum([b for _, _, b in self.file_blocks])
 
     @property
     def bytes(self) -> int:
         """Payload size of the transaction: block images plus blob content."""
-        return self.block_bytes + self.blob_bytes
+        return sum([b for _, _, b in self.file_blocks], self.blob_bytes)
 
     @property
     def lag_ms(self) -> int:
@@ -65,24 +65,28 @@ def summarize(txn: Transaction, publish_time_ms: int | None = None) -> TxnSummar
     """
     files: dict[int, list[int]] = {}
     blocks: list[tuple[int, int]] = []
+    hot = not txn.snapshot  # a snapshot rewrites every block: that says nothing about which are hot
     blob_bytes = blob_chunks = blobs_written = blob_deletes = 0
     for change in txn.changes:
-        if isinstance(change, (BlockBatch, BlockWrite)):
-            indexes = change.indexes if isinstance(change, BlockBatch) else (change.index,)
-            acc = files.get(change.file)
+        kind = type(change)
+        if kind is BlockBatch or kind is BlockWrite:
+            indexes = change.indexes if kind is BlockBatch else (change.index,)  # type: ignore[union-attr]
+            acc = files.get(change.file)  # type: ignore[union-attr]
             if acc is None:
-                acc = files[change.file] = [0, 0]
+                acc = files[change.file] = [0, 0]  # type: ignore[union-attr]
             acc[0] += len(indexes)
-            acc[1] += len(change.data)
-            if not txn.snapshot:  # a snapshot rewrites every block: that says nothing about which are hot
-                blocks.extend(zip(repeat(change.file), indexes))
-        elif isinstance(change, BlobChunk):
+            acc[1] += len(change.data)  # type: ignore[union-attr]
+            if hot:
+                blocks.extend(zip(repeat(change.file), indexes))  # type: ignore[union-attr]
+        elif kind is BlobChunk:
             blob_chunks += 1
-            blob_bytes += len(change.data)
-            if change.index == change.count - 1:
+            blob_bytes += len(change.data)  # type: ignore[union-attr]
+            if change.index == change.count - 1:  # type: ignore[union-attr]
                 blobs_written += 1
-        elif isinstance(change, BlobDelete):
+        elif kind is BlobDelete:
             blob_deletes += 1
+        else:
+            raise txn.error(f"summarize got a {kind.__name__}, not a change")
     if txn.end_offset is None or txn.offset is None:
         raise txn.error("transaction has no offsets: summarize it only after reading it from a topic")
     if publish_time_ms is None:
@@ -200,8 +204,9 @@ class _Open:
         self.blobs_written += s.blobs_written
         self.blob_deletes += s.blob_deletes
         self.sizes.append(s.bytes)
-        self.lags.append(s.lag_ms)
-        self.hits.update(s.blocks)
+        self.lags.append(s.publish_time_ms - s.source_time_ms)
+        if s.blocks:
+            self.hits.update(s.blocks)
 
 
 class Windows:
