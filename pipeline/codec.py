@@ -120,26 +120,25 @@ class Codec:
 
     def decode(self, value: bytes | None, *, topic: str | None = None, offset: int | None = None) -> tuple[str, dict]:
         """Return (record name, record) or raise PipelineError naming topic and offset."""
-        try:  # the hot path of every reader: one lookup, then fastavro
-            name, writer, reader = self._readers[value[2:10]]  # type: ignore[index]
-            if value[:2] != MAGIC:  # type: ignore[index]
-                raise KeyError
-        except (KeyError, TypeError):
-            name, writer, reader = self._schema_of(value, topic, offset)
-        buf = io.BytesIO(value)  # type: ignore[arg-type]
+        # The hot path of every reader: one lookup, then fastavro.
+        if isinstance(value, bytes) and value[:2] == MAGIC and (known := self._readers.get(value[2:10])) is not None:
+            data = value
+        else:
+            known, data = self._schema_of(value, topic, offset)
+        name, writer, reader = known
+        buf = io.BytesIO(data)
         buf.seek(10)
         try:
             record = fastavro.schemaless_reader(buf, writer, reader)
         except Exception as exc:  # fastavro raises many types on a bad body
             raise PipelineError(f"cannot decode {name} body: {exc}", topic=topic, offset=offset) from exc
-        if buf.tell() != len(value):  # type: ignore[arg-type]
-            raise PipelineError(
-                f"{name} record has {len(value) - buf.tell()} trailing bytes", topic=topic, offset=offset  # type: ignore[arg-type]
-            )
+        if buf.tell() != len(data):
+            raise PipelineError(f"{name} record has {len(data) - buf.tell()} trailing bytes", topic=topic, offset=offset)
         return name, record
 
-    def _schema_of(self, value: bytes | None, topic: str | None, offset: int | None) -> tuple[str, dict, dict | None]:
-        """(name, writer, reader) of a record's schema, or the PipelineError that says why it has none."""
+    def _schema_of(self, value: bytes | bytearray | memoryview | None, topic: str | None,
+                   offset: int | None) -> tuple[tuple[str, dict, dict | None], bytes]:
+        """((name, writer, reader), the record as bytes), or the PipelineError that says why it has no schema."""
         if value is None or len(value) < 10 or value[:2] != MAGIC:
             raise PipelineError(
                 "not an Avro single-object record (missing C3 01 marker)", topic=topic, offset=offset
@@ -153,7 +152,7 @@ class Codec:
                 topic=topic,
                 offset=offset,
             )
-        return known
+        return known, bytes(value)
 
     def peek(self, value: bytes | None, *, topic: str | None = None,
              offset: int | None = None) -> tuple[str, str, int]:
@@ -161,12 +160,11 @@ class Codec:
 
         Lets a consumer that only frames transactions (the archiver) skip parsing block images.
         """
-        name = self._schema_of(value if value is None or len(value) >= 12 else None, topic, offset)[0]
-        assert value is not None
+        (name, _, _), data = self._schema_of(value if value is None or len(value) >= 12 else None, topic, offset)
         try:
-            length, pos = _varint(value, 10)
-            database = bytes(value[pos:pos + length]).decode()
-            txn_id, _ = _varint(value, pos + length)
+            length, pos = _varint(data, 10)
+            database = data[pos:pos + length].decode()
+            txn_id, _ = _varint(data, pos + length)
         except (IndexError, UnicodeDecodeError) as exc:
             raise PipelineError(f"cannot decode {name} header: {exc}", topic=topic, offset=offset) from exc
         return name, database, txn_id

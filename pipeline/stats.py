@@ -50,7 +50,7 @@ class TxnSummary:
     @property
     def bytes(self) -> int:
         """Payload size of the transaction: block images plus blob content."""
-        return sum([b for _, _, b in self.file_blocks], self.blob_bytes)
+        return self.block_bytes + self.blob_bytes
 
     @property
     def lag_ms(self) -> int:
@@ -68,25 +68,28 @@ def summarize(txn: Transaction, publish_time_ms: int | None = None) -> TxnSummar
     hot = not txn.snapshot  # a snapshot rewrites every block: that says nothing about which are hot
     blob_bytes = blob_chunks = blobs_written = blob_deletes = 0
     for change in txn.changes:
-        kind = type(change)
-        if kind is BlockBatch or kind is BlockWrite:
-            indexes = change.indexes if kind is BlockBatch else (change.index,)  # type: ignore[union-attr]
-            acc = files.get(change.file)  # type: ignore[union-attr]
-            if acc is None:
-                acc = files[change.file] = [0, 0]  # type: ignore[union-attr]
-            acc[0] += len(indexes)
-            acc[1] += len(change.data)  # type: ignore[union-attr]
-            if hot:
-                blocks.extend(zip(repeat(change.file), indexes))  # type: ignore[union-attr]
-        elif kind is BlobChunk:
+        if isinstance(change, BlockBatch):
+            indexes: list[int] | tuple[int] = change.indexes
+        elif isinstance(change, BlockWrite):
+            indexes = (change.index,)
+        elif isinstance(change, BlobChunk):
             blob_chunks += 1
-            blob_bytes += len(change.data)  # type: ignore[union-attr]
-            if change.index == change.count - 1:  # type: ignore[union-attr]
+            blob_bytes += len(change.data)
+            if change.index == change.count - 1:
                 blobs_written += 1
-        elif kind is BlobDelete:
+            continue
+        elif isinstance(change, BlobDelete):
             blob_deletes += 1
+            continue
         else:
-            raise txn.error(f"summarize got a {kind.__name__}, not a change")
+            raise txn.error(f"summarize got a {type(change).__name__}, not a change")
+        acc = files.get(change.file)
+        if acc is None:
+            acc = files[change.file] = [0, 0]
+        acc[0] += len(indexes)
+        acc[1] += len(change.data)
+        if hot:
+            blocks.extend(zip(repeat(change.file), indexes))
     if txn.end_offset is None or txn.offset is None:
         raise txn.error("transaction has no offsets: summarize it only after reading it from a topic")
     if publish_time_ms is None:
@@ -204,7 +207,7 @@ class _Open:
         self.blobs_written += s.blobs_written
         self.blob_deletes += s.blob_deletes
         self.sizes.append(s.bytes)
-        self.lags.append(s.publish_time_ms - s.source_time_ms)
+        self.lags.append(s.lag_ms)
         if s.blocks:
             self.hits.update(s.blocks)
 

@@ -102,6 +102,19 @@ def test_garbage_and_unknown_fingerprint_are_clear_errors(codec: Codec) -> None:
         codec.decode(good[:-3], topic="t", offset=2)
     with pytest.raises(PipelineError, match="trailing bytes"):
         codec.decode(good + b"\x00", topic="t", offset=3)
+    with pytest.raises(PipelineError, match=r"missing C3 01 marker.*offset=4"):
+        codec.decode(b"\xc3\x02" + good[2:], topic="t", offset=4)  # a known fingerprint does not excuse a bad marker
+    with pytest.raises(PipelineError, match=r"missing C3 01 marker.*offset=5"):
+        codec.decode(None, topic="t", offset=5)
+
+
+def test_records_in_any_bytes_like_buffer_decode_alike(codec: Codec) -> None:
+    value = codec.encode(BEGIN, {"database": "app", "txn_id": 7, "checksum_before": -1,
+                                 "source_time_ms": 5, "snapshot": True})
+    decoded = codec.decode(value)
+    assert decoded[1]["txn_id"] == 7
+    assert codec.decode(memoryview(value)) == codec.decode(bytearray(value)) == decoded
+    assert codec.peek(memoryview(value)) == codec.peek(value) == (BEGIN, "app", 7)
 
 
 def test_block_size_field_must_match_data(codec: Codec) -> None:

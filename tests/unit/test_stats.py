@@ -178,3 +178,10 @@ def test_a_summary_of_block_batches_equals_the_summary_of_their_blocks() -> None
     assert whole == split
     assert whole.file_blocks == ((0, 3, 192), (1, 70, 70 * 4096))
     assert whole.blocks[:3] == ((0, 5), (0, 1), (0, 9))
+
+
+def test_summarize_refuses_what_is_not_a_change() -> None:
+    t = Transaction(DB, 3, 0, T0, iter([block(0, 1), "not a change"]), offset=30)
+    t.end_offset = 39
+    with pytest.raises(PipelineError, match=r"summarize got a str, not a change.*txn=3"):
+        summarize(t)
