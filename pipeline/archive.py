@@ -359,16 +359,16 @@ class Catalog:
     def restore_points(self) -> list[tuple[int, int]]:
         """The txn ranges a restore can reach: from each usable base to the end of its contiguous run."""
         out: list[tuple[int, int]] = []
-        runs = self.runs()
-        for run in runs:
-            starts = [s.txn for s in self.snapshots if run[0].first_txn - 1 <= s.txn <= run[-1].last_txn]
-            starts += [seg.first_txn for seg in run if seg.starts_with_snapshot]
+        in_runs: set[int] = set()  # snapshot txns some run of segments continues from
+        for run in self.runs():
+            bases = [s.txn for s in self.snapshots if run[0].first_txn - 1 <= s.txn <= run[-1].last_txn]
+            in_runs.update(bases)
+            starts = bases + [seg.first_txn for seg in run if seg.starts_with_snapshot]
             if starts:
                 out.append((min(starts), run[-1].last_txn))
         # A snapshot no segment continues from (retention removed everything before the newest, which
         # was taken at the last txn) still restores its own txn.
-        out += [(s.txn, s.txn) for s in self.snapshots
-                if not any(run[0].first_txn - 1 <= s.txn <= run[-1].last_txn for run in runs)]
+        out += [(s.txn, s.txn) for s in self.snapshots if s.txn not in in_runs]
         return sorted(out)
 
     def describe_points(self) -> str:
