@@ -8,6 +8,11 @@ from typing import Callable, Iterable, Iterator, Protocol
 
 import fastavro
 
+try:  # fastavro's compiled record reader: schemaless_reader re-parses the schema on every call, a fifth of decoding
+    from fastavro._read import CYTHON_MODULE as _COMPILED, read_record as _read_record
+except ImportError:  # the pure-Python build takes a decoder, not a file: use the public API
+    _COMPILED, _read_record = 0, None
+
 from pipeline.errors import PipelineError
 from pipeline.model import (
     BlobChunk,
@@ -31,6 +36,10 @@ SNAPSHOT = "pool.pipeline.SnapshotMarker"
 # Block images of one file travel together up to this many bytes per record: kafka-python and
 # fastavro cost ~15-35 us per record whatever its size, which dominated streams of small blocks.
 BATCH_BYTES = 256 * 1024
+
+# What fastavro.schemaless_reader passes its reader by default.
+_READ_OPTIONS = {"return_record_name": False, "return_record_name_override": False, "handle_unicode_errors": "strict",
+                 "return_named_type": False, "return_named_type_override": False}
 
 
 def _signed(value: int) -> int:
@@ -100,9 +109,15 @@ class Codec:
             self._current[name] = (MAGIC + fingerprint, parsed)  # later versions win
         # fingerprint -> (name, writer schema, reader schema or None when it is the writer's)
         self._readers: dict[bytes, tuple[str, dict, dict | None]] = {}
+        # fingerprint -> the writer's named types, for _read_record (current versions only: no resolution)
+        self._named: dict[bytes, dict] = {}
         for fingerprint, (name, parsed) in self._writers.items():
             reader = self._current[name][1]
             self._readers[fingerprint] = (name, parsed, None if reader is parsed else reader)
+            if reader is parsed and _COMPILED:
+                named: dict = {"writer": {}, "reader": {}}
+                fastavro.parse_schema(parsed, named["writer"])
+                self._named[fingerprint] = named
 
     @property
     def record_names(self) -> list[str]:
@@ -129,7 +144,11 @@ class Codec:
         buf = io.BytesIO(data)
         buf.seek(10)
         try:
-            record = fastavro.schemaless_reader(buf, writer, reader)
+            named = self._named.get(data[2:10])
+            if named is not None:
+                record = _read_record(buf, writer, named, None, _READ_OPTIONS)
+            else:
+                record = fastavro.schemaless_reader(buf, writer, reader)
         except Exception as exc:  # fastavro raises many types on a bad body
             raise PipelineError(f"cannot decode {name} body: {exc}", topic=topic, offset=offset) from exc
         if buf.tell() != len(data):

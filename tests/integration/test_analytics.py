@@ -74,7 +74,8 @@ def expected_windows(bootstrap: str, database: str, window_ms: int) -> list[Wind
     out = []
     for txn in codec().read_transactions(records, database):
         s: TxnSummary = summarize(txn, 0)
-        closed = windows.add(TxnSummary(**{**s.__dict__, "publish_time_ms": published[txn.end_offset]}))
+        s.publish_time_ms = published[txn.end_offset]
+        closed = windows.add(s)
         if closed is not None:
             out.append(closed)
     return out
