@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import heapq
 import math
 from collections import Counter
+from itertools import chain
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -14,6 +14,7 @@ from pipeline.model import BlobChunk, BlobDelete, BlockBatch, BlockWrite, Transa
 STATS_SUFFIX = ".stats"
 DEFAULT_WINDOW_MS = 60_000
 DEFAULT_TOP_BLOCKS = 10
+HIT_BATCH = 65_536  # blocks held before they are counted into a window's hits
 
 
 @dataclass(slots=True)  # not frozen: one is built per transaction, and frozen construction is 3x slower
@@ -192,28 +193,57 @@ class _Open:
     sizes: list[int] = field(default_factory=list)
     lags: list[int] = field(default_factory=list)
     hits: dict[int, Counter] = field(default_factory=dict)  # file -> writes per block index
+    # Blocks of the latest transactions, counted into `hits` in bulk (one Counter.update per file
+    # rather than per file and transaction), at most HIT_BATCH blocks at a time to bound memory.
+    uncounted: list[tuple[tuple[int, tuple[int, ...]], ...]] = field(default_factory=list)
+    uncounted_blocks: int = 0
 
     def add(self, s: TxnSummary) -> None:
         self.last = s
         self.txns += 1
         self.snapshots += s.snapshot
+        files = self.files
+        written = block_bytes = 0
         for f, n, b in s.file_blocks:
-            acc = self.files.get(f)
+            acc = files.get(f)
             if acc is None:
-                acc = self.files[f] = [0, 0]
-            acc[0] += n
-            acc[1] += b
-        self.blob_bytes += s.blob_bytes
-        self.blob_chunks += s.blob_chunks
-        self.blobs_written += s.blobs_written
-        self.blob_deletes += s.blob_deletes
-        self.sizes.append(s.bytes)
-        self.lags.append(s.lag_ms)
-        for f, indexes in s.blocks:
+                files[f] = [n, b]
+            else:
+                acc[0] += n
+                acc[1] += b
+            written += n
+            block_bytes += b
+        if s.blob_chunks or s.blob_deletes:
+            self.blob_bytes += s.blob_bytes
+            self.blob_chunks += s.blob_chunks
+            self.blobs_written += s.blobs_written
+            self.blob_deletes += s.blob_deletes
+        self.sizes.append(block_bytes + s.blob_bytes)
+        self.lags.append(s.publish_time_ms - s.source_time_ms)
+        if s.blocks:
+            self.uncounted.append(s.blocks)
+            self.uncounted_blocks += written
+            if self.uncounted_blocks >= HIT_BATCH:
+                self.count_hits()
+
+    def count_hits(self) -> dict[int, Counter]:
+        by_file: dict[int, list[int]] = {}
+        for blocks in self.uncounted:
+            for f, indexes in blocks:
+                pending = by_file.get(f)
+                if pending is None:
+                    by_file[f] = list(indexes)
+                else:
+                    pending.extend(indexes)
+        for f, pending in by_file.items():
             counts = self.hits.get(f)
             if counts is None:
-                counts = self.hits[f] = Counter()
-            counts.update(indexes)
+                self.hits[f] = Counter(pending)
+            else:
+                counts.update(pending)
+        self.uncounted.clear()
+        self.uncounted_blocks = 0
+        return self.hits
 
 
 class Windows:
@@ -260,9 +290,7 @@ class Windows:
         return [w for w in map(self.add, summaries) if w is not None]
 
     def _close(self, w: _Open) -> WindowStats:
-        # Hottest first; ties broken by block address so the order never depends on hashing.
-        hottest = heapq.nsmallest(self.top_blocks, ((-n, (f, i)) for f, counts in w.hits.items()
-                                                    for i, n in counts.items()))
+        hottest = self._hottest(w.count_hits())
         blocks = sum(n for n, _ in w.files.values())
         block_bytes = sum(b for _, b in w.files.values())
         return WindowStats(
@@ -275,10 +303,20 @@ class Windows:
             blob_deletes=w.blob_deletes, bytes=block_bytes + w.blob_bytes,
             txn_bytes_p50=percentile(w.sizes, 50), txn_bytes_p99=percentile(w.sizes, 99),
             txn_bytes_max=max(w.sizes),
-            hottest_blocks=tuple(HotBlock(f, i, -negative) for negative, (f, i) in hottest),
+            hottest_blocks=hottest,
             capture_lag_ms_p50=percentile(w.lags, 50), capture_lag_ms_p99=percentile(w.lags, 99),
             capture_lag_ms_max=max(w.lags),
         )
+
+
+    def _hottest(self, hits: dict[int, Counter]) -> tuple[HotBlock, ...]:
+        """The top_blocks most written blocks, hottest first, ties by block address (never by hashing order)."""
+        counts = sorted(chain.from_iterable(c.values() for c in hits.values()), reverse=True)
+        if not counts or not self.top_blocks:
+            return ()
+        least = counts[min(self.top_blocks, len(counts)) - 1]  # only blocks written this often can make the list
+        top = sorted((-n, f, i) for f, c in hits.items() for i, n in c.items() if n >= least)[:self.top_blocks]
+        return tuple(HotBlock(f, i, -negative) for negative, f, i in top)
 
 
 def stats_topic(database_topic: str, template: str = "{topic}" + STATS_SUFFIX, database: str = "") -> str:

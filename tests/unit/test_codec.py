@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 from pathlib import Path
@@ -115,6 +116,21 @@ def test_records_in_any_bytes_like_buffer_decode_alike(codec: Codec) -> None:
     assert decoded[1]["txn_id"] == 7
     assert codec.decode(memoryview(value)) == codec.decode(bytearray(value)) == decoded
     assert codec.peek(memoryview(value)) == codec.peek(value) == (BEGIN, "app", 7)
+
+
+def test_decoding_equals_fastavros_public_reader_for_every_record_type(codec: Codec) -> None:
+    """Codec.decode calls fastavro's compiled read_record directly (faster); it must read what schemaless_reader reads."""
+    t = txn(9, [BlockWrite(0, 1, bytes(64)), BlockWrite(0, 2, bytes(64)), BlobChunk("A/1.doc", 5, "ab" * 32, 0, 1, b"hello"),
+                BlobDelete("B/2.txt")], snapshot=True)
+    values = [v for _, v in codec.transaction_records(t)]
+    assert len(values) == 7  # begin, snapshot start, batch, chunk, delete, snapshot end, commit
+    for value in values:
+        name, writer, _ = codec._readers[value[2:10]]
+        buf = io.BytesIO(value)
+        buf.seek(10)
+        assert codec.decode(value) == (name, fastavro.schemaless_reader(buf, writer, None))
+    with pytest.raises(PipelineError, match=r"cannot decode pool.pipeline.TxnCommit body.*offset=3"):
+        codec.decode(values[-1][:-3], topic="pool.app", offset=3)
 
 
 def test_block_size_field_must_match_data(codec: Codec) -> None:
