@@ -9,6 +9,7 @@ import pytest
 from pipeline.codec import Codec, StreamRecord
 from pipeline.errors import PipelineError
 from pipeline.model import BlobChunk, BlobDelete, BlockWrite, FileLayout, Transaction
+from pipeline import stats
 from pipeline.stats import HotBlock, TxnSummary, Windows, percentile, stats_topic, summarize
 from schemas import load_schemas
 
@@ -91,6 +92,15 @@ def test_hottest_blocks_ordered_by_writes_then_address_and_snapshots_not_counted
     s = w.add(txn(5, T0 + 2000, [block(0, 0)]))
     assert s is not None and s.snapshots == 1 and s.blocks == 100 + 7
     assert s.hottest_blocks == (HotBlock(1, 7, 3), HotBlock(0, 9, 2), HotBlock(0, 2, 1))
+
+
+def test_hot_blocks_counted_in_small_batches_give_the_same_windows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A window counts block writes in bulk, every HIT_BATCH blocks: where the batches end must not matter."""
+    summaries = stream(400)
+    whole = Windows(DB, window_ms=1000, top_blocks=5).add_all(summaries)
+    monkeypatch.setattr(stats, "HIT_BATCH", 3)
+    assert Windows(DB, window_ms=1000, top_blocks=5).add_all(summaries) == whole
+    assert len(whole) > 10 and all(len(w.hottest_blocks) == 5 for w in whole)
 
 
 def test_source_clock_stepping_back_counts_in_the_open_window() -> None:
