@@ -333,12 +333,13 @@ class ChangeStream:
 
     def _records(self, tp: TopicPartition) -> Iterator[Record]:
         """The buffered records of one partition up to a transaction boundary; fetches more mid-transaction."""
-        epoch = self._epochs.get(tp, 0)
+        epochs = self._epochs
+        epoch = epochs.get(tp, 0)
         buf = self._buffers[tp]
         inside = False  # between a TxnBegin and its TxnCommit (both keyed b"txn")
         while True:
             while buf:
-                if self._epochs.get(tp, 0) != epoch:
+                if epochs.get(tp, 0) != epoch:
                     raise Rebalanced(f"{database_for(tp.topic)} was reassigned while its transaction was read; "
                                      "nothing of it may be used", database=database_for(tp.topic), retriable=True)
                 r = buf.popleft()

@@ -107,17 +107,16 @@ class Codec:
             fingerprint = bytes.fromhex(fastavro.schema.fingerprint(canonical, "CRC-64-AVRO"))
             self._writers[fingerprint] = (name, parsed)
             self._current[name] = (MAGIC + fingerprint, parsed)  # later versions win
-        # fingerprint -> (name, writer schema, reader schema or None when it is the writer's)
-        self._readers: dict[bytes, tuple[str, dict, dict | None]] = {}
-        # fingerprint -> the writer's named types, for _read_record (current versions only: no resolution)
-        self._named: dict[bytes, dict] = {}
+        # fingerprint -> (name, writer schema, reader schema or None when it is the writer's, and the
+        # writer's named types when _read_record can read it: compiled fastavro, no schema resolution)
+        self._readers: dict[bytes, tuple[str, dict, dict | None, dict | None]] = {}
         for fingerprint, (name, parsed) in self._writers.items():
             reader = self._current[name][1]
-            self._readers[fingerprint] = (name, parsed, None if reader is parsed else reader)
+            named: dict | None = None
             if reader is parsed and _COMPILED:
-                named: dict = {"writer": {}, "reader": {}}
+                named = {"writer": {}, "reader": {}}
                 fastavro.parse_schema(parsed, named["writer"])
-                self._named[fingerprint] = named
+            self._readers[fingerprint] = (name, parsed, None if reader is parsed else reader, named)
 
     @property
     def record_names(self) -> list[str]:
@@ -140,11 +139,10 @@ class Codec:
             data = value
         else:
             known, data = self._schema_of(value, topic, offset)
-        name, writer, reader = known
+        name, writer, reader, named = known
         buf = io.BytesIO(data)
         buf.seek(10)
         try:
-            named = self._named.get(data[2:10])
             if named is not None:
                 record = _read_record(buf, writer, named, None, _READ_OPTIONS)
             else:
@@ -156,8 +154,8 @@ class Codec:
         return name, record
 
     def _schema_of(self, value: bytes | bytearray | memoryview | None, topic: str | None,
-                   offset: int | None) -> tuple[tuple[str, dict, dict | None], bytes]:
-        """((name, writer, reader), the record as bytes), or the PipelineError that says why it has no schema."""
+                   offset: int | None) -> tuple[tuple[str, dict, dict | None, dict | None], bytes]:
+        """(its _readers entry, the record as bytes), or the PipelineError that says why it has no schema."""
         if value is None or len(value) < 10 or value[:2] != MAGIC:
             raise PipelineError(
                 "not an Avro single-object record (missing C3 01 marker)", topic=topic, offset=offset
@@ -179,7 +177,7 @@ class Codec:
 
         Lets a consumer that only frames transactions (the archiver) skip parsing block images.
         """
-        (name, _, _), data = self._schema_of(value if value is None or len(value) >= 12 else None, topic, offset)
+        (name, *_), data = self._schema_of(value if value is None or len(value) >= 12 else None, topic, offset)
         try:
             length, pos = _varint(data, 10)
             database = data[pos:pos + length].decode()

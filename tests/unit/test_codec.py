@@ -125,7 +125,7 @@ def test_decoding_equals_fastavros_public_reader_for_every_record_type(codec: Co
     values = [v for _, v in codec.transaction_records(t)]
     assert len(values) == 7  # begin, snapshot start, batch, chunk, delete, snapshot end, commit
     for value in values:
-        name, writer, _ = codec._readers[value[2:10]]
+        name, writer, *_ = codec._readers[value[2:10]]
         buf = io.BytesIO(value)
         buf.seek(10)
         assert codec.decode(value) == (name, fastavro.schemaless_reader(buf, writer, None))
