@@ -1,6 +1,6 @@
 """Analytics consumer throughput versus a raw kafka-python consumer reading the same topic, in the same run.
 
-    .venv/bin/python bench/analytics_throughput.py [--initial 3000] [--txns 15000] [--window 1] [--runs 3] [--profile]
+    .venv/bin/python bench/analytics_throughput.py [--initial 3000] [--txns 15000] [--window 1] [--runs 7] [--profile]
 
 What runs (one run, one private broker on 127.0.0.1):
  1. A PicoLisp app commits --initial transactions; a capture-agent (follow mode, subprocess) publishes
@@ -139,7 +139,7 @@ def main() -> int:
     ap.add_argument("--window", type=float, default=1.0, help="analytics window in seconds")
     ap.add_argument("--profile", action="store_true", help="cProfile the in-process analytics run")
     ap.add_argument("--no-cli", action="store_true", help="skip the `analytics --once` process run")
-    ap.add_argument("--runs", type=int, default=3, help="interleaved raw/analytics runs (medians are reported)")
+    ap.add_argument("--runs", type=int, default=7, help="interleaved raw/analytics runs (medians are reported)")
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args()
 
