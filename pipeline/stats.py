@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from itertools import chain
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Iterable
 
 from pipeline.errors import PipelineError
@@ -227,6 +227,7 @@ class _Open:
                 self.count_hits()
 
     def count_hits(self) -> dict[int, Counter]:
+        """Count the blocks not counted yet into `hits`, and return it."""
         by_file: dict[int, list[int]] = {}
         for blocks in self.uncounted:
             for f, indexes in blocks:
@@ -307,7 +308,6 @@ class Windows:
             capture_lag_ms_p50=percentile(w.lags, 50), capture_lag_ms_p99=percentile(w.lags, 99),
             capture_lag_ms_max=max(w.lags),
         )
-
 
     def _hottest(self, hits: dict[int, Counter]) -> tuple[HotBlock, ...]:
         """The top_blocks most written blocks, hottest first, ties by block address (never by hashing order)."""

@@ -6,10 +6,10 @@ import random
 
 import pytest
 
+from pipeline import stats
 from pipeline.codec import Codec, StreamRecord
 from pipeline.errors import PipelineError
 from pipeline.model import BlobChunk, BlobDelete, BlockWrite, FileLayout, Transaction
-from pipeline import stats
 from pipeline.stats import HotBlock, TxnSummary, Windows, percentile, stats_topic, summarize
 from schemas import load_schemas
 
