@@ -95,11 +95,12 @@ def summarize(txn: Transaction, publish_time_ms: int | None = None) -> TxnSummar
         raise txn.error("transaction has no offsets: summarize it only after reading it from a topic")
     if publish_time_ms is None:
         publish_time_ms = txn.publish_time_ms or txn.source_time_ms
+    by_file = sorted(files.items())
     return TxnSummary(
         database=txn.database, txn_id=txn.txn_id, source_time_ms=txn.source_time_ms,
         publish_time_ms=publish_time_ms, offset=txn.offset, end_offset=txn.end_offset, snapshot=txn.snapshot,
-        file_blocks=tuple((f, n, b) for f, (n, b, _) in sorted(files.items())),
-        blocks=tuple((f, tuple(indexes)) for f, (_, _, indexes) in sorted(files.items()) if indexes),
+        file_blocks=tuple([(f, n, b) for f, (n, b, _) in by_file]),
+        blocks=tuple([(f, tuple(indexes)) for f, (_, _, indexes) in by_file if indexes]),
         blob_bytes=blob_bytes, blob_chunks=blob_chunks, blobs_written=blobs_written, blob_deletes=blob_deletes,
     )
 
