@@ -76,6 +76,9 @@ def capture_agent_parser() -> argparse.ArgumentParser:
     _add_kafka(p)
     p.add_argument("--replication-factor", type=int, default=1, help="for a topic the agent creates (default 1)")
     p.add_argument("--min-insync-replicas", type=int, default=1, help="for a topic the agent creates (default 1)")
+    p.add_argument("--kafka-timeout", type=float, default=30.0,
+                   help="seconds any one Kafka step (send, flush, commit, abort) may wait before the producer is "
+                        "rebuilt and the round retried from the spool (default 30)")
     p.add_argument("--snapshot", action="store_true", help="publish a full snapshot before streaming")
     p.add_argument("--once", action="store_true", help="publish what is pending, then exit")
     p.add_argument("--poll-interval", type=float, default=0.02, help="seconds between journal polls")
@@ -92,6 +95,9 @@ def replica_parser() -> argparse.ArgumentParser:
     p.add_argument("--pattern", help="regex of databases to replicate (with --root)")
     p.add_argument("--root", help="with --pattern: one directory per database under this root")
     p.add_argument("--once", action="store_true", help="catch up to the current end, then exit")
+    p.add_argument("--skip-to-snapshot", action="store_true",
+                   help="the way past a bad record: start at the newest snapshot txn after the replica's position "
+                        "(publish one with `capture-agent --snapshot`), skipping what lies before it")
     _add_kafka(p)
     return p
 
@@ -115,6 +121,9 @@ def archive_parser() -> argparse.ArgumentParser:
     p.add_argument("--group", default="archive", help="consumer group (offsets committed after each upload)")
     p.add_argument("--once", action="store_true", help="archive up to the current end (including the open "
                    "segment), then exit")
+    p.add_argument("--skip-to-snapshot", action="store_true",
+                   help="the way past a bad record: continue at the newest snapshot txn after the archive's end "
+                        "(publish one with `capture-agent --snapshot`); `archive ls` then shows the gap")
     p.add_argument("--segment-txns", type=int, default=10_000, help="close a segment after N txns (default 10000)")
     p.add_argument("--segment-bytes", type=int, default=64 << 20, help="... or after N record bytes (default 64 MiB)")
     p.add_argument("--part-bytes", type=int,
@@ -277,21 +286,19 @@ class _Progress:
             self.last_print, self.txns = now, 0
 
 
-def _with_retries(what: str, attempt: Callable[[], int], *, max_backoff: float = 30.0) -> int:
-    """Run `attempt`; on a retriable PipelineError wait (capped exponential backoff) and run it again."""
-    delay = 0.5
-    while True:
-        started = time.monotonic()
-        try:
-            return attempt()
-        except PipelineError as exc:
-            if not exc.retriable:
-                raise
-            if time.monotonic() - started > 60:
-                delay = 0.5  # it ran fine for a while: this is a new outage
-            print(f"{what}: {exc} — retrying in {delay:.1f} s", file=sys.stderr, flush=True)
-            time.sleep(delay)
-            delay = min(max_backoff, delay * 2)
+def _with_retries(what: str, attempt: Callable[[], int], *, bootstrap_servers: str | None = None) -> int:
+    """Run `attempt`; on a retriable PipelineError log why, wait (the one retry policy) and run it again.
+    A step that fails part way is safe to run again: every sink stores its position with its data."""
+    from connectors.faults import Backoff, retry
+
+    explain = None
+    if bootstrap_servers is not None:
+        from connectors.kafka import reachability
+
+        explain = lambda: reachability(bootstrap_servers)  # noqa: E731
+    # Kafka outages are retried every 5 s at most, so a cluster that is back is used within seconds.
+    return retry(what, attempt, lambda line: print(line, file=sys.stderr, flush=True),
+                 backoff=Backoff(cap=5.0), explain=explain)
 
 
 def _capture(args: argparse.Namespace) -> int:
@@ -306,11 +313,12 @@ def _capture(args: argparse.Namespace) -> int:
     progress = _Progress(f"capture-agent {database}")
 
     def attempt() -> int:
-        if ensure_topic(args.bootstrap_servers, topic_for(database),
-                        replication_factor=args.replication_factor, min_insync_replicas=args.min_insync_replicas):
+        if ensure_topic(args.bootstrap_servers, topic_for(database), replication_factor=args.replication_factor,
+                        min_insync_replicas=args.min_insync_replicas, log=lambda line: print(line, flush=True)):
             print(f"created topic {topic_for(database)} (RF {args.replication_factor}, "
                   f"min.insync.replicas {args.min_insync_replicas})", flush=True)
-        sink = TopicSink(args.bootstrap_servers, database, codec)  # init_transactions fences older agents
+        # init_transactions fences older agents, and settles what a failed producer of ours left open
+        sink = TopicSink(args.bootstrap_servers, database, codec, timeout_s=args.kafka_timeout)
         source = None
         try:
             last = last_commit(args.bootstrap_servers, database, codec)
@@ -329,7 +337,7 @@ def _capture(args: argparse.Namespace) -> int:
             sink.close()
 
     try:
-        return _with_retries(f"capture-agent {database}", attempt)
+        return _with_retries(f"capture-agent {database}", attempt, bootstrap_servers=args.bootstrap_servers)
     finally:
         lock.release()
 
@@ -348,9 +356,13 @@ def _replica(args: argparse.Namespace) -> int:
     progress = _Progress(f"replica {args.database} ({args.group})")
 
     def attempt() -> int:
-        start = _start_offset(args.bootstrap_servers, args.database, codec, sink)
+        if not _topic_ready(args.bootstrap_servers, args.database, args.once, f"replica {args.database}"):
+            return 0
+        start = _start_offset(args.bootstrap_servers, args.database, codec, sink, args.skip_to_snapshot)
         print(f"replica {args.database}: at {sink.position()}, reading from offset {start}", flush=True)
         source = TopicSource(args.bootstrap_servers, args.database, codec, args.group, start, once=args.once)
+        if sink.position().txn_id > 0:  # the group offset shows where the replica really is, not a stale one
+            source.offsets.at(source.tp, start, sink.position().txn_id, sink.source_time_ms)
         try:
             final = replicate(source, sink, on_applied=progress)
         finally:
@@ -359,15 +371,28 @@ def _replica(args: argparse.Namespace) -> int:
         return 0
 
     try:
-        return _with_retries(f"replica {args.database}", attempt)
+        return _with_retries(f"replica {args.database}", attempt, bootstrap_servers=args.bootstrap_servers)
     finally:
         sink.close()
 
 
-def _start_offset(bootstrap: str, database: str, codec: Codec, sink: ReplicaDir) -> int:
+def _topic_ready(bootstrap_servers: str, database: str, once: bool, what: str) -> bool:
+    """Wait for the database's topic (only the capture-agent creates it); with --once, say so and go."""
+    from connectors.kafka import topic_for, wait_for_topic
+
+    if wait_for_topic(bootstrap_servers, database, once=once, log=lambda line: print(f"{what}: {line}", flush=True)):
+        return True
+    print(f"{what}: topic {topic_for(database)} does not exist yet (no capture-agent has published "
+          f"{database!r}); nothing to do", flush=True)
+    return False
+
+
+def _start_offset(bootstrap: str, database: str, codec: Codec, sink: ReplicaDir, skip_to_snapshot: bool = False) -> int:
     """Where a replica reads from: its stored position, or for an empty one the newest snapshot."""
     from connectors.kafka import latest_snapshot
 
+    if sink.position().txn_id > 0 and skip_to_snapshot:
+        return _skip_to_snapshot(bootstrap, database, codec, sink.next_offset, sink.position().txn_id, "replica")
     if sink.position().txn_id > 0:
         return sink.next_offset
     snapshot = latest_snapshot(bootstrap, database, codec)
@@ -375,6 +400,21 @@ def _start_offset(bootstrap: str, database: str, codec: Codec, sink: ReplicaDir)
         return 0
     print(f"replica {database}: empty, starting at the newest snapshot (txn {snapshot[0]}, offset {snapshot[1]})",
           flush=True)
+    return snapshot[1]
+
+
+def _skip_to_snapshot(bootstrap: str, database: str, codec: Codec, next_offset: int, txn_id: int, what: str) -> int:
+    """The offset of the newest snapshot txn after `next_offset`: the way past a bad record (--skip-to-snapshot)."""
+    from connectors.kafka import latest_snapshot
+
+    snapshot = latest_snapshot(bootstrap, database, codec)
+    if snapshot is None or snapshot[1] < next_offset or snapshot[0] <= txn_id:
+        raise PipelineError(f"{what} {database}: --skip-to-snapshot found no snapshot after offset {next_offset} "
+                            f"(txn {txn_id}): publish one with `capture-agent --snapshot` first, or run without --skip-to-snapshot",
+                            database=database)
+    if snapshot[1] > next_offset:
+        print(f"{what} {database}: skipping offsets {next_offset}..{snapshot[1] - 1} to the snapshot txn "
+              f"{snapshot[0]} at offset {snapshot[1]} (--skip-to-snapshot)", flush=True)
     return snapshot[1]
 
 
@@ -409,7 +449,8 @@ def _replica_group(args: argparse.Namespace) -> int:
 
     def attempt() -> int:
         reader = GroupReader(args.bootstrap_servers, args.group, args.pattern, codec,
-                             lambda db: _start_offset(args.bootstrap_servers, db, codec, sink_for(db)),
+                             lambda db: _start_offset(args.bootstrap_servers, db, codec, sink_for(db),
+                                                      args.skip_to_snapshot),
                              once=args.once, on_revoked=release,
                              log=lambda line: print(line, file=sys.stderr, flush=True))
         try:
@@ -432,7 +473,7 @@ def _replica_group(args: argparse.Namespace) -> int:
         return 0
 
     try:
-        return _with_retries(f"replica group {args.group}", attempt)
+        return _with_retries(f"replica group {args.group}", attempt, bootstrap_servers=args.bootstrap_servers)
     finally:
         for sink in sinks.values():
             sink.close()
@@ -509,7 +550,12 @@ def _archive(args: argparse.Namespace) -> int:
             archiver.close()
 
     def attempt() -> int:
+        if not _topic_ready(args.bootstrap_servers, database, args.once, f"archive {database}"):
+            return 0
         start = archiver.resume()
+        if args.skip_to_snapshot and archiver.position is not None:
+            start = _skip_to_snapshot(args.bootstrap_servers, database, codec, start, archiver.position.txn_id,
+                                      "archive")
         held = f"up to {archiver.position}" if archiver.position else "nothing yet"
         print(f"archive {database}: {store.url} holds {held}; reading {topic_for(database)} from offset {start}",
               flush=True)
@@ -528,7 +574,7 @@ def _archive(args: argparse.Namespace) -> int:
         return 0
 
     try:
-        return _with_retries(f"archive {database}", attempt)
+        return _with_retries(f"archive {database}", attempt, bootstrap_servers=args.bootstrap_servers)
     finally:
         archiver.close()
 
@@ -637,6 +683,8 @@ def _analytics(args: argparse.Namespace) -> int:
     what = f"analytics {args.database or args.pattern} ({args.group})"
 
     def attempt() -> int:
+        if args.database and not _topic_ready(args.bootstrap_servers, args.database, args.once, what):
+            return 0
         # With one database there is one member: static membership lets it restart without waiting
         # for its dead predecessor's session to time out.
         stream = ChangeStream(args.bootstrap_servers, args.group, databases=[args.database] if args.database else None,
@@ -655,7 +703,7 @@ def _analytics(args: argparse.Namespace) -> int:
                 consumer.close()
             stream.close()
 
-    return _with_retries(what, attempt)
+    return _with_retries(what, attempt, bootstrap_servers=args.bootstrap_servers)
 
 
 def analytics(argv: Sequence[str] | None = None) -> NoReturn:

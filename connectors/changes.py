@@ -36,7 +36,9 @@ from connectors.kafka import (
     _broker_error,
     committed_consumer,
     database_for,
+    end_transaction,
     ensure_topic,
+    flush_checked,
     is_fenced,
     topic_for,
 )
@@ -411,8 +413,9 @@ class KafkaTransactions:
     """
 
     def __init__(self, stream: ChangeStream, transactional_prefix: str, *, transaction_timeout_ms: int = 30_000,
-                 topics: Callable[[str], Sequence[str]] | None = None) -> None:
+                 topics: Callable[[str], Sequence[str]] | None = None, timeout_s: float = 30.0) -> None:
         self.stream = stream
+        self.timeout_s = timeout_s
         self.prefix = transactional_prefix
         self.transaction_timeout_ms = transaction_timeout_ms
         self.topics = topics
@@ -435,7 +438,8 @@ class KafkaTransactions:
                 # kafka-python's sender re-checks in-flight transactional requests at this interval, so
                 # it paces every round trip of a transaction: the first send_offsets_to_transaction took
                 # 33 ms at 10, 23 ms at 5, 15 ms at 2 (one broker on loopback). Retries are rare here.
-                retry_backoff_ms=2)
+                retry_backoff_ms=2, allow_auto_create_topics=False, max_block_ms=int(self.timeout_s * 1000),
+                request_timeout_ms=int(self.timeout_s * 1000), delivery_timeout_ms=int(self.timeout_s * 2000))
             producer.init_transactions()
         except KafkaError as exc:
             raise _broker_error(f"cannot start the transactional producer {tid}", exc, database=database) from exc
@@ -482,22 +486,27 @@ class KafkaTransactions:
             raise PipelineError(f"database {cp.database} is not assigned to this member of group {self.stream.group}",
                                 database=cp.database, txn_id=cp.txn_id, offset=cp.end_offset, retriable=True)
         tp = TopicPartition(topic_for(cp.database), PARTITION)
+        failed: list[BaseException] = []
         try:
             producer.begin_transaction()
             for topic, key, value in records:
-                producer.send(topic, key=key, value=value, partition=PARTITION)
+                producer.send(topic, key=key, value=value, partition=PARTITION).add_errback(failed.append)
             producer.send_offsets_to_transaction({tp: OffsetAndMetadata(cp.next_offset, cp.metadata(), -1)},
                                                  self.stream.consumer.group_metadata())
-            producer.commit_transaction()
+            flush_checked(producer, failed, self.timeout_s)
+            end_transaction(producer, commit=True, timeout_s=self.timeout_s)
         except KafkaError as exc:
             fenced = is_fenced(exc)
             with contextlib.suppress(Exception):
-                producer.abort_transaction()
+                end_transaction(producer, commit=False, timeout_s=self.timeout_s)
             self.stream.restart(cp.database)  # drops state and re-reads from the committed offset
             if fenced:
                 raise PipelineError(f"fenced: another member of group {self.stream.group} now writes database "
                                     f"{cp.database!r} (transactional.id {self.transactional_id(cp.database)})",
                                     database=cp.database, txn_id=cp.txn_id, offset=cp.end_offset) from exc
+            # A producer that failed may be in any state: the next owner (or this member, at the next
+            # assignment) starts a new one, whose init_transactions settles what this one left open.
+            self._close(cp.database)
             raise _broker_error("exactly-once output to Kafka failed and was aborted", exc, database=cp.database,
                                 txn_id=cp.txn_id, offset=cp.end_offset) from exc
         self.next_offsets[cp.database] = cp.next_offset

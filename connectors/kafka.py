@@ -12,6 +12,7 @@ from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.errors import (
     InvalidProducerEpochError,
     KafkaError,
+    KafkaTimeoutError,
     ProducerFencedError,
     TopicAlreadyExistsError,
     TransactionalIdAuthorizationFailedError,
@@ -20,6 +21,7 @@ from kafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
 from kafka.coordinator.assignors.sticky.sticky_assignor import StickyPartitionAssignor
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
+from connectors.faults import as_pipeline_error, unreachable
 from pipeline.codec import BEGIN, COMMIT, Codec, Record
 from pipeline.errors import PipelineError
 from pipeline.model import FileLayout, Position, Transaction, check_database_name
@@ -58,23 +60,29 @@ def is_fenced(exc: BaseException) -> bool:
 
 
 def _broker_error(what: str, exc: Exception, **ctx: object) -> PipelineError:
-    retriable = bool(getattr(exc, "retriable", False)) or isinstance(exc, (KafkaError, OSError))
-    return PipelineError(f"{what}: {type(exc).__name__}: {exc}", retriable=retriable, **ctx)  # type: ignore[arg-type]
+    return as_pipeline_error(what, exc, **ctx)
+
+
+# What the agent needs of its topic, and whether a different existing setting is fatal.
+_REQUIRED_CONFIGS = {"cleanup.policy": "delete"}
 
 
 def ensure_topic(
     bootstrap_servers: str, topic: str, *, replication_factor: int = 1, min_insync_replicas: int = 1,
-    timeout_s: float = 30,
+    timeout_s: float = 30, log: Callable[[str], None] = print,
 ) -> bool:
     """Create the database topic if it is missing; True if this call created it.
 
-    Retention is unlimited so that a replica started at any time can bootstrap from the
-    topic alone (it replays from the first snapshot); see README "Bootstrapping".
+    Only the agent creates topics (every client sets allow_auto_create_topics=False). Retention is
+    unlimited so that a replica started at any time can bootstrap from the topic alone (it replays
+    from the first snapshot); see README "Bootstrapping". An existing topic is checked: more than
+    one partition or a compacted topic is refused, weaker durability or finite retention is logged.
     """
     admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers, client_id="pool-pipeline-admin",
                              request_timeout_ms=int(timeout_s * 1000))
     try:
         if topic in admin.list_topics():
+            _check_topic(admin, topic, min_insync_replicas, log)
             return False
         configs = {
             "cleanup.policy": "delete",
@@ -99,6 +107,72 @@ def ensure_topic(
         admin.close()
 
 
+def _check_topic(admin: KafkaAdminClient, topic: str, min_insync_replicas: int, log: Callable[[str], None]) -> None:
+    """Refuse an existing topic the pipeline cannot work with; warn about weaker settings."""
+    from kafka.admin import ConfigResource, ConfigResourceType
+
+    described = admin.describe_topics([topic])
+    partitions = len(described[0].get("partitions") or []) if described else 1
+    if partitions != 1:
+        raise PipelineError(f"topic {topic} has {partitions} partitions; a database topic needs exactly 1 (a total "
+                            "order of transactions): delete it or use another --database", topic=topic)
+    result = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)], config_filter="all")
+    configs = _config_values(result, topic)
+    for key, wanted in _REQUIRED_CONFIGS.items():
+        if key in configs and configs[key] != wanted:
+            raise PipelineError(f"topic {topic} has {key}={configs[key]}; the pipeline needs {key}={wanted} "
+                                f"(fix it with kafka-configs --alter --add-config {key}={wanted})", topic=topic)
+    isr = int(configs.get("min.insync.replicas", min_insync_replicas) or 0)
+    if isr < min_insync_replicas:
+        log(f"warning: topic {topic} has min.insync.replicas={isr}, below the {min_insync_replicas} asked for: "
+            "a committed transaction may be lost with a single broker")
+    retention = configs.get("retention.ms")
+    if retention not in (None, "-1"):
+        log(f"warning: topic {topic} keeps records for retention.ms={retention}: a replica started later must "
+            "bootstrap from a snapshot still in the topic")
+
+
+def _config_values(result: dict, topic: str) -> dict[str, str]:
+    """{name: value} from describe_configs' answer."""
+    entries = result.get("topic", {}).get(topic, {})
+    return {k: (v.get("value") if isinstance(v, dict) else v) for k, v in entries.items()}
+
+
+def reachability(bootstrap_servers: str) -> str:
+    """One line on what the cluster looks like from here, for the retry log of an outage."""
+    down, total = unreachable(bootstrap_servers)
+    if down:
+        return (f"waiting for Kafka: {len(down)} of {total} brokers unreachable ({', '.join(down)}); "
+                "writes need min.insync.replicas of the topic's replicas up")
+    return (f"all {total} bootstrap brokers accept connections; waiting for partition leaders, in-sync "
+            "replicas or the transaction coordinator")
+
+
+def wait_for_topic(bootstrap_servers: str, database: str, *, once: bool, log: Callable[[str], None],
+                   interval: float = 1.0, stop: Callable[[], bool] = lambda: False) -> bool:
+    """True once the database's topic exists. Only the capture-agent creates it, so a reader started
+    first waits (logging once); with `once`, False at once."""
+    topic = topic_for(database)
+    consumer = committed_consumer(bootstrap_servers, None)
+    logged = False
+    try:
+        while not stop():
+            try:
+                if topic in consumer.topics():
+                    return True
+            except KafkaError as exc:
+                raise _broker_error(f"cannot list topics on {bootstrap_servers}", exc, database=database) from exc
+            if once:
+                return False
+            if not logged:
+                log(f"waiting for topic {topic}: no capture-agent has published database {database!r} yet")
+                logged = True
+            time.sleep(interval)
+        return False
+    finally:
+        consumer.close()
+
+
 def committed_consumer(bootstrap_servers: str, group: str | None, **extra: object) -> KafkaConsumer:
     """A consumer that sees only committed transactions and never commits on its own."""
     return KafkaConsumer(
@@ -110,6 +184,7 @@ def committed_consumer(bootstrap_servers: str, group: str | None, **extra: objec
         auto_offset_reset="earliest",
         max_partition_fetch_bytes=8 * 1024 * 1024,
         fetch_max_bytes=32 * 1024 * 1024,
+        allow_auto_create_topics=False,  # topics are made only by the capture-agent
         **extra,
     )
 
@@ -132,11 +207,12 @@ def _newest(bootstrap_servers: str, database: str, codec: Codec, pick: Callable[
     def markers(start: int, end: int) -> Iterator[tuple[str, dict, int]]:
         for rec in _records_until(consumer, tp, start, end, timeout_s):
             if rec.key == b"txn":  # TxnBegin and TxnCommit: small, so decoding them is cheap
-                name, value = codec.decode(rec.value, topic=topic, offset=rec.offset)
-                if value["database"] != database:
-                    raise PipelineError(f"record of foreign database {value['database']!r} in topic {topic}",
-                                        database=database, offset=rec.offset, topic=topic)
-                yield name, value, rec.offset
+                try:
+                    name, value = codec.decode(rec.value, topic=topic, offset=rec.offset)
+                except PipelineError:
+                    continue  # not ours: the search is for our own markers (README "A bad record in a topic")
+                if value.get("database") == database:
+                    yield name, value, rec.offset
 
     try:
         consumer.assign([tp])
@@ -210,6 +286,8 @@ class OffsetCommitter:
     They only show lag (the sink's own stored position is the truth), so they are committed
     asynchronously and at most every `interval` s: a synchronous commit per txn took 60% of the
     replica's time (bench/replica_throughput.py). `flush()` commits the last one synchronously.
+    An offset that could not be committed (the group coordinator was down) is kept and sent with
+    the next commit, so after an outage the group shows where the sink really is.
     """
 
     def __init__(self, consumer: KafkaConsumer, interval: float = 0.2) -> None:
@@ -219,8 +297,14 @@ class OffsetCommitter:
         self.last = 0.0
 
     def applied(self, tp: TopicPartition, txn: Transaction) -> None:
-        meta = json.dumps({"txn": txn.txn_id, "source_time_ms": txn.source_time_ms})
-        self.pending[tp] = OffsetAndMetadata(txn.end_offset + 1, meta, -1)
+        self.at(tp, txn.end_offset + 1, txn.txn_id, txn.source_time_ms)
+
+    def at(self, tp: TopicPartition, next_offset: int, txn_id: int, source_time_ms: int | None) -> None:
+        """The sink holds everything before `next_offset`, up to `txn_id`."""
+        meta = {"txn": txn_id}
+        if source_time_ms:
+            meta["source_time_ms"] = source_time_ms
+        self.pending[tp] = OffsetAndMetadata(next_offset, json.dumps(meta), -1)
         if time.monotonic() - self.last >= self.interval:
             self._commit(sync=False)
 
@@ -230,13 +314,48 @@ class OffsetCommitter:
 
     def _commit(self, sync: bool) -> None:
         offsets, self.pending, self.last = self.pending, {}, time.monotonic()
+
+        def keep(failed: object = None) -> None:  # newer offsets recorded meanwhile win
+            for tp, meta in offsets.items():
+                self.pending.setdefault(tp, meta)
+
         try:
             if sync:
                 self.consumer.commit(offsets)
             else:
-                self.consumer.commit_async(offsets)
+                future = self.consumer.commit_async(offsets)
+                if future is not None and hasattr(future, "add_errback"):
+                    future.add_errback(keep)
         except KafkaError:
-            pass  # lag display only
+            keep()  # lag display only: tried again with the next commit
+
+
+def end_transaction(producer: KafkaProducer, *, commit: bool, timeout_s: float) -> None:
+    """commit_transaction()/abort_transaction(), but bounded: kafka-python waits for the coordinator's
+    answer with no timeout, and a coordinator that never answered hung the agent forever."""
+    manager = getattr(producer, "_transaction_manager", None)
+    sender = getattr(producer, "_sender", None)
+    if manager is None or sender is None or not hasattr(manager, "begin_commit"):
+        (producer.commit_transaction if commit else producer.abort_transaction)()  # a later kafka-python
+        return
+    result = manager.begin_commit() if commit else manager.begin_abort()
+    sender.wakeup()
+    if not result.wait(timeout_ms=int(timeout_s * 1000)):
+        raise KafkaTimeoutError(f"no answer from the transaction coordinator within {timeout_s:.0f} s "
+                                f"to {'commit' if commit else 'abort'} the transaction")
+
+
+def flush_checked(producer: KafkaProducer, failed: list[BaseException], timeout_s: float) -> None:
+    """Wait until every record sent in this transaction is acknowledged; raise the first that was not.
+
+    kafka-python 3.0 fails a batch of a transaction without making the transaction abortable when the
+    error is retriable but its time or retries ran out, or when an epoch bump dropped it: a commit
+    after that succeeds and writes a COMMIT marker over missing records. So no commit without this.
+    `failed` is filled by each send's errback.
+    """
+    producer.flush(timeout=timeout_s)  # raises KafkaTimeoutError if records are still out
+    if failed:
+        raise failed[0]
 
 
 class TopicSink:
@@ -244,15 +363,25 @@ class TopicSink:
 
     The transactional.id is derived from the database, so a second agent for the same
     database fences the first: the broker rejects the older producer epoch.
+
+    A transaction commits only if every record of it was acknowledged: kafka-python 3.0 lets a
+    transaction commit after one of its batches failed with a retriable error (delivery timeout,
+    retries spent) or an epoch bump dropped it, which wrote a COMMIT marker over missing records
+    (README "Kafka faults"). Every wait is bounded by `timeout_s`; after any failure the producer
+    is closed and the error is retriable, so the caller rebuilds it (init_transactions fences the
+    old epoch and settles its open transaction) and reads the topic's last txn back before
+    publishing again.
     """
 
     def __init__(self, bootstrap_servers: str, database: str, codec: Codec, position: Position | None = None,
-                 *, transaction_timeout_ms: int = 600_000) -> None:
+                 *, transaction_timeout_ms: int = 600_000, timeout_s: float = 30.0) -> None:
         self.database = database
         self.topic = topic_for(database)
         self.codec = codec
+        self.timeout_s = timeout_s
         self._position = position or Position(0, 0)
         self.bytes_sent = 0
+        timeout_ms = int(timeout_s * 1000)
         try:
             self.producer = KafkaProducer(
                 bootstrap_servers=bootstrap_servers,
@@ -267,11 +396,20 @@ class TopicSink:
                 # kafka-python waits retry_backoff_ms before a transaction that begins right after a
                 # commit; the 100 ms default put 100 ms stalls into commit->replica lag (bench/lag.py).
                 retry_backoff_ms=10,
+                allow_auto_create_topics=False,
+                max_block_ms=timeout_ms,  # send() waiting for metadata, init_transactions
+                request_timeout_ms=timeout_ms,
+                delivery_timeout_ms=max(2 * timeout_ms, timeout_ms + 5_000),
             )
+        except KafkaError as exc:
+            raise _broker_error("cannot start the transactional producer", exc, database=database) from exc
+        try:
             self.producer.init_transactions()
         except FENCED as exc:
+            self.producer.close(timeout=1)
             raise self._fenced(exc) from exc
         except KafkaError as exc:
+            self.producer.close(timeout=1)
             raise _broker_error("cannot start the transactional producer", exc, database=database) from exc
 
     def _fenced(self, exc: Exception) -> PipelineError:
@@ -292,38 +430,55 @@ class TopicSink:
         # snapshot, a big backlog round) buffered it all. Wait for the record sent IN_FLIGHT_BYTES ago,
         # so memory stays bounded whatever the transaction's size (bench/rss.py).
         marks: deque[tuple[int, object]] = deque()  # (bytes sent so far, future of that record), every MiB
+        failed: list[BaseException] = []  # any record of this transaction the broker did not take
         sent = next_mark = 0
         try:
             self.producer.begin_transaction()
             send = self.producer.send
             for key, value in self.codec.transaction_records(txn):
                 future = send(self.topic, value=value, key=key, partition=PARTITION)
+                future.add_errback(failed.append)
                 sent += len(value) + len(key)
                 if sent >= next_mark:
                     marks.append((sent, future))
                     next_mark = sent + (1 << 20)
                     while sent - marks[0][0] > IN_FLIGHT_BYTES:
-                        marks.popleft()[1].get(timeout=120)  # type: ignore[attr-defined]  # raises its error
+                        marks.popleft()[1].get(timeout=self.timeout_s)  # type: ignore[attr-defined]
+                if failed:
+                    raise failed[0]
+            flush_checked(self.producer, failed, self.timeout_s)
             self.bytes_sent += sent
-            self.producer.commit_transaction()
+            self._end(commit=True)
         except PipelineError:
-            self._abort()
+            self._abandon()
             raise
-        except KafkaError as exc:
+        except Exception as exc:
             if is_fenced(exc):
+                self._abandon(abort=False)
                 raise self._fenced(exc) from exc
-            self._abort()
-            raise _broker_error("publishing failed", exc, database=txn.database, txn_id=txn.txn_id) from exc
+            self._abandon()
+            raise _broker_error("publishing failed, the transaction was not committed", exc,
+                                database=txn.database, txn_id=txn.txn_id) from exc
         self._position = txn.after
 
-    def _abort(self) -> None:
-        try:
-            self.producer.abort_transaction()
-        except Exception:  # the producer may already be in a fatal state; the caller reports the cause
-            pass
+    def _end(self, *, commit: bool) -> None:
+        end_transaction(self.producer, commit=commit, timeout_s=self.timeout_s)
 
-    def close(self) -> None:
-        self.producer.close(timeout=10)
+    def _abandon(self, abort: bool = True) -> None:
+        """After a failure: abort if the producer still can (bounded), then close it. The caller rebuilds
+        a producer, whose init_transactions fences this epoch and settles whatever is left open."""
+        if abort:
+            try:
+                self._end(commit=False)
+            except Exception:  # noqa: BLE001 - the caller reports the first failure
+                pass
+        self.close(timeout=2)
+
+    def close(self, timeout: float = 10) -> None:
+        try:
+            self.producer.close(timeout=timeout)
+        except Exception:  # noqa: BLE001 - closing a producer in a fatal state may raise; nothing to keep
+            pass
 
 
 class TopicSource:

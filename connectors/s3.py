@@ -18,6 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Iterator
 
+from connectors.faults import Backoff, classify, retry
+from connectors.picolisp import hax
+from connectors.replica_dir import ReplicaDir, state_dir_for, write_position
 from pipeline.archive import (
     Catalog,
     Framer,
@@ -38,16 +41,11 @@ from pipeline.errors import PipelineError
 from pipeline.model import Position, Transaction, safe_blob_path
 from pipeline.replicate import replicate
 
-from connectors.picolisp import hax
-from connectors.replica_dir import ReplicaDir, state_dir_for, write_position
-
 PROGRESS = Callable[[dict], None]
 _CHUNK = 8 << 20
 # A segment being streamed goes up in parts of this size (S3 wants >= 5 MiB, at most 10 000 parts).
 PART_BYTES = 16 << 20
 MIN_PART_BYTES = 5 << 20
-_RETRIABLE_CODES = {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout", "RequestTimeTooSkewed",
-                    "503", "500", "502", "504", "Throttling", "OperationAborted"}
 
 
 def parse_bucket_url(url: str) -> tuple[str, str]:
@@ -73,19 +71,17 @@ def s3_client(endpoint_url: str | None = None) -> Any:
 
 
 def _s3_error(what: str, exc: Exception, database: str | None) -> PipelineError:
-    from botocore.exceptions import ClientError, NoCredentialsError
-
-    if isinstance(exc, NoCredentialsError):
-        return PipelineError(f"{what}: no S3 credentials (set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or a "
-                             "profile)", database=database)
-    if isinstance(exc, ClientError):
-        code = str(exc.response.get("Error", {}).get("Code", ""))
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        retriable = code in _RETRIABLE_CODES or status >= 500
-        return PipelineError(f"{what}: S3 said {code or status}: {exc.response.get('Error', {}).get('Message', exc)}",
-                             database=database, retriable=retriable)
-    # connection refused, timeouts, a server that went away mid-response
-    return PipelineError(f"{what}: S3 unreachable: {exc}", database=database, retriable=True)
+    """A boto3 failure as one line; whether it is worth retrying is decided by connectors.faults."""
+    retriable, fix = classify(exc)
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        code = response.get("Error", {}).get("Code", "") or response.get("ResponseMetadata", {}).get("HTTPStatusCode", "")
+        text = f"S3 said {code}: {response.get('Error', {}).get('Message', exc)}"
+    elif retriable:
+        text = f"S3 unreachable: {exc}"  # connection refused, timeouts, a server that went away mid-response
+    else:
+        text = str(exc)
+    return PipelineError(f"{what}: {text}" + (f" ({fix})" if fix else ""), database=database, retriable=retriable)
 
 
 def _status_of(exc: Exception) -> int:
@@ -237,22 +233,10 @@ class ArchiveStore:
 
 def retrying(what: str, fn: Callable[[], Any], log: Callable[[str], None], *, max_backoff: float = 10.0,
              stop: threading.Event | None = None) -> Any:
-    """Run `fn` until it succeeds, waiting with capped exponential backoff after retriable errors
+    """Run `fn` until it succeeds, waiting with the one retry policy after retriable errors
     (an S3 outage only delays the archive: nothing is acknowledged before it is stored).
     Setting `stop` ends the waiting with the last error."""
-    delay = 0.5
-    while True:
-        try:
-            return fn()
-        except PipelineError as exc:
-            if not exc.retriable or (stop is not None and stop.is_set()):
-                raise
-            log(f"{what}: {exc} — retrying in {delay:.1f} s")
-            if stop is not None and stop.wait(delay):
-                raise
-            if stop is None:
-                time.sleep(delay)
-            delay = min(max_backoff, delay * 2)
+    return retry(what, fn, log, backoff=Backoff(cap=max_backoff), stop=stop)
 
 
 # --- archiving ------------------------------------------------------------------------------
