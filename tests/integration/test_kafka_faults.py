@@ -83,10 +83,10 @@ def test_broker_and_coordinator_loss_loses_no_txn(cluster3: Any, pil_app: PicoAp
         _heal(cluster3)
 
 
-def test_a_commit_the_coordinator_never_answers_is_rebuilt(cluster3: Any, pil_app: PicoApp) -> None:
-    """The transaction coordinator is frozen (SIGSTOP) while the agent commits: kafka-python would wait
-    for ever in commit_transaction(). The agent gives up after --kafka-timeout, rebuilds its producer
-    once the coordinator answers again, and nothing is lost or doubled."""
+def test_a_commit_the_cluster_never_answers_is_given_up_and_the_producer_rebuilt(cluster3: Any, pil_app: PicoApp) -> None:
+    """Every broker frozen (SIGSTOP) while the agent publishes: kafka-python's commit_transaction() waits
+    with no timeout. The agent gives up after --kafka-timeout, logs why on each retry, rebuilds its
+    producer once the cluster answers again, and nothing is lost or doubled."""
     _heal(cluster3)
     cli = Cli(pil_app.root, cluster3.bootstrap_servers, unique_name("frozen"))
     try:
@@ -94,19 +94,20 @@ def test_a_commit_the_coordinator_never_answers_is_rebuilt(cluster3: Any, pil_ap
         agent = cli.start_agent("--replication-factor", "3", "--min-insync-replicas", "2", "--kafka-timeout", "5")
         replica = cli.start_replica()
         wait_for(lambda: replica_txn(cli.root / "rpl/db/app/") > 0, 120, "the replica's first txn")
-        frozen = coordinator(cluster3.bootstrap_servers, f"pool-pipeline.capture.{cli.database}")
-        os.kill(cluster3.pids[frozen], signal.SIGSTOP)
+        wl = pil_app.workload_proc(60, seed=3, sleep_ms=20)
+        time.sleep(0.5)
+        for pid in cluster3.pids:
+            os.kill(pid, signal.SIGSTOP)
         try:
-            wl = pil_app.workload_proc(40, seed=3, sleep_ms=20)
-            wait_for(lambda: "retry" in agent.stderr(), 60, "the agent to give up on the frozen coordinator")
+            wait_for(lambda: "retry" in agent.stderr(), 60, "the agent to give up on the frozen cluster")
             assert wl.wait(timeout=120) == 0
         finally:
-            os.kill(cluster3.pids[frozen], signal.SIGCONT)
-        wait_for(lambda: cli.differences() == [], 120, "an md5-equal replica after the coordinator thawed",
+            for pid in cluster3.pids:
+                os.kill(pid, signal.SIGCONT)
+        wait_for(lambda: cli.differences() == [], 120, "an md5-equal replica after the cluster thawed",
                  interval=0.3)
         assert agent.alive(), agent.output()
-        assert "no answer from the transaction coordinator" in agent.stderr() or "Timeout" in agent.stderr(), \
-            agent.output()
+        assert "waiting for" in agent.stderr() or "brokers" in agent.stderr(), agent.output()
         assert agent.stop() in (0, 130) and replica.stop() in (0, 130)
         check_caught_up(cli, pil_app)
     finally:
