@@ -85,3 +85,35 @@ def test_readers_never_create_a_topic_and_wait_for_the_agent(app: PicoApp, kafka
         assert replica.alive()
     finally:
         cli.stop_all()
+
+
+def test_status_shows_where_the_replica_really_is_after_a_stale_group_offset(app: PicoApp, kafka: Any) -> None:
+    """The group offset only shows lag; when it is stale (an outage swallowed the commits, or it was
+    reset), a replica that starts puts back where it really is, even with nothing new to apply."""
+    from kafka import KafkaConsumer
+    from kafka.structs import OffsetAndMetadata, TopicPartition
+
+    from tests.pipeline_helpers import BIN
+
+    cli = Cli(app.root, kafka.bootstrap_servers, unique_name("status-truth"))
+    try:
+        app.workload(15, seed=5)
+        ok(cli.agent_once(), "capture-agent --once")
+        ok(cli.replica_once(), "replica --once")
+        last = committed_transactions(cli.bootstrap_servers, cli.database)[-1].txn_id
+        stale = KafkaConsumer(bootstrap_servers=cli.bootstrap_servers, group_id="replica", enable_auto_commit=False)
+        try:
+            stale.commit({TopicPartition(f"pool.{cli.database}", 0): OffsetAndMetadata(0, '{"txn": 0}', -1)})
+        finally:
+            stale.close()
+
+        def applied() -> str:
+            out = ok(cli.run([str(BIN / "pipeline"), "status", "--database", cli.database]), "pipeline status").stdout
+            line = next(line for line in out.splitlines() if line.strip().startswith("replica"))
+            return line.split()[1]
+
+        assert applied() == "0"
+        ok(cli.replica_once(), "replica --once with nothing new")
+        assert applied() == str(last)
+    finally:
+        cli.stop_all()
