@@ -149,7 +149,7 @@ def reachability(bootstrap_servers: str) -> str:
 
 
 def wait_for_topic(bootstrap_servers: str, database: str, *, once: bool, log: Callable[[str], None],
-                   interval: float = 1.0, stop: Callable[[], bool] = lambda: False) -> bool:
+                   interval: float = 0.25, stop: Callable[[], bool] = lambda: False) -> bool:
     """True once the database's topic exists. Only the capture-agent creates it, so a reader started
     first waits (logging once); with `once`, False at once."""
     topic = topic_for(database)
