@@ -263,6 +263,11 @@ class ReplicaDir:
                 self.close()
             if fault is None:
                 raise
+            if self._pos_file.exists():  # failed before reading it (a read-only target): say where it stands
+                try:
+                    self._load_position()
+                except (OSError, PipelineError):
+                    pass
             raise self._fault_error(exc, fault, self.state) from None
 
     def _open(self) -> None:
