@@ -9,6 +9,7 @@ at a transaction boundary, so the files always equal the source at some txn.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -19,7 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 from connectors.picolisp import hax, lock_db_exclusive, pool_files, unlock_db
 from pipeline.checksum import RollingChecksum, block_hash
@@ -45,6 +46,82 @@ MAX_BATCH_TXNS = 5000
 # dearest step of a blob here (~0.3 ms, more than fsyncing it). Larger blobs stream to a file.
 MAX_HELD_BLOB_BYTES = 16 << 20
 PARALLEL_FSYNC_FILES = 16  # a batch with this many blob files fsyncs them on a thread pool
+# Space held in reserve before the commit point, beyond the pool files' growth: position.json.tmp and
+# new blob directories are written after it, when a full disk could no longer be backed out of.
+RESERVE_SLACK_BYTES = 64 << 10
+# Temp files of an apply that never reached its commit point; removed on failure and at open.
+RESERVE_NAME = "reserve"
+TEMP_NAMES = ("redo.tmp", "position.json.tmp", RESERVE_NAME)
+
+
+class DiskFault(NamedTuple):
+    """Why the replica target cannot be written, and what the operator has to do about it."""
+
+    reason: str
+    remedy: str
+
+
+_DISK_FAULTS = {
+    errno.ENOSPC: DiskFault("no space left on device", "free space"),
+    errno.EDQUOT: DiskFault("disk quota exceeded", "free space or raise the quota"),
+    errno.EROFS: DiskFault("read-only file system", "make it writable"),
+    errno.EACCES: DiskFault("permission denied", "make it writable"),
+    errno.EPERM: DiskFault("operation not permitted", "make it writable"),
+}
+
+
+def disk_fault(exc: BaseException) -> DiskFault | None:
+    """The target-filesystem condition behind `exc` (full, over quota, read-only), None for anything else.
+
+    These will not go away by retrying: the replica stops with one line naming the cause.
+    """
+    return _DISK_FAULTS.get(exc.errno) if isinstance(exc, OSError) else None
+
+
+def _mount_of(path: Path) -> Path:
+    """The mount point holding `path` (or its nearest existing ancestor)."""
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    while not os.path.ismount(path) and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    raise AssertionError("unreachable")
+
+
+def free_space(path: Path) -> str:
+    """'<free> free on <mount>' for the filesystem holding `path`, as an operator wants to read it."""
+    mount = _mount_of(path)
+    try:
+        st = os.statvfs(mount)
+    except OSError:
+        return f"free space on {mount} unknown"
+    return f"{_fmt_bytes(st.f_bavail * st.f_frsize)} free on {mount}"
+
+
+def reserve_space(path: Path, size: int) -> None:
+    """Create `path` with `size` bytes allocated (not sparse): raises ENOSPC now rather than later."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise OSError(exc.errno, exc.strerror, str(path)) from None
+            # No fallocate here (some network filesystems): write the bytes instead.
+            view = memoryview(bytes(min(size, 1 << 20)))
+            left = size
+            while left > 0:
+                left -= os.write(fd, view[:left])
+    finally:
+        os.close(fd)
 
 
 def state_dir_for(target: str | Path) -> Path:
@@ -80,6 +157,8 @@ def _write_synced(path: Path, data: bytes | None) -> None:
             while view:
                 view = view[os.write(fd, view):]
         os.fsync(fd)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(path)) from None  # name the file in the error
     finally:
         os.close(fd)
 
@@ -168,18 +247,6 @@ class ReplicaDir:
         self.blob_dir = Path(blob_dir) if blob_dir else None
         self.state = state_dir_for(target)
         self.pool_dir = Path(self.prefix).parent if not self.prefix.endswith("/") else Path(self.prefix)
-        self.pool_dir.mkdir(parents=True, exist_ok=True)
-        self.state.mkdir(exist_ok=True)
-        if self.blob_dir is not None:
-            self.blob_dir.mkdir(parents=True, exist_ok=True)
-            self._blob_root = self.blob_dir.resolve()
-        self._lock_fd = os.open(self.state / "replica.lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.lockf(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(self._lock_fd)
-            raise PipelineError(f"another replica process is applying to {self.prefix} (lock "
-                                f"{self.state / 'replica.lock'})", database=database, retriable=True) from None
         self._pos_file = self.state / "position.json"
         self._redo = self.state / "redo"
         self._fds: dict[int, int] = {}
@@ -187,6 +254,38 @@ class ReplicaDir:
         self.source_time_ms = 0
         self._position = Position(0, 0)
         self.files: list[FileLayout] = []
+        self._lock_fd = -1
+        try:
+            self._open()
+        except OSError as exc:
+            fault = disk_fault(exc)
+            if self._lock_fd >= 0:
+                self.close()
+            if fault is None:
+                raise
+            if self._pos_file.exists():  # failed before reading it (a read-only target): say where it stands
+                try:
+                    self._load_position()
+                except (OSError, PipelineError):
+                    pass
+            raise self._fault_error(exc, fault, self.state) from None
+
+    def _open(self) -> None:
+        """Take the replica's lock, load its position, finish or discard an interrupted apply, verify the files."""
+        database = self.database
+        self.pool_dir.mkdir(parents=True, exist_ok=True)
+        self.state.mkdir(exist_ok=True)
+        if self.blob_dir is not None:
+            self.blob_dir.mkdir(parents=True, exist_ok=True)
+            self._blob_root = self.blob_dir.resolve()
+        lock_fd = os.open(self.state / "replica.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.lockf(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(lock_fd)
+            raise PipelineError(f"another replica process is applying to {self.prefix} (lock "
+                                f"{self.state / 'replica.lock'})", database=database, retriable=True) from None
+        self._lock_fd = lock_fd
         self._load_position()
         self._recover()
         self.checksum = self._scan_checksum()
@@ -196,6 +295,22 @@ class ReplicaDir:
                 f"{self.checksum.value:016x}, the stored position says {self._position.checksum:016x}; "
                 "start a fresh replica directory",
                 database=database, txn_id=self._position.txn_id)
+
+    def _fault_error(self, exc: OSError, fault: DiskFault, default_path: Path, first_txn: int | None = None,
+                     last_txn: int | None = None, committed: bool = False) -> PipelineError:
+        """One line for a full or read-only target: what could not be written, the free space, where the
+        replica stands and what is (not) applied, and what to do. Never retriable: waiting does not free space."""
+        path = Path(exc.filename) if exc.filename else default_path
+        at = f"at txn {self._position.txn_id}"
+        if first_txn is not None and last_txn is not None:
+            txns = f"txn {last_txn}" if first_txn == last_txn else f"txns {first_txn}..{last_txn}"
+            if committed:  # past the commit point: the redo file holds them and the next start replays them
+                at += f", {txns} committed in {self._redo} and replayed at the next start"
+            else:
+                at += f", nothing of {txns} applied"
+        return PipelineError(f"replica {self.database}: cannot write {path}: {fault.reason} "
+                             f"({free_space(path)}); {at}; {fault.remedy} and restart",
+                             database=self.database, txn_id=last_txn)
 
     # --- position ---------------------------------------------------------------------------
 
@@ -299,22 +414,46 @@ class ReplicaDir:
                                 f"replay {self._redo}", database=self.database, txn_id=txn.txn_id, offset=txn.offset)
         if txn.snapshot and self._batch is not None:
             self.flush()  # a snapshot replaces the whole pool: it is a batch of its own
-        batch = self._batch if self._batch is not None else self._open_batch()
-        mark = batch.redo.tell()
+        first = self._batch.first_txn if self._batch is not None and self._batch.txns else txn.txn_id
+        try:
+            batch = self._batch if self._batch is not None else self._open_batch()
+            mark = batch.redo.tell()
+        except OSError as exc:
+            self.discard()
+            fault = disk_fault(exc)
+            if fault is None:
+                raise
+            raise self._fault_error(exc, fault, self.state / "redo.tmp", first, txn.txn_id) from None
         try:
             self._stage(txn, batch)
+        except OSError as exc:
+            fault = disk_fault(exc)
+            if fault is None:
+                self._drop_txn(batch, mark)
+                raise
+            # The batch's buffered frames cannot be written either (a seek back would flush them): the
+            # txns staged before this one go too, and are read again after the restart.
+            self._discard(batch)
+            raise self._fault_error(exc, fault, self.state / "redo.tmp", first, txn.txn_id) from None
         except BaseException as exc:
-            # Drop this txn's frames; its staged blob files are unreferenced and go with the stage dir.
-            batch.redo.seek(mark)
-            batch.redo.truncate(mark)
-            if batch.txns == 0:
-                self._discard(batch)
+            self._drop_txn(batch, mark)
             if isinstance(exc, PipelineError):  # e.g. a blob path check: name the txn at fault
                 raise exc.with_context(database=txn.database, txn_id=txn.txn_id, offset=txn.offset)
             raise
         if (not self.group_commit or batch.snapshot or batch.size >= self.max_batch_bytes
                 or batch.txns >= self.max_batch_txns):
             self.flush()
+
+    def _drop_txn(self, batch: _Batch, mark: int) -> None:
+        """Drop the frames of the txn being staged; its staged blob files are unreferenced and go with the stage dir."""
+        try:
+            batch.redo.seek(mark)
+            batch.redo.truncate(mark)
+        except OSError:
+            self._discard(batch)  # cannot cut the txn out: drop the batch, as if never staged
+            raise
+        if batch.txns == 0:
+            self._discard(batch)
 
     def flush(self) -> None:
         """Commit every staged txn in one redo/fsync cycle; afterwards position() is the last one's.
@@ -353,22 +492,45 @@ class ReplicaDir:
                         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="replica-fsync")
                     list(self._pool.map(lambda job: _write_synced(*job), jobs))  # list(): re-raise an error
                 _fsync_dir(stage)
-        except BaseException:
+            # What the replay writes after the commit point (the files' growth, position.json.tmp) is
+            # allocated now, so a full disk stops the batch here, where it can still be backed out of.
+            reserve = self.state / RESERVE_NAME
+            reserve_space(reserve, self._growth(batch.files) + len(trailer) + RESERVE_SLACK_BYTES)
+        except BaseException as exc:
             self._discard(batch)  # before the commit point: as if never staged; position() is unchanged
-            raise
-        os.replace(self.state / "redo.tmp", self._redo)  # the commit point: from here on the batch is applied
-        _fsync_dir(self.state)
+            fault = disk_fault(exc)
+            if fault is None:
+                raise
+            raise self._fault_error(exc, fault, self.state / "redo.tmp", batch.first_txn,  # type: ignore[arg-type]
+                                    batch.position.txn_id) from None
         try:
+            os.replace(self.state / "redo.tmp", self._redo)  # the commit point: from here on the batch is applied
+            _fsync_dir(self.state)
+            reserve.unlink()  # hands its space to the replay
             self._replay(plan)
         except BaseException as exc:
+            fault = disk_fault(exc)
+            if not self._redo.exists():  # the rename itself failed: still before the commit point
+                self._discard(batch)
+                if fault is None:
+                    raise
+                raise self._fault_error(exc, fault, self._redo, batch.first_txn, batch.position.txn_id) from None
             self._broken = f"{type(exc).__name__}: {exc}"
-            raise
+            if fault is None:
+                raise
+            raise self._fault_error(exc, fault, Path(self.prefix), batch.first_txn, batch.position.txn_id,
+                                    committed=True) from None
         if batch.fresh is not None:
             self.checksum = batch.fresh
         else:
             set_hash = self.checksum.set_hash
             for (file, index), h in batch.overrides.items():
                 set_hash(file, index, h)
+
+    def _growth(self, files: list[FileLayout]) -> int:
+        """Bytes the pool files grow by when they take the layout `files`."""
+        old = {f.file: f.blocks * f.block_size for f in self.files}
+        return sum(max(0, f.blocks * f.block_size - old.get(f.file, 0)) for f in files)
 
     def discard(self) -> None:
         """Drop the staged, unflushed txns (they were never visible; position() still precedes them)."""
@@ -388,9 +550,24 @@ class ReplicaDir:
     def _discard(self, batch: _Batch) -> None:
         if self._batch is batch:
             self._batch = None
-        batch.redo.close()
-        (self.state / "redo.tmp").unlink(missing_ok=True)
-        shutil.rmtree(self.state / "stage", ignore_errors=True)
+        try:
+            batch.redo.close()  # flushes its buffer: fails again on a full disk, yet closes the file
+        except OSError:
+            pass
+        self._remove_temp_files(stage=True)
+
+    def _remove_temp_files(self, *, stage: bool) -> None:
+        """Remove what an apply that never reached its commit point left (a full disk must not stay full).
+
+        Never the committed redo: recovery replays it, and the stage dir holds its blobs then.
+        """
+        for name in TEMP_NAMES:
+            try:
+                (self.state / name).unlink(missing_ok=True)
+            except OSError:
+                pass  # a read-only target: nothing to free, and the error being reported says why
+        if stage:
+            shutil.rmtree(self.state / "stage", ignore_errors=True)
 
     def _stage(self, txn: Transaction, batch: _Batch) -> None:
         """Append every change of `txn` to the batch's redo file and staged blobs, verify the checksum
@@ -613,9 +790,14 @@ class ReplicaDir:
                         os.unlink(os.path.join(root, name))
 
     def _recover(self) -> None:
-        (self.state / "redo.tmp").unlink(missing_ok=True)  # staged but never committed: discard
+        # Staged but never committed (a killed or failed run): discard, so its space comes back. The
+        # stage dir belongs to a committed redo, if there is one, until its replay moved the blobs.
+        for name in TEMP_NAMES:
+            (self.state / name).unlink(missing_ok=True)  # raises on a read-only target: reported as such
         if self._redo.exists():
             self._replay()
+        elif (self.state / "stage").exists():
+            shutil.rmtree(self.state / "stage")
 
     def close(self) -> None:
         """Release the replica; txns staged and not flushed are discarded (never visible, read again later)."""
@@ -626,4 +808,6 @@ class ReplicaDir:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
-        os.close(self._lock_fd)
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1

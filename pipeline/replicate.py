@@ -89,18 +89,27 @@ def replicate(
     position = sink.position()
     pending: list[Transaction] = []  # applied, and durable only after the next flush
 
-    def commit() -> None:
+    def commit(failing: bool = False) -> None:
+        """Flush, then acknowledge the pending txns the sink made durable.
+
+        `failing`: another error is being reported, and the sink may have dropped its staged txns
+        because of it (a full disk). Then only the durable ones are acknowledged, the rest are read
+        again after a restart, and the position is not compared: a mismatch would hide the cause.
+        """
         if not pending:
             return
         if flush is not None:
             flush()
         applied, last = sink.position(), pending[-1]
-        if applied != last.after:
+        if failing:
+            done = [txn for txn in pending if txn.txn_id <= applied.txn_id]
+        elif applied != last.after:
             raise PipelineError(
                 f"sink reports {applied} after applying txn {last.txn_id}, expected {last.after}",
                 database=last.database, txn_id=last.txn_id, offset=last.offset,
             )
-        done = list(pending)
+        else:
+            done = list(pending)
         pending.clear()
         for txn in done:
             source.acknowledge(txn)
@@ -126,7 +135,7 @@ def replicate(
     except BaseException as exc:
         # A bad txn, a broken stream, Ctrl-C: what was applied before it is good, keep it.
         try:
-            commit()
+            commit(failing=True)
         except Exception as also:  # noqa: BLE001 - the first failure is the one to report
             exc.add_note(f"also, committing the txns applied before it failed: {type(also).__name__}: {also}")
         raise
