@@ -296,9 +296,9 @@ def _with_retries(what: str, attempt: Callable[[], int], *, bootstrap_servers: s
         from connectors.kafka import reachability
 
         explain = lambda: reachability(bootstrap_servers)  # noqa: E731
-    # Kafka outages are retried every 5 s at most, so a cluster that is back is used within seconds.
+    # Outages are retried every 3 s at most, so a cluster that is back is used within seconds.
     return retry(what, attempt, lambda line: print(line, file=sys.stderr, flush=True),
-                 backoff=Backoff(cap=5.0), explain=explain)
+                 backoff=Backoff(cap=3.0), explain=explain)
 
 
 def _capture(args: argparse.Namespace) -> int:

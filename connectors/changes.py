@@ -29,6 +29,7 @@ from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from connectors.kafka import (
+    CLIENT_DEFAULTS,
     PARTITION,
     POLL_RECORDS,
     TOPIC_PREFIX,
@@ -439,7 +440,8 @@ class KafkaTransactions:
                 # it paces every round trip of a transaction: the first send_offsets_to_transaction took
                 # 33 ms at 10, 23 ms at 5, 15 ms at 2 (one broker on loopback). Retries are rare here.
                 retry_backoff_ms=2, allow_auto_create_topics=False, max_block_ms=int(self.timeout_s * 1000),
-                request_timeout_ms=int(self.timeout_s * 1000), delivery_timeout_ms=int(self.timeout_s * 2000))
+                request_timeout_ms=int(self.timeout_s * 1000), delivery_timeout_ms=int(self.timeout_s * 2000),
+                **CLIENT_DEFAULTS)
             producer.init_transactions()
         except KafkaError as exc:
             raise _broker_error(f"cannot start the transactional producer {tid}", exc, database=database) from exc
