@@ -359,7 +359,8 @@ def blob_markers(blob_dir: Path, refused: Callable[[str, str, PipelineError], No
             safe_blob_path(target)
         except PipelineError as exc:
             if refused is None:
-                raise PipelineError(f"blob marker {name!r} in {blob_dir}: {exc.message}") from None
+                shown = os.fsencode(name).decode("utf-8", "backslashreplace")  # printable even if not UTF-8
+                raise PipelineError(f"blob marker {shown} in {blob_dir}: {exc.message}") from None
             refused(name, target, exc)
             continue
         markers.append((name, target))
