@@ -330,8 +330,12 @@ class PoolSource:
         """Parse spool and journal under the journal lock, changing nothing: fail before a snapshot starts
         streaming, so that a corrupt journal leaves no aborted records in the topic."""
         spooled = self.spool_path.read_bytes() if self.spool_path.exists() else b""
-        self.pool.refresh()
-        self.journal.read_locked(lambda data: self._touched(spooled, data))
+
+        def locked(data: bytes) -> None:
+            self.pool.refresh()  # under the lock: the journal may name a file PicoLisp created just before
+            self._touched(spooled, data)
+
+        self.journal.read_locked(locked)
 
     def _take_journal(self, *, delta: bool = True) -> tuple[_Images, list[FileLayout]]:
         """Under the journal lock: parse it, copy touched and grown blocks to the image spool, spool the
@@ -675,8 +679,10 @@ class PoolSource:
 
         The agent's spool goes: it holds the old pool's journal, which need not even parse with the new
         block sizes, and the snapshot covers all it could name. Should the snapshot not be committed, the
-        next start sees the same mismatch against the topic and takes it again."""
+        next start sees the same mismatch against the topic and takes it again; and without last-txn.json
+        (see _continues) it cannot take the new pool's journal for a delta from the old pool's checksum."""
         self.spool_path.unlink(missing_ok=True)
+        self.last_txn_path.unlink(missing_ok=True)
         return self._snapshot(after, f"the pool is not the one the topic holds: {reason}")
 
     def _resume(self, after: Position) -> Transaction | None:
