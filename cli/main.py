@@ -303,10 +303,14 @@ def _with_retries(what: str, attempt: Callable[[], int], *, bootstrap_servers: s
 
 def _capture(args: argparse.Namespace) -> int:
     from connectors.kafka import TopicSink, ensure_topic, last_commit, topic_for
-    from connectors.pool_source import AgentLock, PoolSource
+    from connectors.pool_source import AgentLock, PoolSource, wait_for_pool
 
     database = args.database or Path(args.pool.rstrip("/")).name
     check_database_name(database)
+    # Started before the app: wait for its pool and journal, creating nothing (no topic, lock, state dir).
+    if not wait_for_pool(args.pool, Path(args.journal), database, once=args.once,
+                         log=lambda line: print(line, flush=True)):
+        return 0
     codec = Codec(load_schemas())
     state_dir = Path(args.state_dir or f"{args.journal.rstrip('/')}.agent")
     lock = AgentLock(state_dir, database, journal=Path(args.journal))

@@ -335,8 +335,12 @@ class JournalConsumer:
         self.close()
 
 
-def blob_markers(blob_dir: Path) -> list[tuple[str, str]]:
-    """Pending blob transfers: ('=A1234.doc', 'A/1/234.doc') for each '=' symlink in blob_dir (§4.4), sorted."""
+def blob_markers(blob_dir: Path, refused: Callable[[str, str, PipelineError], None] | None = None
+                 ) -> list[tuple[str, str]]:
+    """Pending blob transfers: ('=A1234.doc', 'A/1/234.doc') for each '=' symlink in blob_dir (§4.4), sorted.
+
+    A marker whose target safe_blob_path refuses raises, or with `refused` is passed to it and left out.
+    """
     markers: list[tuple[str, str]] = []
     try:
         names = os.listdir(blob_dir)
@@ -354,7 +358,11 @@ def blob_markers(blob_dir: Path) -> list[tuple[str, str]]:
         try:
             safe_blob_path(target)
         except PipelineError as exc:
-            raise PipelineError(f"blob marker {name} in {blob_dir}: {exc.message}") from None
+            if refused is None:
+                shown = os.fsencode(name).decode("utf-8", "backslashreplace")  # printable even if not UTF-8
+                raise PipelineError(f"blob marker {shown} in {blob_dir}: {exc.message}") from None
+            refused(name, target, exc)
+            continue
         markers.append((name, target))
     return markers
 

@@ -11,10 +11,11 @@ import struct
 import time
 from array import array
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 from connectors.picolisp import (
     JournalConsumer,
+    _file_name,
     _pread_all,
     blob_markers,
     block_size_of,
@@ -39,6 +40,62 @@ from pipeline.model import (
 
 INFLIGHT = ".pool-pipeline-inflight"  # markers renamed aside live here, inside the blob dir (same filesystem)
 _SLICE = 4 << 20  # reads and writes of block images go in slices of about this size
+_HEADER_BYTES = 64  # block 0's first 64 bytes hold the block shift (byte 12); a shorter file is being created
+
+
+def pool_missing(prefix: str, journal: Path) -> list[str]:
+    """What the app has yet to create before capture can start: its pool's first file, its journal.
+
+    A first file shorter than its header is still being written by `pool`; a whole header that is not
+    a PicoLisp one is refused, since waiting would not fix a wrong --pool."""
+    missing = []
+    files = pool_files(prefix)
+    if not files:
+        missing.append(f"the pool {_file_name(prefix, 0)}")
+    elif files[0].stat().st_size < _HEADER_BYTES:
+        missing.append(f"the pool {files[0]} (still being created)")
+    else:
+        block_size_of(files[0])  # raises on a file that is not a PicoLisp DB file
+    if not os.path.isfile(journal):
+        missing.append(f"the journal {journal}")
+    return missing
+
+
+def wait_for_pool(prefix: str, journal: Path, database: str, *, once: bool, interval: float = 0.5,
+                  log: Callable[[str], None] = print) -> bool:
+    """Wait, touching nothing, until the app has created its pool and journal, as PicoLisp's `ssl` does:
+    an agent may be started before the app. True once both exist; False at once with `once`.
+    Interruptible: SIGTERM raises KeyboardInterrupt out of the sleep."""
+    missing = pool_missing(prefix, journal)
+    if not missing:
+        return True
+    what = " and ".join(missing)
+    if once:
+        log(f"capture-agent {database}: {what} not there yet, nothing to publish (--once)")
+        return False
+    log(f"capture-agent {database}: waiting for {what} (the app creates them); touching nothing until then")
+    while pool_missing(prefix, journal):
+        time.sleep(interval)
+    return True
+
+
+def layout_change(published: Sequence[FileLayout], current: Sequence[FileLayout]) -> str | None:
+    """Why replicas holding the `published` layout would refuse a delta to `current`, or None if it fits.
+
+    Outside a snapshot a replica accepts only growth: new files, more blocks (ReplicaDir, "changed
+    shape"). A file gone, with another block size or shorter means the pool was recreated."""
+    now = {f.file: f for f in current}
+    for old in published:
+        new = now.get(old.file)
+        if new is None:
+            return (f"pool file {hax(old.file)} is gone: the topic holds {len(published)} files, "
+                    f"the pool has {len(current)}")
+        if new.block_size != old.block_size:
+            return (f"pool file {hax(old.file)} has {new.block_size}-byte blocks, the topic holds "
+                    f"{old.block_size}-byte ones")
+        if new.blocks < old.blocks:
+            return f"pool file {hax(old.file)} has {new.blocks} blocks, fewer than the {old.blocks} published"
+    return None
 
 
 class AgentLock:
@@ -89,6 +146,7 @@ class _Pool:
         self.prefix = prefix
         self.database = database
         self.fds: list[int] = []
+        self.paths: list[Path] = []
         self.block_sizes: list[int] = []
         self.refresh()
         if not self.fds:
@@ -101,6 +159,20 @@ class _Pool:
         for path in paths[len(self.fds):]:
             self.block_sizes.append(block_size_of(path))
             self.fds.append(os.open(path, os.O_RDONLY))
+            self.paths.append(path)
+
+    def replaced(self) -> str | None:
+        """Why the open files are no longer the pool's (one deleted, or recreated as a new file), or None.
+        The descriptors would go on reading the old files, so no layout check could see the new ones."""
+        for fd, path in zip(self.fds, self.paths):
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                return f"pool file {path} was deleted"
+            old = os.fstat(fd)
+            if (st.st_dev, st.st_ino) != (old.st_dev, old.st_ino):
+                return f"pool file {path} was replaced by a new file"
+        return None
 
     def layout(self) -> list[FileLayout]:
         out = []
@@ -120,6 +192,8 @@ class _Pool:
         for fd in self.fds:
             os.close(fd)
         self.fds.clear()
+        self.paths.clear()
+        self.block_sizes.clear()
 
 
 _ENTRY = struct.Struct("<BHIH")  # a journal entry's header: size code, file, 6-byte address (picolisp-format.md §2.2)
@@ -204,6 +278,7 @@ class PoolSource:
                  once: bool = False, poll_interval: float = 0.02, delete_scan_interval: float = 1.0,
                  log: Callable[[str], None] = print) -> None:
         self.database = database
+        self.prefix = prefix
         self.state_dir = state_dir
         self.blob_dir = blob_dir
         self.once = once
@@ -223,6 +298,8 @@ class PoolSource:
         self.known_blobs_path = state_dir / "known-blobs.json"
         self.last_txn_path = state_dir / "last-txn.json"
         self.published = {f.file: f.blocks for f in (last_layout or [])}
+        self.published_layout: list[FileLayout] = list(last_layout or [])  # what replicas hold: see layout_change
+        self._refused: set[str] = set()  # blob entries already warned about (once per name, not per round)
         self.rolling = RollingChecksum()
         self._ack: Callable[[], None] | None = None
         self._known_blobs: set[str] = set()
@@ -233,7 +310,6 @@ class PoolSource:
 
     def _touched(self, spooled: bytes, data: bytes) -> set[tuple[int, int]]:
         """(file, block) pairs the spool and the journal wrote; a bad entry is refused before any change."""
-        self.pool.refresh()
         sizes = self.pool.block_sizes
         want: set[tuple[int, int]] = set()
         for chunk, what, path in ((spooled, "agent spool", self.spool_path), (data, "journal", self.journal.path)):
@@ -254,16 +330,27 @@ class PoolSource:
         """Parse spool and journal under the journal lock, changing nothing: fail before a snapshot starts
         streaming, so that a corrupt journal leaves no aborted records in the topic."""
         spooled = self.spool_path.read_bytes() if self.spool_path.exists() else b""
-        self.journal.read_locked(lambda data: self._touched(spooled, data))
 
-    def _take_journal(self) -> tuple[_Images, list[FileLayout]]:
+        def locked(data: bytes) -> None:
+            self.pool.refresh()  # under the lock: the journal may name a file PicoLisp created just before
+            self._touched(spooled, data)
+
+        self.journal.read_locked(locked)
+
+    def _take_journal(self, *, delta: bool = True) -> tuple[_Images, list[FileLayout]]:
         """Under the journal lock: parse it, copy touched and grown blocks to the image spool, spool the
-        journal, truncate it."""
+        journal, truncate it. For a `delta`, refuse (retriable, changing nothing) a layout replicas would
+        reject: the restarted attempt's _resume then takes a snapshot."""
         spooled = self.spool_path.read_bytes() if self.spool_path.exists() else b""
 
         def locked(data: bytes) -> tuple[_Images, list[FileLayout]]:
-            want = self._touched(spooled, data)
+            self.pool.refresh()
             layout = self.pool.layout()
+            # Checked before parsing: the spool and journal of an older pool need not parse with these sizes.
+            if delta and (reason := layout_change(self.published_layout, layout)):
+                raise PipelineError(f"the pool's layout changed ({reason}); a snapshot is needed",
+                                    database=self.database, retriable=True)
+            want = self._touched(spooled, data)
             for f in layout:
                 want.update((f.file, b) for b in range(self.published.get(f.file, 0), f.blocks))
             for file, index in want:
@@ -325,7 +412,8 @@ class PoolSource:
                 else:
                     os.replace(src, dst)
         if self.known_blobs_path.exists():
-            self._known_blobs = set(json.loads(self.known_blobs_path.read_text()))
+            # An earlier version recorded names it could not publish: their delete would wedge the agent too.
+            self._known_blobs = set(filter(self._publishable, json.loads(self.known_blobs_path.read_text())))
         else:
             self._known_blobs = set(self._blob_paths())
 
@@ -361,9 +449,30 @@ class PoolSource:
             data = _pread_all(self._spool_fd, min(MAX_BLOB_CHUNK, size - start), offset + start)
             yield BlobChunk(rel, size, sha, index, count, data)
 
+    def _warn_once(self, key: str, text: str) -> None:
+        """Log `text` the first time `key` is refused: a refused entry is met again every round."""
+        if key not in self._refused:
+            self._refused.add(key)
+            self.log(f"{self.database}: warning: {text}")
+
+    def _publishable(self, rel: str) -> bool:
+        """True if `rel` can go into the topic; else warn once per name and let the round go on without it.
+
+        A name that is not UTF-8 (os.scandir gives it as surrogate escapes, which Avro cannot encode) or
+        that safe_blob_path refuses would otherwise fail every round, and stay in known-blobs after the
+        file is gone: one bad name must not stop the pool's replication."""
+        try:
+            safe_blob_path(rel)
+        except PipelineError as exc:
+            self._warn_once(rel, f"skipping blob {os.fsencode(rel)!r} in {self.blob_dir}: it cannot be "
+                                 f"replicated ({exc.message})")
+            return False
+        return True
+
     def _blob_paths(self) -> list[str]:
-        """Every blob file, as blob_tree() lists them (no '.'/'=' names, no symlinks), sorted. scandir's
-        file types spare a stat per file: this runs every delete_scan_interval."""
+        """Every publishable blob file, as blob_tree() lists them (no '.'/'=' names, no symlinks), sorted.
+        scandir's file types spare a stat per file: this runs every delete_scan_interval.
+        (Other blob walkers: picolisp.blob_tree for verify, ReplicaDir and s3 on the replica side.)"""
         assert self.blob_dir is not None
         out: list[str] = []
 
@@ -377,7 +486,7 @@ class PoolSource:
                     continue
                 if entry.is_dir(follow_symlinks=False):
                     walk(entry.path, f"{prefix}{entry.name}/")
-                elif entry.is_file(follow_symlinks=False):
+                elif entry.is_file(follow_symlinks=False) and self._publishable(prefix + entry.name):
                     out.append(prefix + entry.name)
 
         walk(str(self.blob_dir), "")
@@ -394,7 +503,7 @@ class PoolSource:
             self._inflight_ready = True
         markers = []
         paths: dict[str, None] = {}
-        for name, target in blob_markers(self.blob_dir):
+        for name, target in blob_markers(self.blob_dir, refused=self._refused_marker):
             # Renaming the marker before copying closes the original's lost-update race: a rewrite
             # during our copy makes blob+ create a fresh marker, which the next round picks up.
             os.replace(self.blob_dir / name, inflight / name)
@@ -406,7 +515,6 @@ class PoolSource:
         if paths:
             spool, offset = self._open_blob_spool(), 0
             for rel in paths:
-                safe_blob_path(rel)
                 spooled = self._spool_blob(rel, spool, offset)
                 if spooled is None:
                     if not snapshot:
@@ -422,6 +530,12 @@ class PoolSource:
             put_paths = {p for p, *_ in puts}
             deletes.extend(sorted(p for p in self._known_blobs - present if p not in put_paths and p not in deletes))
         return puts, deletes, markers
+
+    def _refused_marker(self, name: str, target: str, exc: PipelineError) -> None:
+        """A marker leading outside the blob dir (or naming no UTF-8 path) is left in place, unsent: warned
+        about once, so that it does not stop the rest of the pool's replication."""
+        self._warn_once(name, f"skipping blob marker {os.fsencode(name)!r} in {self.blob_dir}, left in place: "
+                              f"{exc.message}")
 
     # --- transactions -------------------------------------------------------------------------
 
@@ -504,6 +618,7 @@ class PoolSource:
                 self._known_blobs = known
                 self._write_known_blobs()
             self.published = {f.file: f.blocks for f in layout}
+            self.published_layout = list(layout)
 
         return acknowledge
 
@@ -525,9 +640,7 @@ class PoolSource:
         meanwhile re-read under its lock (later records win), then every blob."""
         # Refuse bad input before the snapshot's records start flowing (they would be aborted, not
         # published, but the topic should not even see them).
-        self._check_journal()
-        if self.blob_dir is not None:
-            blob_markers(self.blob_dir)  # raises on a marker leading outside the blob dir
+        self._check_journal()  # (a marker leading outside the blob dir is skipped with a warning, not refused)
         self.log(f"{self.database}: taking a snapshot ({reason})")
         txn = Transaction(database=self.database, txn_id=after.txn_id + 1, checksum_before=after.checksum,
                           source_time_ms=int(time.time() * 1000), snapshot=True)
@@ -541,7 +654,7 @@ class PoolSource:
                 count += 1
                 yield block
             self.published = {f.file: f.blocks for f in start}
-            repair, layout = self._take_journal()
+            repair, layout = self._take_journal(delta=False)
             for block in repair:
                 rolling.set_block(block.file, block.index, block.data)
                 count += 1
@@ -560,8 +673,22 @@ class PoolSource:
         txn.changes = changes()
         return txn
 
+    def _rebase(self, after: Position, reason: str) -> Transaction:
+        """The pool is not the one the topic describes (recreated with other *Dbs, fewer or shorter files):
+        a delta would stop every replica, so publish a full image.
+
+        The agent's spool goes: it holds the old pool's journal, which need not even parse with the new
+        block sizes, and the snapshot covers all it could name. Should the snapshot not be committed, the
+        next start sees the same mismatch against the topic and takes it again; and without last-txn.json
+        (see _continues) it cannot take the new pool's journal for a delta from the old pool's checksum."""
+        self.spool_path.unlink(missing_ok=True)
+        self.last_txn_path.unlink(missing_ok=True)
+        return self._snapshot(after, f"the pool is not the one the topic holds: {reason}")
+
     def _resume(self, after: Position) -> Transaction | None:
         """After a restart: rebuild the checksum from the pool, then publish what the last run had not."""
+        if reason := layout_change(self.published_layout, self.pool.layout()):
+            return self._rebase(after, reason)
         for block in self._scan(self.pool.layout()):
             self.rolling.set_block(block.file, block.index, block.data)
         blocks, layout = self._take_journal()
@@ -581,6 +708,12 @@ class PoolSource:
         return self._transaction(after, blocks, layout, puts, deletes, markers, snapshot=False)
 
     def _round(self, after: Position) -> Transaction | None:
+        # PicoLisp never changes a file's block size nor shrinks it, but a pool deleted and recreated
+        # under a running agent would: the open descriptors still show the old files, so look at the paths.
+        if reason := self.pool.replaced():
+            self.pool.close()
+            self.pool = _Pool(self.prefix, self.database)
+            return self._rebase(after, reason)
         blocks, layout = self._take_journal()
         puts, deletes, markers = self._blob_changes(snapshot=False)
         if not blocks and not puts and not deletes:

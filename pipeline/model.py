@@ -187,6 +187,10 @@ def safe_blob_path(path: str) -> str:
     """Return `path` if it stays inside the blob directory, else raise: no absolute paths, no '..'."""
     if not path or "\x00" in path or "\\" in path:
         raise PipelineError(f"invalid blob path {path!r}")
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:  # a name on disk that is not UTF-8 (surrogate escapes): no Avro string holds it
+        raise PipelineError(f"blob path {path!r} is not valid UTF-8") from None
     if path.startswith("/"):
         raise PipelineError(f"blob path {path!r} is absolute; blob paths must be relative to the blob directory")
     norm = posixpath.normpath(path)
