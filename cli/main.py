@@ -76,9 +76,9 @@ def capture_agent_parser() -> argparse.ArgumentParser:
     _add_kafka(p)
     p.add_argument("--replication-factor", type=int, default=1, help="for a topic the agent creates (default 1)")
     p.add_argument("--min-insync-replicas", type=int, default=1, help="for a topic the agent creates (default 1)")
-    p.add_argument("--kafka-timeout", type=float, default=30.0,
+    p.add_argument("--kafka-timeout", type=float, default=15.0,
                    help="seconds any one Kafka step (send, flush, commit, abort) may wait before the producer is "
-                        "rebuilt and the round retried from the spool (default 30)")
+                        "rebuilt and the round retried from the spool (default 15)")
     p.add_argument("--snapshot", action="store_true", help="publish a full snapshot before streaming")
     p.add_argument("--once", action="store_true", help="publish what is pending, then exit")
     p.add_argument("--poll-interval", type=float, default=0.02, help="seconds between journal polls")
