@@ -1,11 +1,12 @@
-"""Transient or permanent: the one classifier of kafka-python and botocore errors, and the one retry policy."""
+"""Transient or permanent: the one classifier of kafka-python, botocore and disk errors, and the one retry policy."""
 
 from __future__ import annotations
 
+import errno
 import socket
 import threading
 import time
-from typing import Callable, TypeVar
+from typing import Callable, NamedTuple, TypeVar
 
 from pipeline.errors import PipelineError
 
@@ -183,3 +184,27 @@ def unreachable(bootstrap_servers: str, timeout: float = 0.5) -> tuple[list[str]
         except (OSError, ValueError):
             down.append(address)
     return down, len(addresses)
+
+
+class DiskFault(NamedTuple):
+    """Why the replica target cannot be written, and what the operator has to do about it."""
+
+    reason: str
+    remedy: str
+
+
+_DISK_FAULTS = {
+    errno.ENOSPC: DiskFault("no space left on device", "free space"),
+    errno.EDQUOT: DiskFault("disk quota exceeded", "free space or raise the quota"),
+    errno.EROFS: DiskFault("read-only file system", "make it writable"),
+    errno.EACCES: DiskFault("permission denied", "make it writable"),
+    errno.EPERM: DiskFault("operation not permitted", "make it writable"),
+}
+
+
+def disk_fault(exc: BaseException) -> DiskFault | None:
+    """The target-filesystem condition behind `exc` (full, over quota, read-only), None for anything else.
+
+    These will not go away by retrying: the replica stops with one line naming the cause.
+    """
+    return _DISK_FAULTS.get(exc.errno) if isinstance(exc, OSError) else None

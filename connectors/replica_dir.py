@@ -20,8 +20,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, NamedTuple
+from typing import BinaryIO
 
+from connectors.faults import DiskFault, disk_fault
 from connectors.picolisp import hax, lock_db_exclusive, pool_files, unlock_db
 from pipeline.checksum import RollingChecksum, block_hash
 from pipeline.errors import PipelineError
@@ -52,30 +53,6 @@ RESERVE_SLACK_BYTES = 64 << 10
 # Temp files of an apply that never reached its commit point; removed on failure and at open.
 RESERVE_NAME = "reserve"
 TEMP_NAMES = ("redo.tmp", "position.json.tmp", RESERVE_NAME)
-
-
-class DiskFault(NamedTuple):
-    """Why the replica target cannot be written, and what the operator has to do about it."""
-
-    reason: str
-    remedy: str
-
-
-_DISK_FAULTS = {
-    errno.ENOSPC: DiskFault("no space left on device", "free space"),
-    errno.EDQUOT: DiskFault("disk quota exceeded", "free space or raise the quota"),
-    errno.EROFS: DiskFault("read-only file system", "make it writable"),
-    errno.EACCES: DiskFault("permission denied", "make it writable"),
-    errno.EPERM: DiskFault("operation not permitted", "make it writable"),
-}
-
-
-def disk_fault(exc: BaseException) -> DiskFault | None:
-    """The target-filesystem condition behind `exc` (full, over quota, read-only), None for anything else.
-
-    These will not go away by retrying: the replica stops with one line naming the cause.
-    """
-    return _DISK_FAULTS.get(exc.errno) if isinstance(exc, OSError) else None
 
 
 def _mount_of(path: Path) -> Path:
