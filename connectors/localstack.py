@@ -752,7 +752,7 @@ def _weed_socket_flags(workdir: Path) -> list[str]:
     keeps weed's /tmp default rather than failing to start.
     """
     sock_dir = _weed_socket_dir(workdir)
-    flags = []
+    flags: list[str] = []
     for component in ("filer", "s3"):
         path = sock_dir / f"{component}.sock"
         if len(os.fsencode(path)) <= _UNIX_SOCKET_PATH_MAX:
@@ -1213,8 +1213,16 @@ def dev_broker_stop(
         progress(f"broker {node} is not running (pid {pid} is gone); nothing to stop")
         return
     t0 = time.monotonic()
-    grace = 0.0 if hard else float(timeout)
-    left = _terminate([pid], [marker], grace=grace, timeout=grace + 5)
+    if hard:
+        # SIGKILL alone: a SIGTERM first would let the JVM begin its controlled shutdown (a crash test
+        # wants none of it)
+        _signal(pid, signal.SIGKILL)
+        deadline = t0 + 10
+        while _pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = [pid] if _pid_alive(pid) else []
+    else:
+        left = _terminate([pid], [marker], grace=float(timeout), timeout=float(timeout) + 5)
     if left:
         raise StackError(f"broker {node} (pid {pid}) did not exit even after SIGKILL")
     how = "killed (SIGKILL)" if hard else "stopped (SIGTERM)"
