@@ -190,6 +190,27 @@ def verify_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _broker_number(text: str) -> int:
+    """argparse type: a broker number >= 1 (the upper bound is the stack's size, checked against stack.json)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"broker number must be an integer, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"broker numbers start at 1, got {n}")
+    return n
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"timeout must be > 0 s, got {value}")
+    return value
+
+
 def pipeline_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pipeline", description="pool-pipeline administration.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -199,10 +220,23 @@ def pipeline_parser() -> argparse.ArgumentParser:
     up.add_argument("--brokers", type=int, choices=(1, 3), default=1)
     up.add_argument("--kafka-port", type=int, default=9092)
     up.add_argument("--s3-port", type=int, default=8333)
-    for name in ("status", "down", "env"):
-        dev_sub.add_parser(name)
+    dev_status = dev_sub.add_parser("status", help="each broker's and S3's node id, port, pid and state")
+    dev_status.add_argument("--json", action="store_true", help="the full status as JSON")
+    dev_sub.add_parser("down", help="stop every process of the stack, restarted brokers included")
+    dev_sub.add_parser("env", help="shell exports for the stack (also while some brokers are down)")
+    broker = dev_sub.add_parser("broker", help="kill, stop or restart one broker (fault tests)")
+    broker_sub = broker.add_subparsers(dest="broker_action", required=True)
+    for name, what in (("kill", "SIGKILL broker N"), ("stop", "stop broker N cleanly (SIGTERM)"),
+                       ("start", "restart broker N with its recorded command line and wait until it is ready")):
+        b = broker_sub.add_parser(name, help=what)
+        b.add_argument("node", type=_broker_number, metavar="N", help="broker number, 1..brokers")
+        b.add_argument("--state-dir", type=Path, default=_dev_state_dir(), help="where the stack keeps its data")
+        if name != "kill":
+            b.add_argument("--timeout", type=_positive_seconds, default=90.0 if name == "start" else 20.0,
+                           help="seconds to wait for readiness (start) or a clean exit before SIGKILL (stop)")
     for q in dev_sub.choices.values():
-        q.add_argument("--state-dir", type=Path, default=_dev_state_dir(), help="where the stack keeps its data")
+        if q is not broker:
+            q.add_argument("--state-dir", type=Path, default=_dev_state_dir(), help="where the stack keeps its data")
     status = sub.add_parser("status", help="per database: last captured txn, and each group's applied txn and lag")
     status.add_argument("--database", action="append", help="only these databases (repeatable)")
     _add_kafka(status)
@@ -222,14 +256,30 @@ def _dev(args: argparse.Namespace) -> int:
             print(f"s3:     {info['s3_endpoint']} bucket {info['bucket']}")
             print('use it:  eval "$(pipeline dev env)"')
         elif args.action == "status":
-            print(json.dumps(localstack.dev_status(args.state_dir), indent=2))
+            status = localstack.dev_status(args.state_dir)
+            if args.json:
+                print(json.dumps(status, indent=2))
+            else:
+                print(localstack.format_status(status), end="")
         elif args.action == "down":
             localstack.dev_down(args.state_dir)
         elif args.action == "env":
+            # Only a recorded stack is needed: fault tests want the exports while brokers are down.
             status = localstack.dev_status(args.state_dir)
-            if not status.get("running"):
-                _fail("the dev stack is not running: start it with `pipeline dev up`")
+            if not status["recorded"]:
+                _fail(f"no dev stack recorded in {args.state_dir}: start it with `pipeline dev up`")
+            down = [p["name"] for p in status["processes"] if not p["alive"]]
+            if down:
+                print(f"warning: not running: {', '.join(down)}", file=sys.stderr)
             print(localstack.env_exports(status["info"]))
+        elif args.action == "broker":
+            if args.broker_action == "start":
+                localstack.dev_broker_start(args.state_dir, args.node, ready_timeout=args.timeout)
+            else:
+                hard = args.broker_action == "kill"
+                localstack.dev_broker_stop(args.state_dir, args.node, hard=hard, timeout=getattr(args, "timeout", 20.0))
+    except localstack.NoSuchBroker as exc:
+        _fail(str(exc), EXIT_USAGE)
     except localstack.StackError as exc:
         _fail(str(exc))
     return 0

@@ -52,6 +52,7 @@ S3_BUCKET = "pool-pipeline"
 STATE_FILE = "stack.json"
 _LOG_TAIL_LINES = 25
 _WEED_GRPC_OFFSET = 10000  # SeaweedFS convention: gRPC port = HTTP port + 10000
+_UNIX_SOCKET_PATH_MAX = 107  # sun_path is 108 bytes on Linux, including the terminating NUL
 
 LOG4J2_PROPERTIES = """\
 # Written by connectors/localstack.py: broker log goes to stdout, which is redirected to kafka-N.log
@@ -77,6 +78,10 @@ logger.authorizer.level = WARN
 
 class StackError(Exception):
     """A local stack component could not be fetched, started, or stopped; the message says what to do."""
+
+
+class NoSuchBroker(StackError):
+    """A broker number outside 1..brokers of the recorded stack (a usage error)."""
 
 
 # --------------------------------------------------------------------------------------
@@ -427,7 +432,8 @@ def _server_properties(
         "controller.quorum.voters": voters,
         "log.dirs": str(log_dir),
         "num.partitions": "1",
-        "auto.create.topics.enable": "true",
+        # production-like: a producer writing to a missing topic fails instead of creating it with defaults
+        "auto.create.topics.enable": "false",
         "default.replication.factor": str(rf),
         "min.insync.replicas": str(min_isr),
         "offsets.topic.replication.factor": str(rf),
@@ -513,8 +519,18 @@ class KafkaCluster:
         _wait_kafka_ready(self, ready_timeout, only=[i])
 
 
-def _wait_kafka_ready(cluster: KafkaCluster, ready_timeout: float, only: Sequence[int] | None = None) -> None:
-    """Wait until the client ports accept TCP and a metadata call sees every broker."""
+def _wait_kafka_ready(
+    cluster: KafkaCluster,
+    ready_timeout: float,
+    only: Sequence[int] | None = None,
+    *,
+    need_only: bool = False,
+) -> None:
+    """Wait until the client ports accept TCP and a metadata call sees every broker unfenced.
+
+    only: watch just these brokers (0-based) for exits and open ports. need_only: the metadata
+    must show just those brokers, not all of them (a restart while other brokers are down).
+    """
     from kafka import KafkaAdminClient  # kafka-python; imported lazily so the module loads without it
 
     deadline = time.monotonic() + ready_timeout
@@ -549,7 +565,7 @@ def _wait_kafka_ready(cluster: KafkaCluster, ready_timeout: float, only: Sequenc
                     seen = {b["broker_id"] for b in brokers if not b.get("is_fenced", False)}
                 finally:
                     admin.close()
-                if len(seen) >= cluster.brokers:
+                if (need_only and {i + 1 for i in watch} <= seen) or len(seen) >= cluster.brokers:
                     return
                 last_error = f"metadata shows unfenced brokers {sorted(seen)} of {cluster.brokers}"
             except Exception as e:  # noqa: BLE001 - any client error means "not ready yet"
@@ -718,20 +734,46 @@ class S3Server:
                 self._proc.wait(timeout=0.1)
             except subprocess.TimeoutExpired:
                 pass
-        _remove_weed_sockets(self.ports)
+        _remove_weed_sockets(self.ports, self.workdir)
         if left:
             raise StackError(f"SeaweedFS process {self.pid} survived SIGKILL")
 
 
-def _remove_weed_sockets(ports: dict[str, int]) -> None:
-    """weed leaves unix sockets /tmp/seaweedfs-<component>[-grpc]-<port>.sock behind after SIGKILL."""
+def _weed_socket_dir(workdir: Path) -> Path:
+    return Path(workdir) / "sock"
+
+
+def _weed_socket_flags(workdir: Path) -> list[str]:
+    """`weed server` flags that put the filer's and S3 gateway's HTTP unix sockets into workdir/sock.
+
+    Only these two are configurable: weed 4.x hardcodes its gRPC sockets as
+    /tmp/seaweedfs-<master|volume|filer|s3>-grpc-<port>.sock (weed/command/server.go), which
+    _remove_weed_sockets cleans up. A path longer than a unix socket address allows (107 bytes)
+    keeps weed's /tmp default rather than failing to start.
+    """
+    sock_dir = _weed_socket_dir(workdir)
+    flags: list[str] = []
+    for component in ("filer", "s3"):
+        path = sock_dir / f"{component}.sock"
+        if len(os.fsencode(path)) <= _UNIX_SOCKET_PATH_MAX:
+            flags.append(f"-{component}.localSocket={path}")
+    return flags
+
+
+def _remove_weed_sockets(ports: Mapping[str, int], workdir: Path | None = None) -> None:
+    """Remove the unix sockets weed leaves behind after SIGKILL: its gRPC sockets
+    /tmp/seaweedfs-<component>-grpc-<port>.sock (not configurable), HTTP ones under workdir/sock
+    (or /tmp when the path was too long)."""
     tmp = Path("/tmp")
-    for port in [q for p in ports.values() for q in (p, p + _WEED_GRPC_OFFSET)]:
-        for sock in tmp.glob(f"seaweedfs-*-{port}.sock"):
-            try:
-                sock.unlink()
-            except OSError:
-                pass
+    stale = [s for port in [q for p in ports.values() for q in (p, p + _WEED_GRPC_OFFSET)]
+             for s in tmp.glob(f"seaweedfs-*-{port}.sock")]  # fmt: skip
+    if workdir is not None:
+        stale += list(_weed_socket_dir(workdir).glob("*.sock"))
+    for sock in stale:
+        try:
+            sock.unlink()
+        except OSError:
+            pass
 
 
 def _weed_binary() -> str:
@@ -795,7 +837,9 @@ def start_s3(
     port: S3 port (None: a free one). Its gRPC port is port + 10000 and must be free too. The
     internal master/volume/filer ports (and their +10000 gRPC ports) are free ports, remembered
     in workdir/ports.json and reused on restart when still free. Data lives in workdir/data,
-    credentials in workdir/s3.json, the log in workdir/weed.log. Telemetry and the Iceberg/Lance
+    credentials in workdir/s3.json, the log in workdir/weed.log (weed's own log files in
+    workdir/logs, its filer and S3 unix sockets in workdir/sock; its gRPC sockets stay in /tmp,
+    which weed does not let us change). Telemetry and the Iceberg/Lance
     side servers are switched off.
     """
     weed = _weed_binary()
@@ -832,6 +876,12 @@ def start_s3(
     all_ports = {**internal, "s3": port}
     _write_json_atomic(ports_file, {**internal, "s3": port})
 
+    # weed's glog writes weed.<host>.<user>.log.* files to /tmp unless told otherwise
+    glog_dir = workdir / "logs"
+    glog_dir.mkdir(exist_ok=True)
+    _weed_socket_dir(workdir).mkdir(exist_ok=True)
+    _remove_weed_sockets(all_ports, workdir)  # leftovers of a SIGKILLed run would block the listeners
+
     config = workdir / "s3.json"
     config.write_text(json.dumps({
         "identities": [{
@@ -842,7 +892,7 @@ def start_s3(
     }, indent=2) + "\n")  # fmt: skip
     g = _WEED_GRPC_OFFSET
     cmd = [
-        weed, "server",
+        weed, f"-logdir={glog_dir}", "server",
         f"-dir={data_dir}",
         "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
         f"-master.port={internal['master']}", f"-master.port.grpc={internal['master'] + g}",
@@ -853,6 +903,7 @@ def start_s3(
         "-s3", f"-s3.port={port}", f"-s3.port.grpc={port + g}",
         "-s3.port.iceberg=0", "-s3.port.lance=0",
         f"-s3.config={config}",
+        *_weed_socket_flags(workdir),
     ]  # fmt: skip
     log_file = workdir / "weed.log"
     proc = _spawn(cmd, log_file, workdir, detach)
@@ -916,12 +967,20 @@ def _read_state(state_dir: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def _process_state(alive: bool, port_open: bool) -> str:
+    """running: alive and serving; starting: alive, port not open yet; stopped: no such process."""
+    return ("running" if port_open else "starting") if alive else "stopped"
+
+
 def dev_status(state_dir: Path) -> dict[str, Any]:
     """Report the dev stack recorded in state_dir/stack.json.
 
-    Returns {"state_dir", "state_file", "recorded": bool, "running": bool (every process alive and
-    its port answering), "partial": bool (some but not all), "processes": [{"name", "pid", "alive",
-    "port", "port_open", "log"}], "info": the dict dev_up returned, or None}.
+    Returns {"state_dir", "state_file", "recorded": bool (stack.json readable), "running": bool
+    (recorded and at least one of its processes alive: the stack exists, even with brokers down),
+    "healthy": bool (every process alive and its port answering), "partial": bool (running, not
+    healthy), "processes": [{"name", "pid", "alive", "port", "port_open", "state", "log"}],
+    "brokers": [{"node_id", "port", "pid", "state"}], "s3": {"port", "pid", "state"} or None,
+    "info": the dict dev_up returned, or None}. state is "running", "starting" or "stopped".
     """
     state_dir = Path(state_dir)
     info = _read_state(state_dir)
@@ -930,8 +989,11 @@ def dev_status(state_dir: Path) -> dict[str, Any]:
         "state_file": str(state_dir / STATE_FILE),
         "recorded": info is not None,
         "running": False,
+        "healthy": False,
         "partial": False,
         "processes": [],
+        "brokers": [],
+        "s3": None,
         "info": info,
     }
     if info is None:
@@ -939,15 +1001,41 @@ def dev_status(state_dir: Path) -> dict[str, Any]:
     procs = []
     for p in info.get("processes", []):
         alive = _pid_matches(int(p["pid"]), p.get("marker"))
+        port_open = alive and _port_open(int(p["port"]))
         procs.append({
-            "name": p["name"], "pid": p["pid"], "alive": alive,
-            "port": p["port"], "port_open": alive and _port_open(int(p["port"])), "log": p.get("log"),
+            "name": p["name"], "pid": p["pid"], "alive": alive, "port": p["port"], "port_open": port_open,
+            "state": _process_state(alive, port_open), "log": p.get("log"),
         })  # fmt: skip
+        if p["name"].startswith("kafka-"):
+            node_id = int(p.get("node_id") or p["name"].removeprefix("kafka-"))
+            result["brokers"].append({"node_id": node_id, "port": p["port"], "pid": p["pid"], "state": procs[-1]["state"]})
+        elif p["name"] == "s3":
+            result["s3"] = {"port": p["port"], "pid": p["pid"], "state": procs[-1]["state"]}
     result["processes"] = procs
     ok = [p["alive"] and p["port_open"] for p in procs]
-    result["running"] = bool(ok) and all(ok)
-    result["partial"] = any(p["alive"] for p in procs) and not result["running"]
+    result["healthy"] = bool(ok) and all(ok)
+    result["running"] = any(p["alive"] for p in procs)
+    result["partial"] = result["running"] and not result["healthy"]
     return result
+
+
+def format_status(status: Mapping[str, Any]) -> str:
+    """Human-readable `pipeline dev status`: one line per broker and one for S3."""
+    if not status["recorded"]:
+        return f"no local stack recorded in {status['state_dir']}\n"
+    info = status["info"]
+    overall = "healthy" if status["healthy"] else "degraded" if status["running"] else "stopped"
+    lines = [
+        f"stack:   {overall} (state {status['state_file']})",
+        f"kafka:   {info.get('bootstrap_servers')}",
+        f"{'process':<8} {'node':>4} {'port':>6} {'pid':>8}  state",
+    ]
+    for b in status["brokers"]:
+        lines.append(f"{'broker':<8} {b['node_id']:>4} {b['port']:>6} {b['pid']:>8}  {b['state']}")
+    if status["s3"] is not None:
+        s3 = status["s3"]
+        lines.append(f"{'s3':<8} {'-':>4} {s3['port']:>6} {s3['pid']:>8}  {s3['state']}  {info.get('s3_endpoint')}")
+    return "\n".join(lines) + "\n"
 
 
 def dev_down(state_dir: Path, progress: Callable[[str], None] = print) -> None:
@@ -971,7 +1059,7 @@ def dev_down(state_dir: Path, progress: Callable[[str], None] = print) -> None:
         # Kafka gets 20 s for a clean shutdown; SeaweedFS dawdles ~15 s on SIGTERM, so it is killed after 3 s.
         graces = [20.0 if p["name"].startswith("kafka") else 3.0 for p in live]
         stuck = _terminate([int(p["pid"]) for p in live], [p.get("marker") for p in live], graces, 30.0)
-    _remove_weed_sockets(info.get("s3_ports", {}))
+    _remove_weed_sockets(info.get("s3_ports", {}), state_dir / "s3")
     if stuck:
         raise StackError(f"processes {stuck} did not exit even after SIGKILL; stack.json kept in {state_dir}")
     state_file.unlink(missing_ok=True)
@@ -1000,7 +1088,7 @@ def dev_up(
     status = dev_status(state_dir)
     if status["recorded"]:
         info = status["info"]
-        if status["running"]:
+        if status["healthy"]:
             if (info.get("brokers"), info.get("kafka_port"), info.get("s3_port")) == (brokers, kafka_port, s3_port):
                 progress(f"local stack already running (Kafka {info['bootstrap_servers']}, S3 {info['s3_endpoint']})")
                 return info
@@ -1056,9 +1144,11 @@ def dev_up(
         raise
     progress(f"S3 ready in {time.monotonic() - t1:.1f} s (bucket {s3.bucket})")
 
+    # argv and cwd let `dev broker start N` restart a broker exactly as dev_up started it
     processes = [
-        {"name": f"kafka-{i + 1}", "pid": cluster.pids[i], "marker": cluster.markers()[i],
-         "port": clients[i], "log": str(cluster.log_files[i])}
+        {"name": f"kafka-{i + 1}", "node_id": i + 1, "pid": cluster.pids[i], "marker": cluster.markers()[i],
+         "port": clients[i], "controller_port": controllers[i], "log": str(cluster.log_files[i]),
+         "argv": list(cluster.commands[i]), "cwd": str(Path(cluster.commands[i][-1]).parent)}
         for i in range(brokers)
     ] + [{"name": "s3", "pid": s3.pid, "marker": s3.marker(), "port": s3_port, "log": str(s3.log_file)}]  # fmt: skip
     info: dict[str, Any] = {
@@ -1084,6 +1174,123 @@ def dev_up(
     _write_json_atomic(state_dir / STATE_FILE, info)
     progress(f"local stack up in {time.monotonic() - t0:.1f} s; state in {state_dir / STATE_FILE}")
     return info
+
+
+def _recorded_stack(state_dir: Path) -> dict[str, Any]:
+    info = _read_state(state_dir)
+    if info is None:
+        raise StackError(f"no local stack recorded in {state_dir}; start one with `pipeline dev up`")
+    return info
+
+
+def _broker_entry(info: Mapping[str, Any], node: int, state_dir: Path) -> dict[str, Any]:
+    """The stack.json process entry of broker `node` (1-based); StackError if there is no such broker."""
+    brokers = int(info.get("brokers") or 0)
+    if not 1 <= node <= brokers:
+        raise NoSuchBroker(
+            f"broker {node} does not exist: the stack in {state_dir} has {brokers} broker(s), numbered 1..{brokers}"
+        )
+    for p in info.get("processes", []):
+        if p["name"] == f"kafka-{node}":
+            return p  # type: ignore[no-any-return]
+    raise StackError(f"{state_dir / STATE_FILE} has no entry for broker {node}; run `pipeline dev down` and `dev up`")
+
+
+def dev_broker_stop(
+    state_dir: Path,
+    node: int,
+    *,
+    hard: bool,
+    timeout: float = 20,
+    progress: Callable[[str], None] = print,
+) -> None:
+    """Stop broker `node` (1-based) of the dev stack: SIGKILL if hard, else SIGTERM (clean shutdown)
+    with SIGKILL after `timeout` s. Waits until it is gone. A broker already stopped is left as is."""
+    state_dir = Path(state_dir).resolve()
+    p = _broker_entry(_recorded_stack(state_dir), node, state_dir)
+    pid, marker = int(p["pid"]), p.get("marker")
+    if not _pid_matches(pid, marker):
+        progress(f"broker {node} is not running (pid {pid} is gone); nothing to stop")
+        return
+    t0 = time.monotonic()
+    if hard:
+        # SIGKILL alone: a SIGTERM first would let the JVM begin its controlled shutdown (a crash test
+        # wants none of it)
+        _signal(pid, signal.SIGKILL)
+        deadline = t0 + 10
+        while _pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = [pid] if _pid_alive(pid) else []
+    else:
+        left = _terminate([pid], [marker], grace=float(timeout), timeout=float(timeout) + 5)
+    if left:
+        raise StackError(f"broker {node} (pid {pid}) did not exit even after SIGKILL")
+    how = "killed (SIGKILL)" if hard else "stopped (SIGTERM)"
+    progress(f"broker {node} (pid {pid}) {how} in {time.monotonic() - t0:.1f} s")
+
+
+def dev_broker_start(
+    state_dir: Path,
+    node: int,
+    *,
+    ready_timeout: float = 90,
+    progress: Callable[[str], None] = print,
+) -> int:
+    """Restart broker `node` (1-based) with the command line stack.json recorded at `dev up`, record
+    its new pid, and wait (at most ready_timeout s) until the cluster metadata shows it unfenced.
+    Returns the new pid. StackError if it is running already, its ports are taken, or it does not
+    become ready (then it is stopped again and the message holds its log tail)."""
+    state_dir = Path(state_dir).resolve()
+    info = _recorded_stack(state_dir)
+    p = _broker_entry(info, node, state_dir)
+    if _pid_matches(int(p["pid"]), p.get("marker")):
+        raise StackError(
+            f"broker {node} is already running (pid {p['pid']}); stop it first with `pipeline dev broker stop {node}`"
+        )
+    argv = p.get("argv")
+    if not argv:
+        raise StackError(
+            f"{state_dir / STATE_FILE} does not record broker {node}'s command line (written by an older "
+            "version); run `pipeline dev down` and `pipeline dev up`"
+        )
+    for port in (p["port"], p.get("controller_port")):
+        if port is not None and not _port_free(int(port)):
+            raise StackError(f"port {port} of broker {node} is in use by another process; free it first")
+    log = Path(p["log"])
+    t0 = time.monotonic()
+    try:
+        proc = _spawn(argv, log, Path(p["cwd"]), detach=True)
+    except OSError as e:
+        raise StackError(f"could not run broker {node}'s recorded command {shlex.join(argv)}: {e}") from e
+    # Record the pid before waiting, so `dev down` stops it even if this command is interrupted.
+    p["pid"] = proc.pid
+    kafka = sorted((q for q in info["processes"] if q["name"].startswith("kafka-")), key=lambda q: int(q["name"].removeprefix("kafka-")))
+    info["kafka_pids"] = [int(q["pid"]) for q in kafka]
+    info["pids"] = [int(q["pid"]) for q in info["processes"]]
+    _write_json_atomic(state_dir / STATE_FILE, info)
+    progress(f"starting broker {node} (pid {proc.pid}) on 127.0.0.1:{p['port']}")
+
+    idx = node - 1
+    procs: list[subprocess.Popen[bytes] | None] = [None] * len(kafka)
+    procs[idx] = proc
+    view = KafkaCluster(
+        bootstrap_servers=info["bootstrap_servers"],
+        brokers=len(kafka),
+        pids=[int(q["pid"]) for q in kafka],
+        workdir=state_dir / "kafka",
+        client_ports=[int(q["port"]) for q in kafka],
+        log_files=[Path(q["log"]) for q in kafka],
+        commands=[list(q.get("argv") or [q.get("marker") or ""]) for q in kafka],
+        _procs=procs,
+    )
+    try:
+        # Only this broker must be back: others may be down on purpose (fault tests).
+        _wait_kafka_ready(view, ready_timeout, only=[idx], need_only=True)
+    except BaseException:
+        _terminate([proc.pid], [p.get("marker")], grace=5.0, timeout=10.0)
+        raise
+    progress(f"broker {node} (pid {proc.pid}) ready in {time.monotonic() - t0:.1f} s")
+    return proc.pid
 
 
 def env_exports(info: dict[str, Any]) -> str:

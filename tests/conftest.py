@@ -88,6 +88,7 @@ def _kafka_container() -> tuple[Any, KafkaEndpoint]:
         "KAFKA_SHARE_COORDINATOR_STATE_TOPIC_MIN_ISR": "1",
         "KAFKA_GROUP_INITIAL_REBALANCE_DELAY_MS": "0",
         "KAFKA_NUM_PARTITIONS": "1",
+        "KAFKA_AUTO_CREATE_TOPICS_ENABLE": "false",  # as the local brokers and production
     }
     container = DockerContainer(KAFKA_IMAGE).with_bind_ports(port, port)
     for k, v in env.items():

@@ -36,6 +36,7 @@ __all__ = [
     "codec",
     "ok",
     "committed_transactions",
+    "create_topic",
     "end_offset",
     "produce_transactional",
     "read_committed_records",
@@ -300,11 +301,38 @@ def committed_transactions(bootstrap_servers: str, database: str) -> list[TopicT
     return out
 
 
+def create_topic(bootstrap_servers: str, topic: str, timeout: float = 30) -> bool:
+    """Create a one-partition topic unless it exists (brokers run with auto.create.topics.enable=false,
+    as in production); True if this call created it. Replication factor from the cluster size: 1 on
+    fewer than 3 brokers, else 3, as the brokers' own default.replication.factor."""
+    from kafka import KafkaAdminClient
+    from kafka.admin import NewTopic
+    from kafka.errors import TopicAlreadyExistsError
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers, client_id="pool-pipeline-tests",
+                             request_timeout_ms=int(timeout * 1000))
+    try:
+        if topic in admin.list_topics():
+            return False
+        brokers = len(admin.describe_cluster()["brokers"])
+        try:
+            admin.create_topics([NewTopic(topic, 1, 1 if brokers < 3 else 3)])
+        except TopicAlreadyExistsError:
+            return False
+        # Producers fail on a topic whose metadata has not reached the broker they ask; wait for it.
+        wait_for(lambda: topic in admin.list_topics(), timeout, f"topic {topic} to appear", interval=0.1)
+        return True
+    finally:
+        admin.close()
+
+
 def produce_transactional(bootstrap_servers: str, database: str, records: Iterable[tuple[bytes, bytes]],
                           transactional_id: str | None = None) -> None:
-    """Publish (key, value) records into the database topic as one committed Kafka transaction."""
+    """Publish (key, value) records into the database topic as one committed Kafka transaction,
+    creating the topic first if no capture-agent has."""
     from kafka import KafkaProducer
 
+    create_topic(bootstrap_servers, TOPIC_PREFIX + database)
     producer = KafkaProducer(bootstrap_servers=bootstrap_servers, enable_idempotence=True, acks="all",
                              transactional_id=transactional_id or f"test-{uuid.uuid4().hex}")
     try:

@@ -333,11 +333,12 @@ def test_restore_refuses_damaged_foreign_or_gapped_archives_and_leaves_the_targe
 
 def test_a_big_txn_uploads_in_parts_while_read_and_kills_leave_no_unfinished_upload(
         kafka: Any, s3: Any, s3_client: Any, tmp_path: Path) -> None:
-    from connectors.kafka import TopicSink
-    from tests.pipeline_helpers import SYNTHETIC_BLOCK, synthetic_stream
+    from connectors.kafka import TopicSink, topic_for
+    from tests.pipeline_helpers import SYNTHETIC_BLOCK, create_topic, synthetic_stream
 
     database = unique_name("parts")
     pool_blocks = 48 * 1024 * 1024 // SYNTHETIC_BLOCK  # a 48 MiB snapshot txn: ~24 MiB compressed, 4+ parts
+    create_topic(kafka.bootstrap_servers, topic_for(database))  # TopicSink does not create it; capture-agent does
     sink = TopicSink(kafka.bootstrap_servers, database, codec())
     for txn in synthetic_stream(database, pool_blocks, 30, 4, seed=5):
         sink.apply(txn)

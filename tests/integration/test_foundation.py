@@ -292,8 +292,10 @@ def test_dev_up_is_idempotent_and_dev_down_stops_everything(tmp_path: Path) -> N
         ).stdout.strip()  # fmt: skip
         assert shown == f"{info['bootstrap_servers']}|{info['s3_endpoint']}|{info['bucket']}"
 
+        # the dev brokers do not auto-create topics (production-like), so create it first
+        topic = _new_topic(info["bootstrap_servers"], "dev-smoke")
         producer = KafkaProducer(bootstrap_servers=info["bootstrap_servers"])
-        producer.send("dev-smoke", b"hello").get(timeout=30)
+        producer.send(topic, b"hello").get(timeout=30)
         producer.close()
     finally:
         localstack.dev_down(state, progress=lines.append)
