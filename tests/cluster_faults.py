@@ -20,7 +20,6 @@ TXN_STATE_PARTITIONS = 10  # transaction.state.log.num.partitions of connectors.
 FAST_BOUNCE = {  # a restarted broker serves after ~3 s instead of ~9 s (DUPLICATE_BROKER_REGISTRATION)
     "broker.session.timeout.ms": "3000",
     "broker.heartbeat.interval.ms": "500",
-    "auto.create.topics.enable": "false",
 }
 
 
