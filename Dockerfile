@@ -5,7 +5,7 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY pipeline pipeline
 COPY connectors connectors
-COPY cli cli
+COPY pool_pipeline pool_pipeline
 COPY schemas schemas
 RUN pip install --no-cache-dir .
 # The pool and replica directories are mounted volumes; see compose.yaml.

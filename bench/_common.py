@@ -1,6 +1,6 @@
 """Shared helpers for the benchmarks: a private Kafka broker, PicoLisp apps, child processes, tables.
 
-Every benchmark starts its own single-node Kafka (connectors.localstack.start_kafka) in a temp
+Every benchmark starts its own single-node Kafka (pool_pipeline.devstack.start_kafka) in a temp
 directory on 127.0.0.1 and stops it at exit, together with every child process it started.
 Figures that matter are RATIOS measured in the same run against the same broker: the machine is
 shared, so absolute numbers are noisy.
@@ -94,7 +94,7 @@ def workdir(prefix: str, base: str | None = None, keep: bool = False) -> Path:
 @contextlib.contextmanager
 def kafka(root: Path) -> Iterator[object]:
     """A private single-broker Kafka on 127.0.0.1 (free ports), stopped on exit."""
-    from connectors.localstack import start_kafka
+    from pool_pipeline.devstack import start_kafka
 
     t = time.monotonic()
     cluster = start_kafka(root / "kafka", brokers=1)
@@ -217,7 +217,7 @@ def capture_pending(app, state_dir: Path | None = None) -> list[str]:
 
 def wait_published(app, bs: str, database: str, codec):
     """Wait until the following agent has drained the journal and published it all; the last commit."""
-    from connectors.kafka import last_commit
+    from connectors.kafka.topics import last_commit
 
     prev = None
     while True:

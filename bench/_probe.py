@@ -93,7 +93,7 @@ def main() -> None:
             out.write(f"P {txn.txn_id} {t:.6f} {now():.6f} {txn.change_count} {txn.source_time_ms}\n")
         kmod.TopicSink.apply = apply
 
-        from cli.main import capture_agent as entry
+        from pool_pipeline.cli.capture_agent import main as entry
     elif role == "replica":
         from connectors import kafka as kmod
         from connectors import replica_dir
@@ -188,7 +188,7 @@ def main() -> None:
             out.write(f"K {t:.6f} {now():.6f}\n")
         kmod.TopicSource.acknowledge = acknowledge
 
-        from cli.main import replica as entry
+        from pool_pipeline.cli.replica import main as entry
     else:
         raise SystemExit(f"unknown role {role!r}")
     sys.argv = [role, *argv]

@@ -11,7 +11,7 @@ What runs (one run, one private broker on 127.0.0.1):
                  fetch settings as connectors.kafka.committed_consumer), counting records and bytes;
       raw+decode the same plus Codec.read_transactions with every change materialised: the cost of
                  the wire format itself, which any consumer of it pays (context only);
-      analytics  connectors.analytics.Analytics over a ChangeStream(once=True) in a fresh group,
+      analytics  pool_pipeline.analytics.Analytics over a ChangeStream(once=True) in a fresh group,
                  in-process, exactly as `analytics --once` wires it: Avro decoding, transaction
                  framing, per-window statistics, and the exactly-once output: closed windows go
                  out every 0.5 s and when idle, in one Kafka transaction (stats records + group
@@ -42,9 +42,10 @@ from _common import (  # noqa: E402
     workdir,
 )
 
-from connectors.analytics import Analytics  # noqa: E402
-from connectors.changes import ChangeStream  # noqa: E402
-from connectors.kafka import committed_consumer, last_commit, topic_for  # noqa: E402
+from pool_pipeline.analytics import Analytics  # noqa: E402
+from pool_pipeline.changes import ChangeStream  # noqa: E402
+from connectors.kafka.client import committed_consumer
+from connectors.kafka.topics import last_commit, topic_for  # noqa: E402
 from pipeline.codec import Codec, Record  # noqa: E402
 from schemas import load_schemas  # noqa: E402
 
@@ -90,7 +91,7 @@ def raw_read(bs: str, topic: str, end: int, decode: Codec | None = None) -> dict
 
 def analytics_read(bs: str, codec: Codec, window_ms: int, profile: bool) -> dict:
     stream = ChangeStream(bs, f"bench-analytics-{uuid.uuid4().hex[:8]}", databases=[DB], codec=codec, once=True,
-                          batches=True)  # as cli.main wires it
+                          batches=True)  # as pool_pipeline.cli.analytics wires it
     marks: dict[str, float] = {}
     phases: dict[str, float] = {"poll": 0.0, "flush": 0.0, "txns": 0}
     time_method(stream.consumer, "poll", phases)  # inside kafka-python: fetch waits and record parsing

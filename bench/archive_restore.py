@@ -26,9 +26,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import kafka, log, mib, on_exit, table, workdir  # noqa: E402
 
-from connectors.kafka import TopicSink, TopicSource, ensure_topic, topic_for  # noqa: E402
-from connectors.localstack import _s3_client, free_port, start_s3  # noqa: E402
-from connectors.s3 import Archiver, ArchiveStore, restore  # noqa: E402
+from connectors.kafka.publisher import TopicSink
+from connectors.kafka.reader import TopicSource
+from connectors.kafka.topics import ensure_topic, topic_for  # noqa: E402
+from pool_pipeline.devstack import _s3_client, free_port, start_s3  # noqa: E402
+from connectors.s3.archiver import Archiver
+from connectors.s3.restore import restore
+from connectors.s3.store import ArchiveStore  # noqa: E402
 from pipeline.archive import Rotation, SnapshotPolicy  # noqa: E402
 from pipeline.codec import Codec  # noqa: E402
 from schemas import load_schemas  # noqa: E402
@@ -88,7 +92,7 @@ def main() -> int:
         # The ceiling on this side: a raw kafka-python consumer reading the same committed records.
         from kafka import TopicPartition
 
-        from connectors.kafka import committed_consumer
+        from connectors.kafka.client import committed_consumer
 
         consumer = committed_consumer(bs, None)
         tp = TopicPartition(topic_for(database), 0)

@@ -5,7 +5,7 @@
 
 What runs (all in one run, against one private broker on 127.0.0.1):
  1. A PicoLisp app commits --initial transactions (no consumer), then the capture side (driven
-    in-process exactly like cli.main._capture: PoolSource -> pipeline.replicate -> TopicSink) publishes
+    in-process exactly like pool_pipeline.cli.capture_agent._capture: PoolSource -> pipeline.replicate -> TopicSink) publishes
     the bootstrap snapshot. Timed and reported separately ("snapshot").
  2. --rounds times: the app commits --backlog transactions (the journal holds MBs), then one
     capture round publishes the backlog as one Kafka transaction. The round is timed in parts:
@@ -47,8 +47,10 @@ from _common import (  # noqa: E402
 from kafka import KafkaProducer  # noqa: E402
 from kafka.structs import TopicPartition  # noqa: E402
 
-from connectors.kafka import PARTITION, TopicSink, committed_consumer, ensure_topic, topic_for  # noqa: E402
-from connectors.pool_source import AgentLock, PoolSource  # noqa: E402
+from connectors.kafka.client import committed_consumer
+from connectors.kafka.publisher import TopicSink
+from connectors.kafka.topics import PARTITION, ensure_topic, topic_for  # noqa: E402
+from connectors.picolisp.source import AgentLock, PoolSource  # noqa: E402
 from pipeline.codec import Codec, StreamRecord  # noqa: E402
 from pipeline.model import GENESIS  # noqa: E402
 from pipeline.replicate import replicate  # noqa: E402
@@ -201,7 +203,7 @@ def main() -> int:
             f"journal {mib(app.journal.stat().st_size):.1f} MiB")
 
         sink = TopicSink(bs, DB, codec)
-        lock = AgentLock(root / "agent-state", DB)  # as cli.main._capture (it also creates the state dir)
+        lock = AgentLock(root / "agent-state", DB)  # as pool_pipeline.cli.capture_agent._capture (it also creates the state dir)
         source = PoolSource(app.prefix, app.journal, app.blob_dir, DB, root / "agent-state", once=True,
                             log=lambda m: log(m))
         acc: dict = defaultdict(float)

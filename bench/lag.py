@@ -56,7 +56,8 @@ from _common import (  # noqa: E402
 
 from kafka.structs import TopicPartition  # noqa: E402
 
-from connectors.kafka import PARTITION, committed_consumer, last_commit, topic_for  # noqa: E402
+from connectors.kafka.client import committed_consumer
+from connectors.kafka.topics import PARTITION, last_commit, topic_for  # noqa: E402
 from pipeline.codec import BEGIN, Codec  # noqa: E402
 from schemas import load_schemas  # noqa: E402
 

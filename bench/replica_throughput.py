@@ -12,7 +12,7 @@ What runs (one run, one private broker on 127.0.0.1):
       raw+decode   the same, plus Avro decoding and transaction framing (Codec.read_transactions,
                    every change materialised): what any consumer of this format must do;
       replica      ReplicaDir(group_commit=True) + TopicSource(once) + pipeline.replicate, in-process,
-                   into an empty target, exactly as cli.main._replica wires it (phases timed:
+                   into an empty target, exactly as pool_pipeline.cli.replica._replica wires it (phases timed:
                    stage+verify, group commit (flush: fsync, replay), group offset commit);
       replica CLI  the real `replica --once` process into another empty target (wall time, incl.
                    interpreter start and imports), unless --no-cli.
@@ -47,8 +47,10 @@ from _common import (  # noqa: E402
 
 from kafka.structs import TopicPartition  # noqa: E402
 
-from connectors.kafka import PARTITION, TopicSource, committed_consumer, last_commit, topic_for  # noqa: E402
-from connectors.replica_dir import ReplicaDir  # noqa: E402
+from connectors.kafka.client import committed_consumer
+from connectors.kafka.reader import TopicSource
+from connectors.kafka.topics import PARTITION, last_commit, topic_for  # noqa: E402
+from connectors.picolisp.replica import ReplicaDir  # noqa: E402
 from pipeline.codec import Codec, Record  # noqa: E402
 from pipeline.replicate import replicate  # noqa: E402
 from schemas import load_schemas  # noqa: E402
@@ -283,7 +285,7 @@ def what_if_replica(app, bs: str, codec: Codec, topic: str, name: str, async_ack
 
     from kafka.structs import OffsetAndMetadata
 
-    import connectors.kafka as kmod
+    import connectors.kafka.reader as kmod
 
     saved_commit, saved_fsync, saved_ack = getattr(kmod, "commit_applied", None), os.fsync, TopicSource.acknowledge
 

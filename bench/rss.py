@@ -36,7 +36,8 @@ from _common import (  # noqa: E402
     replica_argv, spawn, stop, table, workdir,
 )
 
-from connectors.kafka import committed_consumer, last_commit, topic_for  # noqa: E402
+from connectors.kafka.client import committed_consumer
+from connectors.kafka.topics import last_commit, topic_for  # noqa: E402
 from kafka.structs import TopicPartition  # noqa: E402
 
 from pipeline.codec import COMMIT, Codec  # noqa: E402

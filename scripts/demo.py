@@ -71,7 +71,7 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="leave the stack running at the end")
     args = parser.parse_args()
 
-    from connectors.localstack import free_port
+    from pool_pipeline.devstack import free_port
 
     work = args.workdir.resolve()
     shutil.rmtree(work, ignore_errors=True)
@@ -103,7 +103,7 @@ def main() -> int:
                        "--work-dir", "archive-work", "--segment-txns", "250", "--snapshot-every-txns", "1000"]
         procs.append(background(archive_cmd, app, env, "archive"))
 
-        from connectors.kafka import last_commit
+        from connectors.kafka.topics import last_commit
         from pipeline.codec import Codec
         from schemas import load_schemas
 

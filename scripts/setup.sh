@@ -77,6 +77,6 @@ fi
 
 # ------------------------------------------------------------------------------------------
 phase "kafka jars"
-.venv/bin/python -c 'from connectors.localstack import kafka_jars; print(kafka_jars())'
+.venv/bin/python -c 'from pool_pipeline.devstack import kafka_jars; print(kafka_jars())'
 
 phase ""

@@ -48,7 +48,7 @@ def main() -> int:
     work = args.dir or Path(tempfile.mkdtemp(prefix="broker-bounce-"))
     print(f"broker-bounce soak: {args.minutes:g} min, seed {seed}, work dir {work}", flush=True)
 
-    from connectors.localstack import start_kafka
+    from pool_pipeline.devstack import start_kafka
 
     cluster = start_kafka(work / "kafka", brokers=3, detach=False, overrides=FAST_BOUNCE, ready_timeout=180)
     app = PicoApp(work / "app", pil)

@@ -3,7 +3,7 @@
 
     .venv/bin/python soak/crash_kill.py [--iterations 200] [--seed N] [--check-every 50]
 
-Uses $KAFKA_BOOTSTRAP_SERVERS, or starts a local single-node broker (connectors.localstack) for
+Uses $KAFKA_BOOTSTRAP_SERVERS, or starts a local single-node broker (pool_pipeline.devstack) for
 the run. Every --check-every iterations (and at the end) it stops, catches up with `--once`, and
 checks: topic txn ids are 1..N each exactly once and chained by checksum, only txn 1 is a
 snapshot, the replica is at N, md5-equal per file, blob-equal, and a PicoLisp query prints the
@@ -54,7 +54,7 @@ def main() -> int:
     cluster = None
     servers = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "").strip()
     if not servers:
-        from connectors.localstack import start_kafka
+        from pool_pipeline.devstack import start_kafka
 
         cluster = start_kafka(work / "kafka", brokers=1, detach=False)
         servers = cluster.bootstrap_servers

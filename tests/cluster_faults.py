@@ -16,7 +16,7 @@ from typing import Callable
 
 from tests.pipeline_helpers import Cli, Proc, replica_txn
 
-TXN_STATE_PARTITIONS = 10  # transaction.state.log.num.partitions of connectors.localstack's brokers
+TXN_STATE_PARTITIONS = 10  # transaction.state.log.num.partitions of pool_pipeline.devstack's brokers
 FAST_BOUNCE = {  # a restarted broker serves after ~3 s instead of ~9 s (DUPLICATE_BROKER_REGISTRATION)
     "broker.session.timeout.ms": "3000",
     "broker.heartbeat.interval.ms": "500",
@@ -56,7 +56,7 @@ def coordinator(bootstrap_servers: str, transactional_id: str) -> int:
 
 def restart(cluster, indices: list[int], ready_timeout: float = 120) -> None:
     """Start the given stopped brokers together (a quorum may need both) and wait until all serve."""
-    from connectors.localstack import _spawn, _wait_kafka_ready
+    from pool_pipeline.devstack import _spawn, _wait_kafka_ready
 
     for i in indices:
         node_dir = Path(cluster.commands[i][-1]).parent

@@ -70,7 +70,7 @@ def _kafka_container() -> tuple[Any, KafkaEndpoint]:
     from testcontainers.core.container import DockerContainer
     from testcontainers.core.waiting_utils import wait_for_logs
 
-    from connectors.localstack import free_port
+    from pool_pipeline.devstack import free_port
 
     port = free_port()
     env = {
@@ -101,7 +101,7 @@ def _kafka_container() -> tuple[Any, KafkaEndpoint]:
 def _minio_container(bucket: str) -> tuple[Any, S3Endpoint]:
     from testcontainers.core.container import DockerContainer
 
-    from connectors.localstack import _ensure_bucket, _s3_client
+    from pool_pipeline.devstack import _ensure_bucket, _s3_client
 
     key, secret = "pooladmin", "poolsecret"
     container = (
@@ -145,7 +145,7 @@ def kafka(docker_available: bool, tmp_path_factory: pytest.TempPathFactory) -> I
         finally:
             container.stop()
         return
-    from connectors.localstack import StackError, start_kafka
+    from pool_pipeline.devstack import StackError, start_kafka
 
     try:
         cluster = start_kafka(tmp_path_factory.mktemp("kafka"), brokers=1, detach=False)
@@ -165,7 +165,7 @@ def s3(docker_available: bool, tmp_path_factory: pytest.TempPathFactory) -> Iter
     key = os.environ.get("AWS_ACCESS_KEY_ID", "").strip()
     secret = os.environ.get("AWS_SECRET_ACCESS_KEY", "").strip()
     if url and key and secret:
-        from connectors.localstack import _ensure_bucket, _s3_client
+        from pool_pipeline.devstack import _ensure_bucket, _s3_client
 
         region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"
         endpoint = S3Endpoint(url, key, secret, region, bucket)
@@ -185,7 +185,7 @@ def s3(docker_available: bool, tmp_path_factory: pytest.TempPathFactory) -> Iter
         finally:
             container.stop()
         return
-    from connectors.localstack import StackError, start_s3
+    from pool_pipeline.devstack import StackError, start_s3
 
     try:
         server = start_s3(tmp_path_factory.mktemp("s3"), bucket=bucket, detach=False)

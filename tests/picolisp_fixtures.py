@@ -10,7 +10,8 @@ from typing import Sequence
 
 import pytest
 
-from connectors.picolisp import JournalEntry, block_size_of, parse_journal, pool_files
+from connectors.picolisp.format import block_size_of, pool_files
+from connectors.picolisp.journal import JournalEntry, parse_journal
 
 __all__ = [
     "APP_DBS",

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
-from connectors.picolisp import compare_blob_trees, compare_pools
+from connectors.picolisp.blobs import compare_blob_trees
+from connectors.picolisp.format import compare_pools
 from pipeline.codec import Codec, Record
 from pipeline.checksum import RollingChecksum
 from pipeline.model import BlockWrite, FileLayout, Transaction
@@ -354,7 +355,7 @@ def replica_at_boundary(target: Path) -> str | None:
     A replica killed between its redo commit point and dropping the redo file is mid-apply by
     design (the next start replays the redo), so that state is accepted here.
     """
-    from connectors.picolisp import pool_files
+    from connectors.picolisp.format import pool_files
     from pipeline.checksum import checksum_of
 
     state = Path(target) / ".pool-pipeline"

@@ -17,9 +17,10 @@ from typing import Any
 import pytest
 from kafka import KafkaProducer
 
-from connectors.analytics import STATS_RECORD, read_sqlite_stats
-from connectors.changes import ChangeStream, KafkaTransactions
-from connectors.kafka import ensure_topic, status, topic_for
+from pool_pipeline.analytics import STATS_RECORD, read_sqlite_stats
+from pool_pipeline.changes import ChangeStream, KafkaTransactions
+from connectors.kafka.status import status
+from connectors.kafka.topics import ensure_topic, topic_for
 from pipeline.model import BlobChunk, BlobDelete, BlockWrite, FileLayout, Transaction
 from pipeline.stats import TxnSummary, WindowStats, Windows, summarize
 from tests.picolisp_fixtures import *  # noqa: F401,F403

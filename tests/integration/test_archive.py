@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 
-from connectors.picolisp import compare_blob_trees, compare_pools
-from connectors.s3 import ArchiveStore
+from connectors.picolisp.blobs import compare_blob_trees
+from connectors.picolisp.format import compare_pools
+from connectors.s3.store import ArchiveStore
 from pipeline.archive import SegmentWriter, read_segment
 from tests.picolisp_fixtures import *  # noqa: F401,F403
 from tests.picolisp_fixtures import PicoApp, copy_pool
@@ -223,7 +224,7 @@ def test_archiver_killed_at_random_points_archives_every_txn_exactly_once_with_t
 
 
 def test_archiver_rides_out_an_s3_outage_and_loses_nothing(app: PicoApp, kafka: Any, tmp_path: Path) -> None:
-    from connectors.localstack import free_port, start_s3
+    from pool_pipeline.devstack import free_port, start_s3
     from tests.conftest import S3Endpoint
 
     port = free_port(with_grpc_offset=10000)
@@ -256,7 +257,7 @@ def test_archiver_rides_out_an_s3_outage_and_loses_nothing(app: PicoApp, kafka: 
         agent.stop()
         ok(cli.agent_once(), "capture-agent --once")
         source_ids = [t.txn_id for t in committed_transactions(cli.bootstrap_servers, cli.database)]
-        from connectors.localstack import _s3_client
+        from pool_pipeline.devstack import _s3_client
 
         store = store_for(_s3_client(server.endpoint_url, server.access_key, server.secret_key, server.region),
                           server.bucket, "arch", cli.database)
@@ -333,7 +334,8 @@ def test_restore_refuses_damaged_foreign_or_gapped_archives_and_leaves_the_targe
 
 def test_a_big_txn_uploads_in_parts_while_read_and_kills_leave_no_unfinished_upload(
         kafka: Any, s3: Any, s3_client: Any, tmp_path: Path) -> None:
-    from connectors.kafka import TopicSink, topic_for
+    from connectors.kafka.publisher import TopicSink
+    from connectors.kafka.topics import topic_for
     from tests.pipeline_helpers import SYNTHETIC_BLOCK, create_topic, synthetic_stream
 
     database = unique_name("parts")

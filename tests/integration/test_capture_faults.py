@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from connectors.picolisp import compare_blob_trees, compare_pools
+from connectors.picolisp.blobs import compare_blob_trees
+from connectors.picolisp.format import compare_pools
 from tests.picolisp_fixtures import PicoApp
 from tests.pipeline_helpers import BIN, Cli, committed_transactions, ok, replica_txn, unique_name, wait_for
 

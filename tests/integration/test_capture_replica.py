@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from connectors.picolisp import compare_blob_trees, compare_pools, md5_file, pool_files
+from connectors.picolisp.blobs import compare_blob_trees
+from connectors.picolisp.format import compare_pools, md5_file, pool_files
 from tests.picolisp_fixtures import *  # noqa: F401,F403
 from tests.picolisp_fixtures import PicoApp, copy_pool
 from tests.pipeline_helpers import (
@@ -295,7 +296,7 @@ def test_a_bad_journal_is_refused_with_nothing_published_and_the_journal_intact(
 
 def _bad_topic_setup(app: PicoApp, kafka: Any, name: str) -> tuple[Cli, Any, list]:
     """A database (own topic, own replica dir) whose replica is at txn 1; returns (cli, position, layout)."""
-    from connectors.kafka import last_commit
+    from connectors.kafka.topics import last_commit
 
     c = Cli(app.root, kafka.bootstrap_servers, unique_name(name))
     ok(c.agent_once("--state-dir", f"fifo/{c.database}.agent"), "capture-agent --once")

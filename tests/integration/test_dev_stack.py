@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from connectors import localstack
+from pool_pipeline import devstack
 from tests.conftest import unavailable
 from tests.pipeline_helpers import BIN
 
@@ -23,8 +23,8 @@ BROKERS = 3
 def _kafka_base_port(brokers: int) -> int:
     """A port p with p .. p + 2*brokers - 1 all free (dev up puts client/controller pairs side by side)."""
     for _ in range(200):
-        p = localstack.free_port()
-        if p + 2 * brokers < 65536 and all(localstack._port_free(p + i) for i in range(2 * brokers)):
+        p = devstack.free_port()
+        if p + 2 * brokers < 65536 and all(devstack._port_free(p + i) for i in range(2 * brokers)):
             return p
     raise AssertionError("no run of free ports found for the Kafka brokers")
 
@@ -32,7 +32,7 @@ def _kafka_base_port(brokers: int) -> int:
 def _s3_port(exclude: range) -> int:
     """A free port p (outside `exclude`) whose gRPC twin p + 10000 is free too."""
     for _ in range(200):
-        p = localstack.free_port(with_grpc_offset=True)
+        p = devstack.free_port(with_grpc_offset=True)
         if p not in exclude and p + 10000 not in exclude:
             return p
     raise AssertionError("no free S3 port pair found")
@@ -80,7 +80,7 @@ def test_kill_and_restart_a_broker_of_a_three_broker_dev_stack(tmp_path: Path) -
 
         old_pid = next(b["pid"] for b in status["brokers"] if b["node_id"] == 2)
         _ok(_pipeline(state, "broker", "kill", "2", timeout=60), "dev broker kill 2")
-        assert not localstack._pid_alive(old_pid)
+        assert not devstack._pid_alive(old_pid)
         status = _status(state)
         assert _broker_states(status) == {1: "running", 2: "stopped", 3: "running"}
         assert status["running"] and not status["healthy"]
@@ -108,7 +108,7 @@ def test_kill_and_restart_a_broker_of_a_three_broker_dev_stack(tmp_path: Path) -
     finally:
         down = _pipeline(state, "down", timeout=90)
     _ok(down, "dev down")
-    assert not any(localstack._pid_alive(p) for p in all_pids), "dev down left processes behind"
+    assert not any(devstack._pid_alive(p) for p in all_pids), "dev down left processes behind"
     assert not (state / "stack.json").exists()
     assert not list((state / "s3" / "sock").glob("*.sock"))
     assert time.monotonic() - t0 < 90, f"took {time.monotonic() - t0:.0f} s"

@@ -15,7 +15,7 @@ from botocore.exceptions import ClientError
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka import errors as kerr
 
-from connectors import localstack
+from pool_pipeline import devstack
 from tests.conftest import unavailable
 
 pytestmark = pytest.mark.integration
@@ -253,15 +253,15 @@ def test_picolisp_pool_commit_writes_db_files_and_journal(tmp_path: Path) -> Non
 
 
 # --------------------------------------------------------------------------------------
-# The dev stack launcher itself (connectors/localstack.py)
+# The dev stack launcher itself (connectors/devstack.py)
 # --------------------------------------------------------------------------------------
 
 
 def _port_pair(offset: int) -> int:
     """A free port p whose p + offset is free as well."""
     for _ in range(100):
-        p = localstack.free_port()
-        if p + offset < 65536 and localstack._port_free(p + offset):
+        p = devstack.free_port()
+        if p + offset < 65536 and devstack._port_free(p + offset):
             return p
     raise AssertionError("no free port pair found")
 
@@ -271,20 +271,20 @@ def test_dev_up_is_idempotent_and_dev_down_stops_everything(tmp_path: Path) -> N
     kafka_port, s3_port = _port_pair(1), _port_pair(10000)
     lines: list[str] = []
     try:
-        info = localstack.dev_up(state, brokers=1, kafka_port=kafka_port, s3_port=s3_port, progress=lines.append)
-    except localstack.StackError as e:
+        info = devstack.dev_up(state, brokers=1, kafka_port=kafka_port, s3_port=s3_port, progress=lines.append)
+    except devstack.StackError as e:
         unavailable(f"local dev stack could not start: {e}")
     try:
         assert info["bootstrap_servers"] == f"127.0.0.1:{kafka_port}"
         assert info["s3_endpoint"] == f"http://127.0.0.1:{s3_port}"
         assert (state / "stack.json").is_file()
-        status = localstack.dev_status(state)
+        status = devstack.dev_status(state)
         assert status["running"] and all(p["alive"] and p["port_open"] for p in status["processes"])
 
-        again = localstack.dev_up(state, brokers=1, kafka_port=kafka_port, s3_port=s3_port, progress=lines.append)
+        again = devstack.dev_up(state, brokers=1, kafka_port=kafka_port, s3_port=s3_port, progress=lines.append)
         assert again["pids"] == info["pids"]
 
-        exports = localstack.env_exports(info)
+        exports = devstack.env_exports(info)
         shown = subprocess.run(
             ["bash", "-c", 'eval "$1"; echo "$KAFKA_BOOTSTRAP_SERVERS|$AWS_ENDPOINT_URL_S3|$POOL_PIPELINE_BUCKET"',
              "_", exports],
@@ -298,12 +298,12 @@ def test_dev_up_is_idempotent_and_dev_down_stops_everything(tmp_path: Path) -> N
         producer.send(topic, b"hello").get(timeout=30)
         producer.close()
     finally:
-        localstack.dev_down(state, progress=lines.append)
+        devstack.dev_down(state, progress=lines.append)
     assert not (state / "stack.json").exists()
-    assert not any(localstack._pid_alive(p) for p in info["pids"])
-    assert not localstack._port_open(kafka_port) and not localstack._port_open(s3_port)
-    assert localstack.dev_status(state)["running"] is False
-    localstack.dev_down(state, progress=lines.append)  # idempotent
+    assert not any(devstack._pid_alive(p) for p in info["pids"])
+    assert not devstack._port_open(kafka_port) and not devstack._port_open(s3_port)
+    assert devstack.dev_status(state)["running"] is False
+    devstack.dev_down(state, progress=lines.append)  # idempotent
 
 
 def test_dev_up_reports_a_taken_port(tmp_path: Path) -> None:
@@ -311,6 +311,6 @@ def test_dev_up_reports_a_taken_port(tmp_path: Path) -> None:
         squatter.bind(("127.0.0.1", 0))
         squatter.listen(1)
         port = squatter.getsockname()[1]
-        with pytest.raises(localstack.StackError, match=rf"port {port} is in use.*--kafka-port"):
-            localstack.dev_up(tmp_path / "stack", kafka_port=port, s3_port=_port_pair(10000), progress=lambda _m: None)
+        with pytest.raises(devstack.StackError, match=rf"port {port} is in use.*--kafka-port"):
+            devstack.dev_up(tmp_path / "stack", kafka_port=port, s3_port=_port_pair(10000), progress=lambda _m: None)
     assert not (tmp_path / "stack" / "stack.json").exists()

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from connectors.picolisp import compare_blob_trees, compare_pools
+from connectors.picolisp.blobs import compare_blob_trees
+from connectors.picolisp.format import compare_pools
 from pipeline.model import Position
 from tests.picolisp_fixtures import *  # noqa: F401,F403
 from tests.picolisp_fixtures import PicoApp
@@ -75,11 +76,12 @@ def check_at_topic_boundary(target: Path, txns: list[TopicTxn], where: str) -> i
 
 
 DRIVER = textwrap.dedent('''
-    """Replica loop (as cli.main._replica wires it) that SIGKILLs itself at the n-th call of one step."""
+    """Replica loop (as pool_pipeline.cli.replica._replica wires it) that SIGKILLs itself at the n-th call of one step."""
     import os, signal, sys
     sys.path.insert(0, sys.argv[1])
-    import connectors.replica_dir as rd
-    from connectors.kafka import TopicSource, topic_for
+    import connectors.picolisp.replica as rd
+    from connectors.kafka.reader import TopicSource
+    from connectors.kafka.topics import topic_for
     from pipeline.codec import Codec
     from pipeline.replicate import replicate
     from schemas import load_schemas
@@ -112,7 +114,7 @@ DRIVER = textwrap.dedent('''
 
 def test_kill_9_inside_multi_txn_group_commits_leaves_the_replica_at_a_txn_boundary(
         app: PicoApp, cli: Cli, tmp_path: Path) -> None:
-    from connectors.replica_dir import ReplicaDir
+    from connectors.picolisp.replica import ReplicaDir
 
     app.workload(60, seed=401)
     ok(cli.agent_once(), "capture-agent --once (snapshot)")
@@ -166,8 +168,9 @@ def test_a_bad_txn_behind_good_ones_in_one_batch_stops_the_replica_at_the_last_g
         app: PicoApp, cli: Cli) -> None:
     """Txns 2..6 and a corrupt txn 7 are staged into one batch: 2..6 are committed together, txn 7 is
     refused (named with its offset), nothing of it is visible, and a restart refuses it again."""
-    from connectors.kafka import TopicSource, topic_for
-    from connectors.replica_dir import ReplicaDir
+    from connectors.kafka.reader import TopicSource
+    from connectors.kafka.topics import topic_for
+    from connectors.picolisp.replica import ReplicaDir
     from pipeline.errors import PipelineError
     from pipeline.model import BlockWrite, Transaction
     from pipeline.replicate import replicate
@@ -222,7 +225,7 @@ def test_a_bad_txn_behind_good_ones_in_one_batch_stops_the_replica_at_the_last_g
 
 
 def committed_layout(cli: Cli) -> list:
-    from connectors.kafka import last_commit
+    from connectors.kafka.topics import last_commit
 
     last = last_commit(cli.bootstrap_servers, cli.database, codec())
     assert last is not None
@@ -231,8 +234,9 @@ def committed_layout(cli: Cli) -> list:
 
 def test_replica_dir_group_commit_is_durable_only_at_flush_and_close_discards(app: PicoApp, cli: Cli) -> None:
     """The opt-in mode for other callers (restore): apply() stages and verifies, flush() commits."""
-    from connectors.kafka import TopicSource, topic_for
-    from connectors.replica_dir import ReplicaDir
+    from connectors.kafka.reader import TopicSource
+    from connectors.kafka.topics import topic_for
+    from connectors.picolisp.replica import ReplicaDir
 
     app.workload(40, seed=431)
     txns = publish_many(app, cli, 4, seed=440)  # txn 1 is the snapshot

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def cluster3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """A fresh 3-broker cluster for this module alone: its brokers get killed."""
-    from connectors.localstack import StackError, start_kafka
+    from pool_pipeline.devstack import StackError, start_kafka
 
     try:
         cluster = start_kafka(tmp_path_factory.mktemp("kafka3"), brokers=3, detach=False, overrides=FAST_BOUNCE,

@@ -10,21 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from connectors.picolisp import (
-    JournalConsumer,
-    blob_markers,
-    blob_tree,
-    compare_blob_trees,
-    compare_pools,
-    lock_db_exclusive,
-    lock_db_shared,
-    md5_file,
-    parse_journal,
-    pool_files,
-    read_shift,
-    touched_blocks,
-    unlock_db,
-)
+from connectors.picolisp.blobs import blob_markers, blob_tree, compare_blob_trees
+from connectors.picolisp.format import compare_pools, lock_db_exclusive, lock_db_shared, md5_file, pool_files, read_shift, unlock_db
+from connectors.picolisp.journal import JournalConsumer, parse_journal, touched_blocks
 from tests.picolisp_fixtures import *  # noqa: F401,F403
 from tests.picolisp_fixtures import APP_BLOCK_SIZES, APP_DBS, PicoApp, copy_pool, replay_journal
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cli.main import PARSERS
+from pool_pipeline.cli.parsers import PARSERS
 
 ROOT = Path(__file__).resolve().parents[2]
 CLI_ENV = {"KAFKA_BOOTSTRAP_SERVERS", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",

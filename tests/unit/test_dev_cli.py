@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from cli.main import _dev, pipeline_parser
-from connectors import localstack
+from pool_pipeline.cli.admin import _dev, pipeline_parser
+from pool_pipeline import devstack
 
 
 def _parse(*argv: str) -> Any:
@@ -49,7 +49,7 @@ def _write_stack(state: Path, brokers: int, live: frozenset[int] | set[int] = fr
         "kafka_pids": [p["pid"] for p in procs[:-1]],
     }  # fmt: skip
     state.mkdir(parents=True, exist_ok=True)
-    (state / localstack.STATE_FILE).write_text(json.dumps(info))
+    (state / devstack.STATE_FILE).write_text(json.dumps(info))
     return info
 
 
@@ -96,7 +96,7 @@ def test_starting_a_running_broker_is_refused(tmp_path: Path, capsys: pytest.Cap
         _dev(_parse("dev", "broker", "start", "2", "--state-dir", str(tmp_path)))
     assert exc.value.code == 1
     assert "broker 2 is already running" in capsys.readouterr().err
-    assert json.loads((tmp_path / localstack.STATE_FILE).read_text()) == info  # nothing recorded
+    assert json.loads((tmp_path / devstack.STATE_FILE).read_text()) == info  # nothing recorded
 
 
 def test_commands_without_a_stack_say_how_to_start_one(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -109,11 +109,11 @@ def test_commands_without_a_stack_say_how_to_start_one(tmp_path: Path, capsys: p
 
 def test_status_and_env_with_brokers_down(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     info = _write_stack(tmp_path, brokers=3, live={1, 3})
-    status = localstack.dev_status(tmp_path)
+    status = devstack.dev_status(tmp_path)
     assert {b["node_id"]: b["state"] for b in status["brokers"]} == {1: "starting", 2: "stopped", 3: "starting"}
     assert status["s3"]["state"] == "stopped"
     assert status["running"] and status["partial"] and not status["healthy"]
-    text = localstack.format_status(status)
+    text = devstack.format_status(status)
     assert any(line.split()[:2] == ["broker", "2"] and line.endswith("stopped") for line in text.splitlines()), text
 
     assert _dev(_parse("dev", "env", "--state-dir", str(tmp_path))) == 0

@@ -9,21 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from connectors.picolisp import (
-    JournalConsumer,
-    JournalEntry,
-    blob_markers,
-    blob_tree,
-    block_size_of,
-    compare_blob_trees,
-    compare_pools,
-    hax,
-    md5_file,
-    parse_journal,
-    pool_files,
-    read_shift,
-    touched_blocks,
-)
+from connectors.picolisp.blobs import blob_markers, blob_tree, compare_blob_trees
+from connectors.picolisp.format import block_size_of, compare_pools, hax, md5_file, pool_files, read_shift
+from connectors.picolisp.journal import JournalConsumer, JournalEntry, parse_journal, touched_blocks
 from pipeline.errors import PipelineError
 
 

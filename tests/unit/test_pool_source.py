@@ -1,4 +1,4 @@
-"""Unit tests for connectors.pool_source on hand-made pools: start-order wait, layout changes, hostile blob names."""
+"""Unit tests for connectors.picolisp.source on hand-made pools: start-order wait, layout changes, hostile blob names."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from connectors.picolisp import blob_markers
-from connectors.pool_source import PoolSource, layout_change, pool_missing, wait_for_pool
+from connectors.picolisp.blobs import blob_markers
+from connectors.picolisp.source import PoolSource, layout_change, pool_missing, wait_for_pool
 from pipeline.errors import PipelineError
 from pipeline.model import BlobChunk, BlobDelete, FileLayout, Position, safe_blob_path
 from tests.unit.test_picolisp_journal import make_pool

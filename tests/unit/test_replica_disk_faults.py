@@ -12,7 +12,7 @@ from typing import Iterator
 import pytest
 
 from connectors.faults import disk_fault
-from connectors.replica_dir import RESERVE_NAME, ReplicaDir
+from connectors.picolisp.replica import RESERVE_NAME, ReplicaDir
 from pipeline.errors import PipelineError
 from pipeline.model import Position, Transaction
 from pipeline.replicate import replicate

@@ -13,17 +13,9 @@ from array import array
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from connectors.picolisp import (
-    JournalConsumer,
-    _file_name,
-    _pread_all,
-    blob_markers,
-    block_size_of,
-    hax,
-    parse_journal,
-    pool_files,
-    touched_blocks,
-)
+from connectors.picolisp.blobs import blob_markers
+from connectors.picolisp.format import _file_name, pread_all, block_size_of, hax, pool_files
+from connectors.picolisp.journal import JournalConsumer, parse_journal, touched_blocks
 from pipeline.checksum import RollingChecksum, block_hash
 from pipeline.errors import PipelineError
 from pipeline.model import (
@@ -186,7 +178,7 @@ class _Pool:
 
     def read_block(self, file: int, index: int) -> bytes:
         bs = self.block_sizes[file]
-        return _pread_all(self.fds[file], bs, index * bs)
+        return pread_all(self.fds[file], bs, index * bs)
 
     def close(self) -> None:
         for fd in self.fds:
@@ -252,7 +244,7 @@ class _Images:
             while j < n and (j == i or total + sizes[keys[j][0]] <= _SLICE):
                 total += sizes[keys[j][0]]
                 j += 1
-            buf = _pread_all(self.fd, total, pos)
+            buf = pread_all(self.fd, total, pos)
             off = 0
             for file, index in keys[i:j]:
                 bs = sizes[file]
@@ -387,7 +379,7 @@ class PoolSource:
             j = i + 1
             while j < n and keys[j] == (file, first + j - i) and (j - i) * bs < _SLICE:
                 j += 1
-            buf += _pread_all(self.pool.fds[file], (j - i) * bs, first * bs)
+            buf += pread_all(self.pool.fds[file], (j - i) * bs, first * bs)
             if len(buf) >= _SLICE:
                 os.pwrite(fd, buf, written)
                 written += len(buf)
@@ -446,7 +438,7 @@ class PoolSource:
         for index in range(count):
             start = index * MAX_BLOB_CHUNK
             assert self._spool_fd is not None
-            data = _pread_all(self._spool_fd, min(MAX_BLOB_CHUNK, size - start), offset + start)
+            data = pread_all(self._spool_fd, min(MAX_BLOB_CHUNK, size - start), offset + start)
             yield BlobChunk(rel, size, sha, index, count, data)
 
     def _warn_once(self, key: str, text: str) -> None:
@@ -628,7 +620,7 @@ class PoolSource:
             step = max(1, (4 << 20) // f.block_size)
             for first in range(0, f.blocks, step):
                 n = min(step, f.blocks - first)
-                buf = _pread_all(self.pool.fds[f.file], n * f.block_size, first * f.block_size)
+                buf = pread_all(self.pool.fds[f.file], n * f.block_size, first * f.block_size)
                 if len(buf) < n * f.block_size:
                     raise PipelineError(f"pool file {hax(f.file)} shrank while being read", retriable=True,
                                         database=self.database)

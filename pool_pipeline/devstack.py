@@ -55,7 +55,7 @@ _WEED_GRPC_OFFSET = 10000  # SeaweedFS convention: gRPC port = HTTP port + 10000
 _UNIX_SOCKET_PATH_MAX = 107  # sun_path is 108 bytes on Linux, including the terminating NUL
 
 LOG4J2_PROPERTIES = """\
-# Written by connectors/localstack.py: broker log goes to stdout, which is redirected to kafka-N.log
+# Written by pool_pipeline/devstack.py: broker log goes to stdout, which is redirected to kafka-N.log
 status = warn
 name = pool-pipeline-kafka
 appender.stdout.type = Console
@@ -454,7 +454,7 @@ def _server_properties(
         "unclean.leader.election.enable": "false",
     }
     props.update({k: str(v) for k, v in (overrides or {}).items()})
-    header = f"# Written by connectors/localstack.py for node {node_id} of {brokers}\n"
+    header = f"# Written by pool_pipeline/devstack.py for node {node_id} of {brokers}\n"
     return header + "".join(f"{k}={v}\n" for k, v in props.items())
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from connectors.faults import DiskFault, disk_fault
-from connectors.picolisp import hax, lock_db_exclusive, pool_files, unlock_db
+from connectors.picolisp.format import hax, lock_db_exclusive, pool_files, unlock_db
 from pipeline.checksum import RollingChecksum, block_hash
 from pipeline.errors import PipelineError
 from pipeline.model import (

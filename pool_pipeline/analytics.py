@@ -7,14 +7,14 @@ import sqlite3
 import time
 from typing import Callable
 
-from connectors.changes import (
+from pool_pipeline.changes import (
     ChangeStream,
     Checkpoint,
     KafkaTransactions,
     Rebalanced,
     SqliteOutput,
 )
-from connectors.kafka import topic_for
+from connectors.kafka.topics import topic_for
 from pipeline.errors import PipelineError
 from pipeline.stats import (
     DEFAULT_TOP_BLOCKS,

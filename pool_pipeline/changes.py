@@ -1,6 +1,6 @@
 """The public change-stream API: committed transactions from a consumer group, with exactly-once outputs to Kafka or SQLite.
 
-    from connectors.changes import ChangeStream, KafkaTransactions
+    from pool_pipeline.changes import ChangeStream, KafkaTransactions
 
     with ChangeStream("127.0.0.1:9092", "my-group", databases=["app"]) as stream:
         out = KafkaTransactions(stream, "my-app")        # optional: exactly-once output to Kafka
@@ -28,21 +28,11 @@ from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssi
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
-from connectors.kafka import (
-    CLIENT_DEFAULTS,
-    PARTITION,
-    POLL_RECORDS,
-    TOPIC_PREFIX,
-    OffsetCommitter,
-    _broker_error,
-    committed_consumer,
-    database_for,
-    end_transaction,
-    ensure_topic,
-    flush_checked,
-    is_fenced,
-    topic_for,
-)
+from connectors.kafka.client import broker_error
+from connectors.kafka.client import CLIENT_DEFAULTS, POLL_RECORDS, committed_consumer, is_fenced
+from connectors.kafka.publisher import end_transaction, flush_checked
+from connectors.kafka.reader import OffsetCommitter
+from connectors.kafka.topics import PARTITION, TOPIC_PREFIX, database_for, ensure_topic, topic_for
 from pipeline.codec import Codec, Record
 from pipeline.errors import PipelineError
 from pipeline.model import Transaction
@@ -188,7 +178,7 @@ class ChangeStream:
                 regex = f"^{re.escape(TOPIC_PREFIX)}(?!.*{re.escape(STATS_SUFFIX)}$)(?:{self.pattern})$"
                 self.consumer.subscribe(pattern=regex, listener=listener)
         except KafkaError as exc:
-            raise _broker_error(f"cannot subscribe group {self.group}", exc) from exc
+            raise broker_error(f"cannot subscribe group {self.group}", exc) from exc
         self._subscribed = True
 
     # kafka-python calls the rebalance callbacks on its network thread while the caller waits in
@@ -242,7 +232,7 @@ class ChangeStream:
         try:
             return self.consumer.committed(tp)
         except KafkaError as exc:
-            raise _broker_error(f"cannot read the committed offset of group {self.group}", exc,
+            raise broker_error(f"cannot read the committed offset of group {self.group}", exc,
                                 database=database_for(tp.topic)) from exc
 
     def _position_new(self) -> None:
@@ -267,7 +257,7 @@ class ChangeStream:
                 if self.once:
                     self._ends[tp] = self.consumer.end_offsets([tp])[tp]
             except KafkaError as exc:
-                raise _broker_error(f"cannot read the offsets of {tp.topic}", exc, database=database_for(tp.topic)) from exc
+                raise broker_error(f"cannot read the offsets of {tp.topic}", exc, database=database_for(tp.topic)) from exc
             self.consumer.seek(tp, max(begin, min(starts)))
             self._buffers[tp] = deque()
         self._new.clear()
@@ -279,7 +269,7 @@ class ChangeStream:
         try:
             batch = self.consumer.poll(timeout_ms=timeout_ms, max_records=self.max_records)
         except KafkaError as exc:
-            raise _broker_error(f"consumer group {self.group} cannot poll", exc) from exc
+            raise broker_error(f"consumer group {self.group} cannot poll", exc) from exc
         if self._listener_error is not None:
             error, self._listener_error = self._listener_error, None
             raise error
@@ -327,7 +317,7 @@ class ChangeStream:
             return all(tp in self._ends and not self._buffers.get(tp) and self.consumer.position(tp) >= self._ends[tp]
                        for tp in assignment)
         except KafkaError as exc:
-            raise _broker_error(f"consumer group {self.group} cannot read its positions", exc) from exc
+            raise broker_error(f"consumer group {self.group} cannot read its positions", exc) from exc
 
     def _transactions(self, tp: TopicPartition) -> Iterator[ChangeTransaction]:
         txns = self.codec.read_transactions(self._records(tp), database_for(tp.topic), batches=self.batches,
@@ -444,7 +434,7 @@ class KafkaTransactions:
                 **CLIENT_DEFAULTS)
             producer.init_transactions()
         except KafkaError as exc:
-            raise _broker_error(f"cannot start the transactional producer {tid}", exc, database=database) from exc
+            raise broker_error(f"cannot start the transactional producer {tid}", exc, database=database) from exc
         self.producers[database] = producer
         for topic in self.topics(database) if self.topics else ():
             if topic not in self._created:
@@ -453,7 +443,7 @@ class KafkaTransactions:
             try:
                 producer.partitions_for(topic)  # loads its metadata now rather than inside the first send
             except KafkaError as exc:
-                raise _broker_error(f"cannot read the metadata of output topic {topic}", exc, database=database) from exc
+                raise broker_error(f"cannot read the metadata of output topic {topic}", exc, database=database) from exc
         return COMMITTED
 
     def revoked(self, database: str) -> None:
@@ -509,7 +499,7 @@ class KafkaTransactions:
             # A producer that failed may be in any state: the next owner (or this member, at the next
             # assignment) starts a new one, whose init_transactions settles what this one left open.
             self._close(cp.database)
-            raise _broker_error("exactly-once output to Kafka failed and was aborted", exc, database=cp.database,
+            raise broker_error("exactly-once output to Kafka failed and was aborted", exc, database=cp.database,
                                 txn_id=cp.txn_id, offset=cp.end_offset) from exc
         self.next_offsets[cp.database] = cp.next_offset
         return True

@@ -1,0 +1,1 @@
+"""Kafka: one topic per database, the transactional publisher, the committed-stream readers, status."""

@@ -1,0 +1,312 @@
+"""The committed-stream readers: one database from an offset (TopicSource), or many in a consumer group (GroupReader)."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Callable, Iterator
+
+from kafka import ConsumerRebalanceListener, KafkaConsumer
+from kafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
+from kafka.coordinator.assignors.sticky.sticky_assignor import StickyPartitionAssignor
+from kafka.errors import (
+    KafkaError,
+)
+from kafka.structs import OffsetAndMetadata, TopicPartition
+from pipeline.codec import Codec, Record
+from pipeline.errors import PipelineError
+from pipeline.model import Position, Transaction
+
+from connectors.kafka.client import POLL_RECORDS, broker_error, committed_consumer
+from connectors.kafka.topics import PARTITION, TOPIC_PREFIX, database_for, topic_for
+
+
+class OffsetCommitter:
+    """Group offsets after applied txns, with txn id and time for `pipeline status`.
+
+    They only show lag (the sink's own stored position is the truth), so they are committed
+    asynchronously and at most every `interval` s: a synchronous commit per txn took 60% of the
+    replica's time (bench/replica_throughput.py). `flush()` commits the last one synchronously.
+    An offset that could not be committed (the group coordinator was down) is kept and sent with
+    the next commit, so after an outage the group shows where the sink really is.
+    """
+
+    def __init__(self, consumer: KafkaConsumer, interval: float = 0.2) -> None:
+        self.consumer = consumer
+        self.interval = interval
+        self.pending: dict[TopicPartition, OffsetAndMetadata] = {}
+        self.last = 0.0
+
+    def applied(self, tp: TopicPartition, txn: Transaction) -> None:
+        self.at(tp, txn.end_offset + 1, txn.txn_id, txn.source_time_ms)
+
+    def at(self, tp: TopicPartition, next_offset: int, txn_id: int, source_time_ms: int | None) -> None:
+        """The sink holds everything before `next_offset`, up to `txn_id`."""
+        meta = {"txn": txn_id}
+        if source_time_ms:
+            meta["source_time_ms"] = source_time_ms
+        self.pending[tp] = OffsetAndMetadata(next_offset, json.dumps(meta), -1)
+        if time.monotonic() - self.last >= self.interval:
+            self._commit(sync=False)
+
+    def flush(self) -> None:
+        if self.pending:
+            self._commit(sync=True)
+
+    def _commit(self, sync: bool) -> None:
+        offsets, self.pending, self.last = self.pending, {}, time.monotonic()
+
+        def keep(failed: object = None) -> None:  # newer offsets recorded meanwhile win
+            for tp, meta in offsets.items():
+                self.pending.setdefault(tp, meta)
+
+        try:
+            if sync:
+                self.consumer.commit(offsets)
+            else:
+                future = self.consumer.commit_async(offsets)
+                if future is not None and hasattr(future, "add_errback"):
+                    future.add_errback(keep)
+        except KafkaError:
+            keep()  # lag display only: tried again with the next commit
+
+
+class TopicSource:
+    """Reads committed transactions of one database from its topic, from a given offset (a Source).
+
+    The sink's stored position decides where reading starts; group offsets are committed
+    after each applied transaction only so that lag is visible to operators.
+    """
+
+    def __init__(self, bootstrap_servers: str, database: str, codec: Codec, group: str, start_offset: int,
+                 *, once: bool = False, idle: Callable[[], None] | None = None) -> None:
+        self.database = database
+        self.topic = topic_for(database)
+        self.codec = codec
+        self.once = once
+        self.idle = idle
+        self.tp = TopicPartition(self.topic, PARTITION)
+        self.consumer = committed_consumer(bootstrap_servers, group)
+        self.offsets = OffsetCommitter(self.consumer)
+        try:
+            if self.topic not in self.consumer.topics():
+                raise PipelineError(f"topic {self.topic} does not exist: is a capture-agent running for "
+                                    f"{database!r}?", database=database, retriable=True)
+            self.consumer.assign([self.tp])
+            begin = self.consumer.beginning_offsets([self.tp])[self.tp]
+            if start_offset < begin:
+                raise PipelineError(
+                    f"the replica needs offset {start_offset} but topic {self.topic} starts at {begin} "
+                    "(retention removed it); start a fresh replica", database=database, offset=start_offset)
+            self.consumer.seek(self.tp, start_offset)
+            self.end_at_start = self.consumer.end_offsets([self.tp])[self.tp]
+        except KafkaError as exc:
+            self.consumer.close()
+            raise broker_error(f"cannot read topic {self.topic}", exc, database=database) from exc
+        self._fetched: list = []  # the last poll's records; _records() hands them out from _next on
+        self._next = 0
+
+    def _fetch(self, timeout_ms: int) -> bool:
+        # max_records is high so that one poll hands over everything the client already fetched:
+        # that is what buffered() reports, and so what one group commit of the replica may cover.
+        self._fetched = self.consumer.poll(timeout_ms=timeout_ms, max_records=POLL_RECORDS).get(self.tp, [])
+        self._next = 0
+        return bool(self._fetched)
+
+    def _records(self) -> Iterator[Record]:
+        while True:
+            while self._next < len(self._fetched):  # buffered() may refill the list while we are suspended
+                r = self._fetched[self._next]
+                self._next += 1
+                yield r
+            if self.once and self.consumer.position(self.tp) >= self.end_at_start:
+                return
+            if not self._fetch(100):
+                self.offsets.flush()  # idle: make the lag display exact
+                if self.idle is not None:
+                    self.idle()
+
+    def buffered(self) -> bool:
+        """True if records the last poll returned are still unread: a group-committing sink keeps
+        batching (pipeline.replicate). Never touches the network: a poll(timeout_ms=0) here made
+        kafka-python 3 miss the wake-up of the next poll, adding 100 ms stalls (bench/lag.py p99)."""
+        return self._next < len(self._fetched)
+
+    def transactions(self, after: Position) -> Iterator[Transaction]:
+        return self.codec.read_transactions(self._records(), self.database)
+
+    def records(self) -> Iterator[Record]:
+        """The raw committed records, for consumers that keep them as they are (the archiver)."""
+        return self._records()
+
+    def acknowledge(self, txn: Transaction) -> None:
+        self.offsets.applied(self.tp, txn)
+
+    def lag(self) -> int:
+        return max(0, self.consumer.end_offsets([self.tp])[self.tp] - self.consumer.position(self.tp))
+
+    def close(self) -> None:
+        self.offsets.flush()
+        self.consumer.close()
+
+
+class GroupReader:
+    """One consumer in a group subscribed to many database topics (`replica --pattern`).
+
+    Kafka spreads the topics' partitions over the group's members. `sources()` yields, for each
+    assigned database with pending records, a Source over that partition alone: it pauses the
+    other partitions while a transaction is open and ends at a transaction boundary, so one
+    replicate() loop per database can run in turn without buffering whole transactions.
+    """
+
+    def __init__(self, bootstrap_servers: str, group: str, pattern: str, codec: Codec,
+                 start_offset: Callable[[str], int], *, once: bool = False,
+                 on_revoked: Callable[[str], None] = lambda database: None,
+                 log: Callable[[str], None] = print) -> None:
+        self.codec = codec
+        self.once = once
+        self.start_offset = start_offset
+        self.on_revoked = on_revoked
+        self.log = log
+        # A member that dies hands its databases over after session_timeout_ms (10 s, not 45). Database
+        # topics have one partition each, so the default range assignor would give all to one member;
+        # sticky spreads them and moves as few as possible on a rebalance.
+        self.consumer = committed_consumer(
+            bootstrap_servers, group, max_poll_interval_ms=600_000, session_timeout_ms=10_000,
+            heartbeat_interval_ms=2_000,
+            partition_assignment_strategy=(StickyPartitionAssignor, RoundRobinPartitionAssignor))
+        self._new: set[TopicPartition] = set()
+        self.failed: set[str] = set()  # databases stopped by a non-retriable error; never read again
+        self.offsets = OffsetCommitter(self.consumer)
+        self.consumer.subscribe(pattern=f"^{TOPIC_PREFIX}(?!.*\\.stats$)(?:{pattern})$", listener=_Rebalance(self))
+        self._idle_rounds = 0
+
+    def assigned(self) -> list[str]:
+        return sorted(database_for(tp.topic) for tp in self.consumer.assignment())
+
+    def _seek_new(self) -> None:
+        """Position newly assigned partitions at their replica's own offset. A replica the previous
+        owner still holds (retriable) stays paused and is tried again on the next round."""
+        for tp in sorted(self._new, key=lambda t: t.topic):
+            database = database_for(tp.topic)
+            if tp not in self.consumer.assignment() or database in self.failed:
+                self._new.discard(tp)
+                continue
+            try:
+                offset = self.start_offset(database)
+            except PipelineError as exc:
+                if exc.retriable:
+                    self.consumer.pause(tp)
+                    continue
+                self.log(f"error: replica {database} stopped: {exc}")
+                self.fail(database)
+                self._new.discard(tp)
+                continue
+            self.consumer.seek(tp, offset)
+            self.consumer.resume(tp)
+            self._new.discard(tp)
+
+    def sources(self) -> Iterator["PartitionSource"]:
+        """Sources for databases with records waiting, round robin; ends when idle in --once mode."""
+        while True:
+            batch = self.consumer.poll(timeout_ms=200, max_records=1)
+            new = set(self._new)  # assigned during that poll: start at the replica's own position
+            self._seek_new()
+            batch = {tp: recs for tp, recs in batch.items() if tp not in self._new}  # still waiting
+            if not batch:
+                self.offsets.flush()
+                if self.once and self.consumer.assignment() and not self._new and self._caught_up():
+                    return
+                continue
+            for tp, records in batch.items():
+                if tp not in new:
+                    # poll() moved past what it returned: step back so the source re-reads it.
+                    self.consumer.seek(tp, records[0].offset)
+            for tp in list(batch):
+                if tp in self.consumer.assignment() and database_for(tp.topic) not in self.failed:
+                    yield PartitionSource(self, tp)
+            self._pause_failed()
+
+    def fail(self, database: str) -> None:
+        self.failed.add(database)
+        self._pause_failed()
+
+    def _pause_failed(self) -> None:
+        stopped = [tp for tp in self.consumer.assignment() if database_for(tp.topic) in self.failed]
+        if stopped:
+            self.consumer.pause(*stopped)
+
+    def _caught_up(self) -> bool:
+        assignment = list(self.consumer.assignment())
+        ends = self.consumer.end_offsets(assignment)
+        return all(self.consumer.position(tp) >= ends[tp] for tp in assignment
+                   if database_for(tp.topic) not in self.failed)
+
+    def close(self) -> None:
+        self.offsets.flush()
+        self.consumer.close()
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    """Newly assigned partitions start at each replica's own stored position, not the group offset."""
+
+    def __init__(self, reader: GroupReader) -> None:
+        self.reader = reader
+
+    def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        self.reader.offsets.flush()  # before the partitions change hands
+        for tp in revoked:
+            self.reader._new.discard(tp)
+            self.reader.on_revoked(database_for(tp.topic))  # release the replica for its next owner
+
+    def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        self.reader._new.update(assigned)
+
+
+class PartitionSource:
+    """The committed transactions of one assigned partition, up to the next idle boundary (a Source)."""
+
+    def __init__(self, reader: GroupReader, tp: TopicPartition) -> None:
+        self.reader = reader
+        self.tp = tp
+        self.database = database_for(tp.topic)
+        self._fetched: list = []  # the last poll's records; _records() hands them out from _next on
+        self._next = 0
+
+    def _fetch(self, timeout_ms: int) -> bool:
+        self._fetched = self.reader.consumer.poll(timeout_ms=timeout_ms, max_records=POLL_RECORDS).get(self.tp, [])
+        self._next = 0
+        return bool(self._fetched)
+
+    def buffered(self) -> bool:
+        """True if records of this partition the last poll returned are still unread (see TopicSource.buffered)."""
+        return self._next < len(self._fetched)
+
+    def _records(self) -> Iterator[Record]:
+        consumer = self.reader.consumer
+        others = [tp for tp in consumer.assignment() if tp != self.tp]
+        consumer.pause(*others)
+        inside = False  # between a TxnBegin and its TxnCommit (both keyed b"txn")
+        try:
+            while True:
+                if self.tp not in consumer.assignment():
+                    raise PipelineError(f"partition of {self.database} was reassigned to another group member "
+                                        "mid-transaction; nothing of it was applied here",
+                                        database=self.database, retriable=True)
+                if not self._fetch(100) and not inside:
+                    return
+                while self._next < len(self._fetched):  # buffered() may refill the list while we are suspended
+                    r = self._fetched[self._next]
+                    self._next += 1
+                    if r.key == b"txn":
+                        inside = not inside
+                    yield r
+        finally:
+            consumer.resume(*[tp for tp in others if tp in consumer.assignment()
+                              and database_for(tp.topic) not in self.reader.failed])
+
+    def transactions(self, after: Position) -> Iterator[Transaction]:
+        return self.reader.codec.read_transactions(self._records(), self.database)
+
+    def acknowledge(self, txn: Transaction) -> None:
+        self.reader.offsets.applied(self.tp, txn)

@@ -1,0 +1,229 @@
+"""Database topics: names, creation and checks (only the agent creates them), and reading back the last commit or snapshot."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Iterator, NamedTuple, TypeVar
+
+from kafka.admin import KafkaAdminClient, NewTopic
+from kafka.errors import (
+    KafkaError,
+    TopicAlreadyExistsError,
+)
+from kafka.structs import TopicPartition
+from pipeline.codec import BEGIN, COMMIT, Codec
+from pipeline.errors import PipelineError
+from pipeline.model import FileLayout, Position, check_database_name
+
+from connectors.faults import unreachable
+from connectors.kafka.client import (
+    CLIENT_DEFAULTS,
+    broker_error,
+    committed_consumer,
+    records_until,
+)
+
+T = TypeVar("T")
+
+
+TOPIC_PREFIX = "pool."
+
+
+PARTITION = 0  # one partition per database topic: a total order of transactions
+
+
+def topic_for(database: str) -> str:
+    return TOPIC_PREFIX + check_database_name(database)
+
+
+def database_for(topic: str) -> str:
+    if not topic.startswith(TOPIC_PREFIX) or topic.endswith(".stats"):
+        raise PipelineError(f"topic {topic!r} is not a pool-pipeline database topic (pool.<database>)")
+    return topic[len(TOPIC_PREFIX):]
+
+
+# What the agent needs of its topic, and whether a different existing setting is fatal.
+_REQUIRED_CONFIGS = {"cleanup.policy": "delete"}
+
+
+def ensure_topic(
+    bootstrap_servers: str, topic: str, *, replication_factor: int = 1, min_insync_replicas: int = 1,
+    timeout_s: float = 30, log: Callable[[str], None] = print,
+) -> bool:
+    """Create the database topic if it is missing; True if this call created it.
+
+    Only the agent creates topics (every client sets allow_auto_create_topics=False). Retention is
+    unlimited so that a replica started at any time can bootstrap from the topic alone (it replays
+    from the first snapshot); see README "Bootstrapping". An existing topic is checked: more than
+    one partition or a compacted topic is refused, weaker durability or finite retention is logged.
+    """
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers, client_id="pool-pipeline-admin",
+                             request_timeout_ms=int(timeout_s * 1000), **CLIENT_DEFAULTS)
+    try:
+        if topic in admin.list_topics():
+            _check_topic(admin, topic, min_insync_replicas, log)
+            return False
+        configs = {
+            "cleanup.policy": "delete",
+            "retention.ms": "-1",
+            "retention.bytes": "-1",
+            "min.insync.replicas": str(min_insync_replicas),
+            "max.message.bytes": str(2 * 1024 * 1024),
+        }
+        try:
+            admin.create_topics([NewTopic(topic, 1, replication_factor, topic_configs=configs)])
+        except TopicAlreadyExistsError:
+            return False
+        deadline = time.monotonic() + timeout_s
+        while topic not in admin.list_topics():
+            if time.monotonic() > deadline:
+                raise PipelineError(f"topic {topic} was created but did not appear within {timeout_s:.0f} s", retriable=True)
+            time.sleep(0.1)
+        return True
+    except KafkaError as exc:
+        raise broker_error(f"cannot create topic {topic} on {bootstrap_servers}", exc) from exc
+    finally:
+        admin.close()
+
+
+def _check_topic(admin: KafkaAdminClient, topic: str, min_insync_replicas: int, log: Callable[[str], None]) -> None:
+    """Refuse an existing topic the pipeline cannot work with; warn about weaker settings."""
+    from kafka.admin import ConfigResource, ConfigResourceType
+
+    described = admin.describe_topics([topic])
+    partitions = len(described[0].get("partitions") or []) if described else 1
+    if partitions != 1:
+        raise PipelineError(f"topic {topic} has {partitions} partitions; a database topic needs exactly 1 (a total "
+                            "order of transactions): delete it or use another --database", topic=topic)
+    result = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)], config_filter="all")
+    configs = _config_values(result, topic)
+    for key, wanted in _REQUIRED_CONFIGS.items():
+        if key in configs and configs[key] != wanted:
+            raise PipelineError(f"topic {topic} has {key}={configs[key]}; the pipeline needs {key}={wanted} "
+                                f"(fix it with kafka-configs --alter --add-config {key}={wanted})", topic=topic)
+    isr = int(configs.get("min.insync.replicas", min_insync_replicas) or 0)
+    if isr < min_insync_replicas:
+        log(f"warning: topic {topic} has min.insync.replicas={isr}, below the {min_insync_replicas} asked for: "
+            "a committed transaction may be lost with a single broker")
+    retention = configs.get("retention.ms")
+    if retention not in (None, "-1"):
+        log(f"warning: topic {topic} keeps records for retention.ms={retention}: a replica started later must "
+            "bootstrap from a snapshot still in the topic")
+
+
+def _config_values(result: dict, topic: str) -> dict[str, str]:
+    """{name: value} from describe_configs' answer."""
+    entries = result.get("topic", {}).get(topic, {})
+    return {k: (v.get("value") if isinstance(v, dict) else v) for k, v in entries.items()}
+
+
+def reachability(bootstrap_servers: str) -> str:
+    """One line on what the cluster looks like from here, for the retry log of an outage."""
+    down, total = unreachable(bootstrap_servers)
+    if down:
+        return (f"waiting for Kafka: {len(down)} of {total} brokers unreachable ({', '.join(down)}); "
+                "writes need min.insync.replicas of the topic's replicas up")
+    return (f"all {total} bootstrap brokers accept connections; waiting for partition leaders, in-sync "
+            "replicas or the transaction coordinator")
+
+
+def wait_for_topic(bootstrap_servers: str, database: str, *, once: bool, log: Callable[[str], None],
+                   interval: float = 0.25, stop: Callable[[], bool] = lambda: False) -> bool:
+    """True once the database's topic exists. Only the capture-agent creates it, so a reader started
+    first waits (logging once); with `once`, False at once."""
+    topic = topic_for(database)
+    consumer = committed_consumer(bootstrap_servers, None)
+    logged = False
+    try:
+        while not stop():
+            try:
+                if topic in consumer.topics():
+                    return True
+            except KafkaError as exc:
+                raise broker_error(f"cannot list topics on {bootstrap_servers}", exc, database=database) from exc
+            if once:
+                return False
+            if not logged:
+                log(f"waiting for topic {topic}: no capture-agent has published database {database!r} yet")
+                logged = True
+            time.sleep(interval)
+        return False
+    finally:
+        consumer.close()
+
+
+class LastCommit(NamedTuple):
+    position: Position
+    files: list[FileLayout]
+    offset: int
+    source_time_ms: int
+
+
+def _newest(bootstrap_servers: str, database: str, codec: Codec, pick: Callable[[Iterator[tuple[str, dict, int]]], T | None],
+            what: str, window: int, timeout_s: float) -> T | None:
+    """Search the topic backwards in growing windows: `pick` gets the decoded transaction markers
+    (name, value, offset) of [start, end) in order and returns what it found there, or None."""
+    topic = topic_for(database)
+    tp = TopicPartition(topic, PARTITION)
+    consumer = committed_consumer(bootstrap_servers, None)
+
+    def markers(start: int, end: int) -> Iterator[tuple[str, dict, int]]:
+        for rec in records_until(consumer, tp, start, end, timeout_s):
+            if rec.key == b"txn":  # TxnBegin and TxnCommit: small, so decoding them is cheap
+                try:
+                    name, value = codec.decode(rec.value, topic=topic, offset=rec.offset)
+                except PipelineError:
+                    continue  # not ours: the search is for our own markers (README "A bad record in a topic")
+                if value.get("database") == database:
+                    yield name, value, rec.offset
+
+    try:
+        consumer.assign([tp])
+        begin = consumer.beginning_offsets([tp])[tp]
+        end = consumer.end_offsets([tp])[tp]
+        start = end
+        while start > begin:
+            start = max(begin, end - window)
+            found = pick(markers(start, end))
+            if found is not None:
+                return found
+            window *= 8
+        return None
+    except KafkaError as exc:
+        raise broker_error(f"cannot {what} in topic {topic}", exc, database=database) from exc
+    finally:
+        consumer.close()
+
+
+def last_commit(bootstrap_servers: str, database: str, codec: Codec, timeout_s: float = 30) -> LastCommit | None:
+    """The last committed transaction in the topic as (position, pool layout, commit offset), None if empty."""
+
+    def pick(markers: Iterator[tuple[str, dict, int]]) -> LastCommit | None:
+        found = None
+        for name, value, offset in markers:
+            if name == COMMIT:
+                found = LastCommit(
+                    Position(value["txn_id"], value["checksum_after"] & 0xFFFFFFFFFFFFFFFF),
+                    [FileLayout(f["file"], f["block_size"], f["blocks"]) for f in value["files"]],
+                    offset, value["source_time_ms"])
+        return found
+
+    return _newest(bootstrap_servers, database, codec, pick, "read the last transaction", 256, timeout_s)
+
+
+def latest_snapshot(bootstrap_servers: str, database: str, codec: Codec, timeout_s: float = 30) -> tuple[int, int] | None:
+    """(txn id, offset of its TxnBegin) of the newest committed snapshot in the topic, None if none.
+
+    A fresh replica starts there instead of replaying all history from offset 0.
+    """
+
+    def pick(markers: Iterator[tuple[str, dict, int]]) -> tuple[int, int] | None:
+        found = pending = None  # pending: a snapshot TxnBegin whose TxnCommit is not seen yet
+        for name, value, offset in markers:
+            if name == BEGIN:
+                pending = (value["txn_id"], offset) if value["snapshot"] else None
+            elif name == COMMIT and pending is not None and pending[0] == value["txn_id"]:
+                found, pending = pending, None
+        return found
+
+    return _newest(bootstrap_servers, database, codec, pick, "search for a snapshot", 4096, timeout_s)

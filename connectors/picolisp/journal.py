@@ -1,0 +1,220 @@
+"""The PicoLisp replication journal: the one parser of its entries, and the consumer that takes it under its lock (picolisp-format.md §2, §4)."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import stat
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Sequence, TypeVar
+
+from connectors.picolisp.format import COPY_CHUNK, hax, pread_all, shift_of
+from pipeline.errors import PipelineError
+
+T = TypeVar("T")
+
+
+# Entry header: size code (1), file number (2, LE), address (6, LE) split as 4 + 2 bytes (§2.2).
+_HEADER = struct.Struct("<BHIH")
+
+
+JOURNAL_HEADER = _HEADER.size  # 9
+
+
+@dataclass(frozen=True)
+class JournalEntry:
+    """One write PicoLisp made to a DB file: put `payload` at byte `address << shift(file)`."""
+
+    file: int
+    address: int
+    payload: bytes
+
+    def position(self, block_size: int) -> int:
+        return self.address << shift_of(block_size)
+
+
+def parse_journal(data: bytes, block_sizes: Sequence[int], *, base_offset: int = 0) -> list[JournalEntry]:
+    """Split journal bytes into entries (§2.2); raise PipelineError unless `data` is exactly whole entries.
+
+    `block_sizes[f]` is file f's block size (the journal does not say how long a full-block entry is).
+    `base_offset` is added to byte offsets in error messages, for callers parsing from the middle.
+    """
+    shifts = [shift_of(bs) for bs in block_sizes]
+    view = memoryview(data)
+    end = len(view)
+    entries: list[JournalEntry] = []
+    append = entries.append
+    unpack = _HEADER.unpack_from
+    pos = 0
+    while pos < end:
+        if end - pos < JOURNAL_HEADER:
+            raise PipelineError(
+                f"journal truncated: entry at byte {base_offset + pos} needs {JOURNAL_HEADER} bytes, "
+                f"only {end - pos} left"
+            )
+        size, file, lo, hi = unpack(view, pos)
+        if file >= len(shifts):
+            raise PipelineError(
+                f"journal entry at byte {base_offset + pos} names file {file} "
+                f"but the pool has {len(shifts)} files"
+            )
+        shift = shifts[file]
+        block_size = 64 << shift
+        # 0 = full block (pil21); 64 = full block too (pil64 wrote it, `journal` still accepts it, §2.3).
+        length = block_size if size == 0 or size == 64 else size
+        need = JOURNAL_HEADER + length
+        if end - pos < need:
+            raise PipelineError(
+                f"journal truncated: entry at byte {base_offset + pos} needs {need} bytes, only {end - pos} left"
+            )
+        address = lo | hi << 32
+        offset = address << shift
+        if offset // block_size != (offset + length - 1) // block_size:
+            raise PipelineError(
+                f"journal entry at byte {base_offset + pos} writes {length} bytes at offset {offset} of file "
+                f"{hax(file)}, crossing a {block_size}-byte block boundary; PicoLisp never does that"
+            )
+        append(JournalEntry(file, address, bytes(view[pos + JOURNAL_HEADER : pos + need])))
+        pos += need
+    return entries
+
+
+def touched_blocks(entries: Iterable[JournalEntry], block_sizes: Sequence[int]) -> dict[int, set[int]]:
+    """File number -> indexes of the blocks the entries wrote into."""
+    shifts = [shift_of(bs) for bs in block_sizes]
+    touched: dict[int, set[int]] = {}
+    for e in entries:
+        shift = shifts[e.file]
+        first = (e.address << shift) >> (shift + 6)
+        last = ((e.address << shift) + max(len(e.payload), 1) - 1) >> (shift + 6)
+        blocks = touched.setdefault(e.file, set())
+        if first == last:
+            blocks.add(first)
+        else:  # only hand-made entries cross blocks; parse_journal rejects them
+            blocks.update(range(first, last + 1))
+    return touched
+
+
+class JournalConsumer:
+    """Consumes the journal exactly like bin/ssl (§4.2): whole-file F_WRLCK, read all, release; later re-lock, move the unconsumed tail to the front, ftruncate. Never renames/deletes the journal.
+
+    The one fd stays open for the consumer's life: closing any fd of the journal would drop this
+    process's fcntl locks on it (§3.3). fcntl locks belong to the process, so two threads sharing
+    one consumer do not exclude each other; use one consumer per process.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._fd: int | None = None
+        self._ino: tuple[int, int] | None = None
+        self._open()
+
+    def _open(self) -> int | None:
+        if self._fd is None:
+            try:
+                # No O_CREAT: the app creates the journal (ssl does the same); O_RDWR because F_WRLCK needs it.
+                fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+            except FileNotFoundError:
+                return None
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                os.close(fd)
+                raise PipelineError(f"journal {self.path} is not a regular file")
+            self._fd, self._ino = fd, (st.st_dev, st.st_ino)
+        return self._fd
+
+    def _check_same_file(self) -> None:
+        # The app appends to the inode it opened; a journal replaced under us would be read forever stale.
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            st = None
+        if st is None or (st.st_dev, st.st_ino) != self._ino:
+            raise PipelineError(
+                f"journal {self.path} was deleted or replaced while being consumed; "
+                "PicoLisp keeps appending to the old file, so restart the app and the consumer"
+            )
+
+    def _lock(self, fd: int) -> None:
+        fcntl.lockf(fd, fcntl.LOCK_EX, 0, 0, os.SEEK_SET)  # F_SETLKW F_WRLCK start 0 len 0 = whole file
+
+    def _unlock(self, fd: int) -> None:
+        fcntl.lockf(fd, fcntl.LOCK_UN, 0, 0, os.SEEK_SET)
+
+    def read_locked(self, fn: Callable[[bytes], T]) -> T:
+        """Lock the journal, read all of it, return fn(data) computed before unlocking.
+
+        While fn runs no commit or `new` can be in progress (they take this lock before their
+        first DB write), so DB blocks pread inside fn match the end of `data` exactly.
+        fn must not wait for the DB lock: commit holds it while waiting for ours (deadlock).
+        """
+        fd = self._open()
+        if fd is None:
+            return fn(b"")
+        self._check_same_file()
+        self._lock(fd)
+        try:
+            data = pread_all(fd, os.fstat(fd).st_size)
+            return fn(data)
+        finally:
+            self._unlock(fd)
+
+    def consume(self, n: int) -> None:
+        """Drop the first n bytes (already processed), keeping whatever the app appended meanwhile."""
+        if n < 0:
+            raise ValueError(f"cannot consume {n} bytes")
+        if n == 0:
+            return
+        fd = self._open()
+        if fd is None:
+            raise PipelineError(f"cannot consume {n} bytes: journal {self.path} does not exist")
+        self._check_same_file()
+        self._lock(fd)
+        try:
+            size = os.fstat(fd).st_size
+            if n > size:
+                raise PipelineError(
+                    f"cannot consume {n} bytes of journal {self.path}: it holds only {size}; "
+                    "is another consumer (bin/ssl?) truncating it?"
+                )
+            # A signal in the middle of moving the tail would leave the journal garbled (ssl defers
+            # SIGTERM here too); blocked signals are delivered right after.
+            old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+            try:
+                rest = size - n
+                # Forward copy is safe although the ranges overlap: destination < source.
+                done = 0
+                while done < rest:
+                    chunk = pread_all(fd, min(COPY_CHUNK, rest - done), n + done)
+                    written = 0
+                    while written < len(chunk):
+                        written += os.pwrite(fd, chunk[written:], done + written)
+                    done += len(chunk)
+                os.ftruncate(fd, rest)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        finally:
+            self._unlock(fd)
+
+    @property
+    def fd(self) -> int | None:
+        """The consumer's journal fd (None while the journal does not exist); never close it yourself."""
+        return self._open()
+
+    def size(self) -> int:
+        fd = self._open()
+        return 0 if fd is None else os.fstat(fd).st_size
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "JournalConsumer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

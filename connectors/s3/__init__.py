@@ -1,0 +1,1 @@
+"""S3: the archive store, the archiver, point-in-time restore and retention."""

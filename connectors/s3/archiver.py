@@ -1,0 +1,345 @@
+"""The archiver: whole transactions from Kafka into S3 segments exactly once, and base snapshots."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import tempfile
+import threading
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+from pipeline.archive import (
+    Framer,
+    Manifest,
+    Rotation,
+    Segment,
+    SegmentWriter,
+    Snapshot,
+    SnapshotPolicy,
+    read_segment,
+)
+from pipeline.codec import Codec, Record
+from pipeline.errors import PipelineError
+from pipeline.model import Position, Transaction
+
+from connectors.picolisp.format import hax
+from connectors.picolisp.replica import ReplicaDir
+from connectors.s3.restore import materialise
+from connectors.s3.store import ArchiveStore, retrying
+
+# A segment being streamed goes up in parts of this size (S3 wants >= 5 MiB, at most 10 000 parts).
+PART_BYTES = 16 << 20
+
+
+MIN_PART_BYTES = 5 << 20
+
+
+class _OpenSegment:
+    """The segment being written: a temp file, and what its key will say."""
+
+    def __init__(self, work_dir: Path, codec: Codec, database: str, partition: int, first_offset: int,
+                 first_txn: int, first_ms: int, snapshot: bool) -> None:
+        self.file = tempfile.TemporaryFile(dir=work_dir)
+        self.writer = SegmentWriter(self.file, codec, database, partition, first_offset)
+        self.partition, self.first_offset, self.first_txn, self.first_ms = partition, first_offset, first_txn, first_ms
+        self.snapshot = snapshot
+        self.txns = 0
+        self.last: Transaction | None = None
+        self.upload: _PartUpload | None = None  # set once it is uploaded while still being written
+
+    def segment(self) -> Segment:
+        assert self.last is not None
+        size = self.file.seek(0, os.SEEK_END)
+        return Segment(self.first_txn, self.last.txn_id, self.first_offset, self.first_ms, self.last.source_time_ms,
+                       self.partition, self.snapshot, size)
+
+
+@dataclass
+class _PartUpload:
+    """A segment's multipart upload, fed on the upload thread while the segment is still written."""
+
+    key: str
+    fd: int
+    upload_id: str | None = None
+    etags: list[str] = field(default_factory=list)
+    queued: int = 0  # bytes of the segment file handed to the upload thread so far
+    parts_queued: int = 0
+    failed: BaseException | None = None
+
+
+class Archiver:
+    """Writes a database's committed transactions to S3 as segments of whole transactions, and
+    base snapshots from a materialised copy, exactly once.
+
+    S3 is the truth: `resume()` finds the last archived txn and the offset after it, and the
+    caller reads Kafka from there. A segment is acknowledged (group offsets) only after its
+    upload, and its key and bytes depend only on the records, so a crash at any point ends in
+    the same objects, each written once.
+    """
+
+    def __init__(self, store: ArchiveStore, codec: Codec, *, rotation: Rotation, snapshots: SnapshotPolicy,
+                 work_dir: Path, topic: str, log: Callable[[str], None] = print,
+                 on_archived: Callable[[Transaction], None] = lambda txn: None, part_bytes: int = PART_BYTES) -> None:
+        if part_bytes < MIN_PART_BYTES:
+            raise PipelineError(f"the upload part size must be at least {MIN_PART_BYTES >> 20} MiB (S3's minimum), "
+                                f"got {part_bytes}", database=store.database)
+        self.part_bytes = part_bytes
+        self.store = store
+        self.codec = codec
+        self.database = store.database
+        self.rotation = rotation
+        self.snapshots = snapshots
+        self.work_dir = work_dir
+        self.topic = topic
+        self.log = log
+        self.on_archived = on_archived
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = os.open(self.work_dir / "archiver.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.lockf(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self._lock_fd)
+            raise PipelineError(f"another archiver of {self.database!r} is using {self.work_dir}",
+                                database=self.database, retriable=True) from None
+        self.position: Position | None = None
+        self.next_offset = 0
+        self._since_snapshot = (0, 0)  # txns, bytes archived after the newest base snapshot
+        self.archived: list[Segment] = []
+
+    def close(self) -> None:
+        os.close(self._lock_fd)
+
+    def resume(self, *, abort_unfinished: bool = True) -> int:
+        """Read the archive's end from S3; return the Kafka offset to read from.
+
+        The archiver about to run takes over its archive: multipart uploads a killed run left
+        unfinished are aborted (`archive snapshot`, which may run beside it, passes False).
+        """
+        catalog = retrying(f"archive {self.database}: listing {self.store.url}", self.store.catalog, self.log)
+        catalog.runs()  # refuses overlapping segments
+        unfinished = retrying(f"archive {self.database}: listing unfinished uploads", self.store.unfinished_uploads,
+                              self.log) if abort_unfinished else []
+        for key, upload_id in unfinished:
+            self.log(f"archive {self.database}: aborting the unfinished upload of {key} (an earlier run stopped "
+                     "while writing it; it is written again)")
+            self.store.abort_upload(key, upload_id)
+        last = catalog.last
+        if last is not None:
+            head = retrying(f"archive {self.database}: reading {last.key(self.store.root)}",
+                            lambda: self._last_txn(last), self.log)
+            assert head.end_offset is not None
+            self.position, self.next_offset = head.after, head.end_offset + 1
+        newest = catalog.snapshots[-1].txn if catalog.snapshots else 0
+        after = [s for s in catalog.segments if s.last_txn > newest]
+        self._since_snapshot = (sum(s.last_txn - max(s.first_txn - 1, newest) for s in after),
+                                sum(s.size for s in after))
+        return self.next_offset
+
+    def _last_txn(self, seg: Segment) -> Transaction:
+        """A segment's last txn as its commit record tells it, with its offsets (framing only: no
+        block body is decoded, and the object streams through a temp file, not memory)."""
+        key = seg.key(self.store.root)
+        tmp = self.work_dir / f".last-segment-{os.getpid()}"
+        framer = Framer(self.codec, self.database, None)
+        last: Transaction | None = None
+        try:
+            self.store.download(key, tmp)
+            with open(tmp, "rb") as fo:
+                for rec in read_segment(fo, self.database, self.topic, key):
+                    if framer.begin(rec) is None:
+                        last = framer.record(rec) or last
+        finally:
+            tmp.unlink(missing_ok=True)
+        if last is None or last.txn_id != seg.last_txn:
+            raise PipelineError(f"archive object {key} does not end with txn {seg.last_txn}", database=self.database)
+        return last
+
+    def run(self, records: Iterable[Record]) -> None:
+        """Archive every transaction in `records` (which start at the offset `resume()` returned).
+
+        A closed segment uploads on a background thread while the next one fills (at most two in
+        flight), and a big one-txn segment already while it is written (_stream); acknowledgements
+        still happen here, in order, once each upload succeeded.
+        """
+        framer = Framer(self.codec, self.database, self.position)
+        self._stopping = threading.Event()
+        seg: _OpenSegment | None = None
+        uploads: deque[tuple[Future, _OpenSegment]] = deque()
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="archive-upload") as pool:
+            try:
+                for rec in records:
+                    while uploads and uploads[0][0].done():
+                        self._uploaded(*uploads.popleft())
+                    frame = framer.begin(rec)
+                    if frame is not None:
+                        if seg is not None and self.rotation.close_before(seg.txns, seg.first_ms, frame.time_ms,
+                                                                          frame.snapshot):
+                            self._close(seg, pool, uploads)
+                            seg = None
+                        if seg is None:
+                            seg = _OpenSegment(self.work_dir, self.codec, self.database, rec.partition, rec.offset,
+                                               frame.txn_id, frame.time_ms, frame.snapshot)
+                        seg.writer.write(rec)
+                        continue
+                    done = framer.record(rec)
+                    assert seg is not None  # framer.record refuses a record outside a transaction
+                    seg.writer.write(rec)
+                    if seg.txns == 0 and seg.writer.bytes >= max(self.rotation.max_bytes, self.part_bytes):
+                        self._stream(seg, pool)
+                    if done is not None:
+                        seg.txns += 1
+                        seg.last = done
+                        if self.rotation.close_after(seg.txns, seg.writer.bytes):
+                            self._close(seg, pool, uploads)
+                            seg = None
+                # The stream ended (--once reached the end it saw at start): archive the tail.
+                if seg is not None and seg.txns:
+                    if framer.open is not None:
+                        raise PipelineError("the stream ended inside a transaction", database=self.database,
+                                            txn_id=framer.open.txn_id, offset=framer.open.offset, retriable=True)
+                    self._close(seg, pool, uploads)
+                    seg = None
+                while uploads:
+                    self._uploaded(*uploads.popleft())
+            finally:
+                self._stopping.set()  # an upload retrying through an outage gives up, unacknowledged
+                pool.shutdown(wait=True, cancel_futures=True)
+                for unfinished in ([seg] if seg is not None else []) + [pending for _, pending in uploads]:
+                    if unfinished.upload is not None and unfinished.upload.upload_id is not None:
+                        self.store.abort_upload(unfinished.upload.key, unfinished.upload.upload_id)
+                    unfinished.file.close()
+
+    def _close(self, seg: _OpenSegment, pool: ThreadPoolExecutor,
+               uploads: "deque[tuple[Future, _OpenSegment]]") -> None:
+        if len(uploads) >= 2:  # bound the spool: wait for the older upload
+            self._uploaded(*uploads.popleft())
+        seg.writer.close()
+        seg.file.flush()  # the upload thread reads the file by its descriptor
+        uploads.append((pool.submit(self._upload, seg), seg))
+
+    def _stream(self, seg: _OpenSegment, pool: ThreadPoolExecutor) -> None:
+        """Upload a segment in parts while it is still written, once its key is known.
+
+        That is when its first txn alone reached the byte limit: the segment then closes right
+        after that txn, so its last txn and time are its first. This overlaps a big snapshot
+        txn's upload with its reading and compressing, which otherwise come one after the other.
+        """
+        if seg.upload is None:
+            key = Segment(seg.first_txn, seg.first_txn, seg.first_offset, seg.first_ms, seg.first_ms,
+                          seg.partition, seg.snapshot).key(self.store.root)
+            seg.upload = _PartUpload(key, seg.file.fileno())
+            self.log(f"archive {self.database}: txn {seg.first_txn} holds over {seg.writer.bytes >> 20} MiB: "
+                     f"uploading {key.rsplit('/', 1)[-1]} in parts while it is read")
+        up = seg.upload
+        seg.file.flush()
+        written = seg.file.tell()
+        while True:
+            size = self.part_bytes << (up.parts_queued // 2500)  # 10 000 parts (S3's limit) reach ~600 GiB
+            if written - up.queued < size:
+                return
+            pool.submit(self._upload_part, up, up.queued, up.queued + size)
+            up.queued += size
+            up.parts_queued += 1
+
+    def _upload_part(self, up: _PartUpload, start: int, end: int) -> None:
+        """On the upload thread; a failure is kept and raised when the segment's upload finishes."""
+        if up.failed is not None:
+            return
+        try:
+            if up.upload_id is None:
+                up.upload_id = retrying(f"archive {self.database}: starting the upload of {up.key}",
+                                        lambda: self.store.start_upload(up.key), self.log, stop=self._stopping)
+            data = os.pread(up.fd, end - start, start)
+            number = len(up.etags) + 1
+            up.etags.append(retrying(f"archive {self.database}: uploading part {number} of {up.key}",
+                                     lambda: self.store.upload_part(up.key, up.upload_id, number, data),  # type: ignore[arg-type]
+                                     self.log, stop=self._stopping))
+        except BaseException as exc:  # noqa: BLE001 - raised again by _upload, in order
+            up.failed = exc
+
+    def _upload(self, seg: _OpenSegment) -> Segment:
+        info = seg.segment()
+        key = info.key(self.store.root)
+        up = seg.upload
+        if up is None:
+            retrying(f"archive {self.database}: uploading {key}", lambda: self.store.put_new(key, seg.file), self.log,
+                     stop=self._stopping)
+            return info
+        assert up.key == key, (up.key, key)  # _stream only starts when the key is known
+        if info.size > up.queued:  # the tail after the last full part
+            self._upload_part(up, up.queued, info.size)
+        if up.failed is not None:
+            raise up.failed
+        retrying(f"archive {self.database}: completing {key}",
+                 lambda: self.store.complete_new(key, up.upload_id, up.etags, seg.file),  # type: ignore[arg-type]
+                 self.log, stop=self._stopping)
+        return info
+
+    def _uploaded(self, future: Future, seg: _OpenSegment) -> None:
+        """After a segment's upload: move the position, acknowledge, maybe write a base snapshot."""
+        try:
+            info = future.result()
+        finally:
+            seg.file.close()
+        assert seg.last is not None
+        key = info.key(self.store.root)
+        assert seg.last.end_offset is not None
+        self.position, self.next_offset = seg.last.after, seg.last.end_offset + 1
+        self.archived.append(info)
+        self.log(f"archive {self.database}: {key.rsplit('/', 1)[-1]} ({info.txns} txns, {info.size} bytes)")
+        self.on_archived(seg.last)
+        txns, size = self._since_snapshot
+        self._since_snapshot = (txns + info.txns, size + info.size)
+        if self.snapshots.due(*self._since_snapshot):
+            self.write_snapshot(info.last_txn)
+
+    # --- base snapshots ---------------------------------------------------------------------
+
+    def write_snapshot(self, txn: int) -> Snapshot:
+        """Materialise the pool at `txn` from the archive itself (which also proves it restores),
+        keeping that copy for the next time, and upload it as a base snapshot."""
+        state = self.work_dir / "state"
+        db_dir, blob_dir = state / "db", state / "blob"
+        catalog = retrying(f"archive {self.database}: listing", self.store.catalog, self.log)
+        plan = catalog.plan(txn=txn)
+        self.log(f"archive {self.database}: writing a base snapshot at txn {txn}")
+        sink = retrying(f"archive {self.database}: materialising txn {txn}",
+                        lambda: materialise(self.store, self.codec, plan, db_dir, blob_dir, self.topic,
+                                            self.work_dir, reuse=True), self.log)
+        try:
+            snap = retrying(f"archive {self.database}: uploading the snapshot at txn {txn}",
+                            lambda: upload_snapshot(self.store, sink, db_dir, blob_dir), self.log)
+        finally:
+            sink.close()
+        self._since_snapshot = (0, 0)
+        self.log(f"archive {self.database}: base snapshot at txn {txn} stored")
+        return snap
+
+
+def upload_snapshot(store: ArchiveStore, sink: ReplicaDir, db_dir: Path, blob_dir: Path) -> Snapshot:
+    """Upload the materialised pool as a base snapshot; the manifest goes last and makes it count."""
+    position = sink.position()
+    snap = Snapshot(position.txn_id, sink.source_time_ms)
+    prefix = snap.prefix(store.root)
+    for layout in sink.files:
+        store.upload_file(f"{prefix}db/{hax(layout.file)}", db_dir / hax(layout.file))
+    blobs: dict[str, int] = {}
+    for path in sorted(_blob_files(blob_dir)):
+        blobs[path] = (blob_dir / path).stat().st_size
+        store.upload_file(f"{prefix}blob/{path}", blob_dir / path)
+    manifest = Manifest(store.database, position.txn_id, position.checksum, sink.next_offset, sink.source_time_ms,
+                        list(sink.files), blobs)
+    store.put_new(snap.manifest_key(store.root), manifest.to_json())
+    return snap
+
+
+def _blob_files(blob_dir: Path) -> Iterator[str]:
+    for root, dirs, names in os.walk(blob_dir):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in names:
+            if not name.startswith("."):
+                yield os.path.relpath(os.path.join(root, name), blob_dir)

@@ -1,0 +1,1 @@
+"""pool-pipeline's applications: the console commands, the change-stream API and analytics, and the dev stack."""

@@ -1,0 +1,1 @@
+"""The console commands: each parses its options, builds connectors and runs the one replicate loop."""

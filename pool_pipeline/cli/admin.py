@@ -1,0 +1,148 @@
+"""`pipeline`: `status` of every database and group, and `dev` to run the local stack."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import NoReturn, Sequence
+
+from pipeline.codec import Codec
+from schemas import load_schemas
+
+from pool_pipeline.cli.common import (
+    EXIT_USAGE,
+    add_kafka,
+    dev_state_dir,
+    fail,
+    parse,
+    run,
+)
+
+
+def _broker_number(text: str) -> int:
+    """argparse type: a broker number >= 1 (the upper bound is the stack's size, checked against stack.json)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"broker number must be an integer, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"broker numbers start at 1, got {n}")
+    return n
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"timeout must be > 0 s, got {value}")
+    return value
+
+
+def pipeline_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pipeline", description="pool-pipeline administration.")
+    sub = p.add_subparsers(dest="command", required=True)
+    dev = sub.add_parser("dev", help="a local Kafka + S3 stack as real processes (no Docker)")
+    dev_sub = dev.add_subparsers(dest="action", required=True)
+    up = dev_sub.add_parser("up", help="start the stack (idempotent)")
+    up.add_argument("--brokers", type=int, choices=(1, 3), default=1)
+    up.add_argument("--kafka-port", type=int, default=9092)
+    up.add_argument("--s3-port", type=int, default=8333)
+    dev_status = dev_sub.add_parser("status", help="each broker's and S3's node id, port, pid and state")
+    dev_status.add_argument("--json", action="store_true", help="the full status as JSON")
+    dev_sub.add_parser("down", help="stop every process of the stack, restarted brokers included")
+    dev_sub.add_parser("env", help="shell exports for the stack (also while some brokers are down)")
+    broker = dev_sub.add_parser("broker", help="kill, stop or restart one broker (fault tests)")
+    broker_sub = broker.add_subparsers(dest="broker_action", required=True)
+    for name, what in (("kill", "SIGKILL broker N"), ("stop", "stop broker N cleanly (SIGTERM)"),
+                       ("start", "restart broker N with its recorded command line and wait until it is ready")):
+        b = broker_sub.add_parser(name, help=what)
+        b.add_argument("node", type=_broker_number, metavar="N", help="broker number, 1..brokers")
+        b.add_argument("--state-dir", type=Path, default=dev_state_dir(), help="where the stack keeps its data")
+        if name != "kill":
+            b.add_argument("--timeout", type=_positive_seconds, default=90.0 if name == "start" else 20.0,
+                           help="seconds to wait for readiness (start) or a clean exit before SIGKILL (stop)")
+    for q in dev_sub.choices.values():
+        if q is not broker:
+            q.add_argument("--state-dir", type=Path, default=dev_state_dir(), help="where the stack keeps its data")
+    status = sub.add_parser("status", help="per database: last captured txn, and each group's applied txn and lag")
+    status.add_argument("--database", action="append", help="only these databases (repeatable)")
+    add_kafka(status)
+    return p
+
+
+def _dev(args: argparse.Namespace) -> int:
+    from pool_pipeline import devstack
+
+    try:
+        if args.action == "up":
+            info = devstack.dev_up(args.state_dir, brokers=args.brokers, kafka_port=args.kafka_port, s3_port=args.s3_port)
+            print(f"kafka:  {info['bootstrap_servers']} ({info['brokers']} broker(s))")
+            print(f"s3:     {info['s3_endpoint']} bucket {info['bucket']}")
+            print('use it:  eval "$(pipeline dev env)"')
+        elif args.action == "status":
+            status = devstack.dev_status(args.state_dir)
+            if args.json:
+                print(json.dumps(status, indent=2))
+            else:
+                print(devstack.format_status(status), end="")
+        elif args.action == "down":
+            devstack.dev_down(args.state_dir)
+        elif args.action == "env":
+            # Only a recorded stack is needed: fault tests want the exports while brokers are down.
+            status = devstack.dev_status(args.state_dir)
+            if not status["recorded"]:
+                fail(f"no dev stack recorded in {args.state_dir}: start it with `pipeline dev up`")
+            down = [p["name"] for p in status["processes"] if not p["alive"]]
+            if down:
+                print(f"warning: not running: {', '.join(down)}", file=sys.stderr)
+            print(devstack.env_exports(status["info"]))
+        elif args.action == "broker":
+            if args.broker_action == "start":
+                devstack.dev_broker_start(args.state_dir, args.node, ready_timeout=args.timeout)
+            else:
+                hard = args.broker_action == "kill"
+                devstack.dev_broker_stop(args.state_dir, args.node, hard=hard, timeout=getattr(args, "timeout", 20.0))
+    except devstack.NoSuchBroker as exc:
+        fail(str(exc), EXIT_USAGE)
+    except devstack.StackError as exc:
+        fail(str(exc))
+    return 0
+
+
+def _pipeline(args: argparse.Namespace) -> int:
+    if args.command == "dev":
+        return _dev(args)
+    return _status(args)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from connectors.kafka.status import status
+
+    rows = status(args.bootstrap_servers, Codec(load_schemas()), args.database)
+    if not rows:
+        print(f"no database topics (pool.*) on {args.bootstrap_servers}")
+        return 0
+
+    def fmt_bytes(n: int | None) -> str:
+        if n is None:
+            return ">64MiB"
+        return f"{n}B" if n < 1024 else f"{n / 1024:.1f}KiB" if n < 1 << 20 else f"{n / (1 << 20):.1f}MiB"
+
+    print(f"{'database':<16} {'captured':>9} {'group':<18} {'applied':>9} {'lag txns':>9} {'lag bytes':>10} {'lag s':>7}")
+    for row in rows:
+        when = time.strftime("%H:%M:%S", time.localtime(row["captured_time_ms"] / 1000)) if row["captured_time_ms"] else "-"
+        print(f"{row['database']:<16} {row['captured_txn']:>9} (last capture {when})")
+        for g in row["groups"]:
+            lag_s = f"{g['lag_seconds']:.1f}" if g["lag_seconds"] is not None else "-"
+            print(f"{'':<16} {'':>9} {g['group']:<18} {str(g['applied_txn']):>9} {str(g['lag_txns']):>9} "
+                  f"{fmt_bytes(g['lag_bytes']):>10} {lag_s:>7}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    run(_pipeline, parse(pipeline_parser(), argv))

@@ -1,0 +1,130 @@
+"""What every command shares: Kafka and S3 options, one-line errors and exit codes, progress lines, the retry wrapper."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Callable, NoReturn, Sequence
+
+from pipeline.codec import Codec
+from pipeline.errors import PipelineError
+from pipeline.model import Transaction
+
+EXIT_USAGE = 2
+
+
+def bootstrap_default() -> str:
+    return os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
+
+
+def add_kafka(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--bootstrap-servers",
+        default=bootstrap_default(),
+        help="Kafka brokers, host:port[,host:port] (default: $KAFKA_BOOTSTRAP_SERVERS or 127.0.0.1:9092)",
+    )
+
+
+def dev_state_dir() -> Path:
+    return Path(os.environ.get("POOL_PIPELINE_HOME", Path.home() / ".local/state/pool-pipeline")) / "dev"
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def run(fn: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> NoReturn:
+    """Run a command; turn pipeline errors into one clear line and an exit code."""
+    # SIGTERM stops like Ctrl-C; every step is crash-safe, so stopping anywhere is fine.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        code = fn(args)
+    except PipelineError as exc:
+        fail(str(exc), 3 if exc.retriable else 1)
+    except KeyboardInterrupt:
+        code = 130
+    raise SystemExit(code)
+
+
+def add_bucket(p: argparse.ArgumentParser) -> None:
+    env = os.environ.get("POOL_PIPELINE_BUCKET", "").strip()
+    default = env if env.startswith("s3://") else f"s3://{env}/archive" if env else None
+    p.add_argument("--bucket", default=default, required=default is None,
+                   help="s3://bucket/prefix (default: s3://$POOL_PIPELINE_BUCKET/archive); the endpoint and "
+                        "credentials come from boto3's standard settings (AWS_ENDPOINT_URL_S3, AWS_ACCESS_KEY_ID, ...)")
+    p.add_argument("--endpoint-url", help="S3 endpoint, overriding AWS_ENDPOINT_URL_S3")
+
+
+class Progress:
+    """Prints one status line every `every` seconds rather than one per transaction."""
+
+    def __init__(self, label: str, every: float = 2.0) -> None:
+        self.label, self.every = label, every
+        self.last_print = time.monotonic()
+        self.txns = 0
+        self.last_txn = 0
+
+    def __call__(self, txn: Transaction, extra: str = "") -> None:
+        self.txns += 1
+        self.last_txn = txn.txn_id
+        now = time.monotonic()
+        if now - self.last_print >= self.every:
+            rate = self.txns / (now - self.last_print)
+            lag_ms = max(0, int(time.time() * 1000) - txn.source_time_ms)
+            print(f"{self.label}: txn {txn.txn_id} ({rate:.0f} txn/s, {lag_ms} ms behind the source){extra}",
+                  flush=True)
+            self.last_print, self.txns = now, 0
+
+
+def with_retries(what: str, attempt: Callable[[], int], *, bootstrap_servers: str | None = None) -> int:
+    """Run `attempt`; on a retriable PipelineError log why, wait (the one retry policy) and run it again.
+    A step that fails part way is safe to run again: every sink stores its position with its data."""
+    from connectors.faults import Backoff, retry
+
+    explain = None
+    if bootstrap_servers is not None:
+        from connectors.kafka.topics import reachability
+
+        explain = lambda: reachability(bootstrap_servers)  # noqa: E731
+    # Outages are retried every 3 s at most, so a cluster that is back is used within seconds.
+    return retry(what, attempt, lambda line: print(line, file=sys.stderr, flush=True),
+                 backoff=Backoff(cap=3.0), explain=explain)
+
+
+def topic_ready(bootstrap_servers: str, database: str, once: bool, what: str) -> bool:
+    """Wait for the database's topic (only the capture-agent creates it); with --once, say so and go."""
+    from connectors.kafka.topics import topic_for, wait_for_topic
+
+    if wait_for_topic(bootstrap_servers, database, once=once, log=lambda line: print(f"{what}: {line}", flush=True)):
+        return True
+    print(f"{what}: topic {topic_for(database)} does not exist yet (no capture-agent has published "
+          f"{database!r}); nothing to do", flush=True)
+    return False
+
+
+def skip_to_snapshot(bootstrap: str, database: str, codec: Codec, next_offset: int, txn_id: int, what: str) -> int:
+    """The offset of the newest snapshot txn after `next_offset`: the way past a bad record (--skip-to-snapshot)."""
+    from connectors.kafka.topics import latest_snapshot
+
+    snapshot = latest_snapshot(bootstrap, database, codec)
+    if snapshot is None or snapshot[1] < next_offset or snapshot[0] <= txn_id:
+        raise PipelineError(f"{what} {database}: --skip-to-snapshot found no snapshot after offset {next_offset} "
+                            f"(txn {txn_id}): publish one with `capture-agent --snapshot` first, or run without --skip-to-snapshot",
+                            database=database)
+    if snapshot[1] > next_offset:
+        print(f"{what} {database}: skipping offsets {next_offset}..{snapshot[1] - 1} to the snapshot txn "
+              f"{snapshot[0]} at offset {snapshot[1]} (--skip-to-snapshot)", flush=True)
+    return snapshot[1]
+
+
+def state_home() -> Path:
+    return Path(os.environ.get("POOL_PIPELINE_HOME", Path.home() / ".local/state/pool-pipeline"))
+
+
+def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    return parser.parse_args(argv)
