@@ -1,4 +1,4 @@
-"""PicoLisp blob directories: pending-transfer markers and the one walker of blob files (picolisp-format.md §4.4)."""
+"""PicoLisp blob directories: pending-transfer markers and the one walker of blob files (FORMAT.md §4.4)."""
 
 from __future__ import annotations
 

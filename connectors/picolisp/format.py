@@ -1,4 +1,4 @@
-"""PicoLisp pool files: names, block sizes, the database locks PicoLisp takes, reads, and file comparison (see picolisp-format.md)."""
+"""PicoLisp pool files: names, block sizes, the locks PicoLisp takes, reads, comparison (connectors/picolisp/FORMAT.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The PicoLisp replication journal: the one parser of its entries, and the consumer that takes it under its lock (picolisp-format.md §2, §4)."""
+"""The PicoLisp journal: the one parser of its entries, and the consumer that takes it under its lock (FORMAT.md §2, §4)."""
 
 from __future__ import annotations
 

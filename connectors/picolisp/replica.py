@@ -330,7 +330,7 @@ class ReplicaDir:
 
     def _fd(self, file: int) -> int:
         # One descriptor per file for the sink's life: closing any descriptor of '@' would
-        # drop this process's fcntl lock on it (POSIX), see picolisp-format.md §3.3.
+        # drop this process's fcntl lock on it (POSIX), see connectors/picolisp/FORMAT.md §3.3.
         fd = self._fds.get(file)
         if fd is None:
             fd = self._fds[file] = os.open(self._path(file), os.O_RDWR | os.O_CREAT, 0o644)

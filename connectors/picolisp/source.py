@@ -188,7 +188,7 @@ class _Pool:
         self.block_sizes.clear()
 
 
-_ENTRY = struct.Struct("<BHIH")  # a journal entry's header: size code, file, 6-byte address (picolisp-format.md §2.2)
+_ENTRY = struct.Struct("<BHIH")  # a journal entry's header: size code, file, 6-byte address (FORMAT.md §2.2)
 
 
 def _touched_fast(data: bytes, block_sizes: list[int], into: set[tuple[int, int]]) -> bool:

@@ -254,7 +254,7 @@ def test_a_second_agent_with_the_same_state_dir_is_refused_by_the_local_lock(app
 
 
 def _entry(size: int, file: int, address: int, payload: bytes) -> bytes:
-    """One journal entry (picolisp-format.md §2.2): size code, file, 6-byte address, payload."""
+    """One journal entry (FORMAT.md §2.2): size code, file, 6-byte address, payload."""
     return struct.pack("<BHIH", size, file, address & 0xFFFFFFFF, address >> 32) + payload
 
 
