@@ -52,7 +52,7 @@ from connectors.kafka.publisher import TopicSink
 from connectors.kafka.topics import PARTITION, ensure_topic, topic_for  # noqa: E402
 from connectors.picolisp.source import AgentLock, PoolSource  # noqa: E402
 from pipeline.codec import Codec, StreamRecord  # noqa: E402
-from pipeline.model import GENESIS  # noqa: E402
+from pipeline.model import Position  # noqa: E402
 from pipeline.replicate import replicate  # noqa: E402
 from schemas import load_schemas  # noqa: E402
 
@@ -239,7 +239,7 @@ def main() -> int:
                 f"publish {acc.get('apply', 0):.2f} s, raw txn {t_txn:.2f} s, raw txn+encode {t_enc:.2f} s, "
                 f"raw plain {t_plain:.2f} s")
 
-        position = [GENESIS]
+        position = [Position(0, 0)]
 
         def run_once() -> None:
             position[0] = replicate(source, sink)

@@ -48,10 +48,6 @@ class RollingChecksum:
         hashes = self._hashes.get(file)
         return hashes[index] if hashes is not None and index < len(hashes) else 0
 
-    def set_blocks(self, blocks: Iterable[tuple[int, int, bytes]]) -> None:
-        for file, index, data in blocks:
-            self.set_block(file, index, data)
-
 
 def checksum_of(blocks: Iterable[tuple[int, int, bytes]]) -> int:
     """Checksum of a full image given as (file, index, bytes) for every block."""

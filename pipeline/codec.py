@@ -118,13 +118,6 @@ class Codec:
                 fastavro.parse_schema(parsed, named["writer"])
             self._readers[fingerprint] = (name, parsed, None if reader is parsed else reader, named)
 
-    @property
-    def record_names(self) -> list[str]:
-        return sorted(self._current)
-
-    def fingerprints(self) -> dict[bytes, str]:
-        return {fp: name for fp, (name, _) in self._writers.items()}
-
     def encode(self, name: str, record: dict) -> bytes:
         header, parsed = self._current[name]
         buf = io.BytesIO()

@@ -26,7 +26,6 @@ class Position:
         return f"txn {self.txn_id} (checksum {self.checksum:016x})"
 
 
-GENESIS = Position(0, 0)
 
 
 # The change classes and FileLayout are not frozen: a reader builds one per record, and a frozen
@@ -149,30 +148,6 @@ class Transaction:
             if f.blocks < 1:
                 raise self.error(f"file {f.file}: a pool file has at least one block, got {f.blocks}")
         return layout
-
-    def check_change(self, change: Change, layout: dict[int, FileLayout]) -> None:
-        """Reject one change that does not fit this transaction's layout or escapes the blob dir."""
-        if isinstance(change, BlockWrite):
-            f = layout.get(change.file)
-            if f is None:
-                raise self.error(f"block write to file {change.file}, which is not in the pool layout")
-            if len(change.data) != f.block_size:
-                raise self.error(
-                    f"block {change.file}:{change.index} has {len(change.data)} bytes, "
-                    f"file block size is {f.block_size}"
-                )
-            if not 0 <= change.index < f.blocks:
-                raise self.error(f"block {change.file}:{change.index} lies outside the file ({f.blocks} blocks)")
-            return
-        try:
-            safe_blob_path(change.path)
-        except PipelineError as exc:
-            raise exc.with_context(database=self.database, txn_id=self.txn_id, offset=self.offset)
-        if isinstance(change, BlobChunk):
-            if not (0 <= change.index < change.count) or len(change.data) > MAX_BLOB_CHUNK or change.size < 0:
-                raise self.error(
-                    f"blob {change.path}: bad chunk {change.index}/{change.count} of {len(change.data)} bytes"
-                )
 
 
 def check_database_name(name: str) -> str:

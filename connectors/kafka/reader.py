@@ -142,9 +142,6 @@ class TopicSource:
     def acknowledge(self, txn: Transaction) -> None:
         self.offsets.applied(self.tp, txn)
 
-    def lag(self) -> int:
-        return max(0, self.consumer.end_offsets([self.tp])[self.tp] - self.consumer.position(self.tp))
-
     def close(self) -> None:
         self.offsets.flush()
         self.consumer.close()

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import fcntl
 import os
-import signal
 import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence, TypeVar
 
-from connectors.picolisp.format import COPY_CHUNK, hax, pread_all, shift_of
+from connectors.picolisp.format import hax, pread_all, shift_of
 from pipeline.errors import PipelineError
 
 T = TypeVar("T")
@@ -159,43 +158,6 @@ class JournalConsumer:
         try:
             data = pread_all(fd, os.fstat(fd).st_size)
             return fn(data)
-        finally:
-            self._unlock(fd)
-
-    def consume(self, n: int) -> None:
-        """Drop the first n bytes (already processed), keeping whatever the app appended meanwhile."""
-        if n < 0:
-            raise ValueError(f"cannot consume {n} bytes")
-        if n == 0:
-            return
-        fd = self._open()
-        if fd is None:
-            raise PipelineError(f"cannot consume {n} bytes: journal {self.path} does not exist")
-        self._check_same_file()
-        self._lock(fd)
-        try:
-            size = os.fstat(fd).st_size
-            if n > size:
-                raise PipelineError(
-                    f"cannot consume {n} bytes of journal {self.path}: it holds only {size}; "
-                    "is another consumer (bin/ssl?) truncating it?"
-                )
-            # A signal in the middle of moving the tail would leave the journal garbled (ssl defers
-            # SIGTERM here too); blocked signals are delivered right after.
-            old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-            try:
-                rest = size - n
-                # Forward copy is safe although the ranges overlap: destination < source.
-                done = 0
-                while done < rest:
-                    chunk = pread_all(fd, min(COPY_CHUNK, rest - done), n + done)
-                    written = 0
-                    while written < len(chunk):
-                        written += os.pwrite(fd, chunk[written:], done + written)
-                    done += len(chunk)
-                os.ftruncate(fd, rest)
-            finally:
-                signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         finally:
             self._unlock(fd)
 

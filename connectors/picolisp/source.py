@@ -176,10 +176,6 @@ class _Pool:
             out.append(FileLayout(f, bs, size // bs))
         return out
 
-    def read_block(self, file: int, index: int) -> bytes:
-        bs = self.block_sizes[file]
-        return pread_all(self.fds[file], bs, index * bs)
-
     def close(self) -> None:
         for fd in self.fds:
             os.close(fd)

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.cluster_faults import FAST_BOUNCE, FaultStats, bounce_round, coordinator, victims_for
+from tests.cluster_faults import FAST_BOUNCE, FaultStats, bounce_round, victims_for
 from tests.picolisp_fixtures import *  # noqa: F401,F403
 from tests.picolisp_fixtures import PicoApp
 from tests.pipeline_helpers import Cli, check_caught_up, unique_name, wait_for, replica_txn

@@ -88,8 +88,11 @@ def test_journal_consumer_under_concurrent_commits(pil_app: PicoApp, picolisp: s
     db_fds = [os.open(p, os.O_RDONLY) for p in pil_app.files()]
 
     def snapshot(data: bytes) -> tuple[bytes, list[bytes]]:
-        # Runs under the journal lock: no commit is in flight, so the DB matches the journal's end.
-        return data, [os.pread(fd, os.fstat(fd).st_size, 0) for fd in db_fds]
+        # Runs under the journal lock: no commit is in flight, so the DB matches the journal's end. The
+        # journal is then emptied under the same lock, as the capture agent does.
+        images = [os.pread(fd, os.fstat(fd).st_size, 0) for fd in db_fds]
+        os.ftruncate(consumer.fd, 0)
+        return data, images
 
     chunks: list[bytes] = []
     rng = random.Random(3)
@@ -101,7 +104,6 @@ def test_journal_consumer_under_concurrent_commits(pil_app: PicoApp, picolisp: s
                 data, images = consumer.read_locked(snapshot)
                 if data:
                     replay_journal(replica, data, sizes)  # raises unless the chunk is whole entries
-                    consumer.consume(len(data))
                     chunks.append(data)
                     # the replica is now exactly at the state the source had when the chunk was cut
                     assert [p.read_bytes() for p in pool_files(replica)] == images, f"after chunk {len(chunks)}"
