@@ -7,23 +7,23 @@ import sqlite3
 import time
 from typing import Callable
 
-from pool_pipeline.changes import (
-    ChangeStream,
-    Checkpoint,
-    KafkaTransactions,
-    Rebalanced,
-    SqliteOutput,
-)
 from connectors.kafka.topics import topic_for
 from pipeline.errors import PipelineError
 from pipeline.stats import (
     DEFAULT_TOP_BLOCKS,
     DEFAULT_WINDOW_MS,
     STATS_SUFFIX,
-    WindowStats,
     Windows,
+    WindowStats,
     stats_topic,
     summarize,
+)
+from pool_pipeline.changes import (
+    ChangeStream,
+    Checkpoint,
+    KafkaTransactions,
+    Rebalanced,
+    SqliteOutput,
 )
 
 STATS_RECORD = "pool.pipeline.WindowStats"

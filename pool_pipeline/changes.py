@@ -28,11 +28,22 @@ from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssi
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
-from connectors.kafka.client import broker_error
-from connectors.kafka.client import CLIENT_DEFAULTS, POLL_RECORDS, committed_consumer, is_fenced
+from connectors.kafka.client import (
+    POLL_RECORDS,
+    KafkaSettings,
+    broker_error,
+    committed_consumer,
+    is_fenced,
+)
 from connectors.kafka.publisher import end_transaction, flush_checked
 from connectors.kafka.reader import OffsetCommitter
-from connectors.kafka.topics import PARTITION, TOPIC_PREFIX, database_for, ensure_topic, topic_for
+from connectors.kafka.topics import (
+    PARTITION,
+    TOPIC_PREFIX,
+    database_for,
+    ensure_topic,
+    topic_for,
+)
 from pipeline.codec import Codec, Record
 from pipeline.errors import PipelineError
 from pipeline.model import Transaction
@@ -422,16 +433,15 @@ class KafkaTransactions:
         self._close(database)
         tid = self.transactional_id(database)
         try:
-            producer = KafkaProducer(
-                bootstrap_servers=self.stream.bootstrap_servers, client_id=f"pool-pipeline-{tid}",
+            producer = KafkaSettings.of(self.stream.bootstrap_servers).producer(
+                client_id=f"pool-pipeline-{tid}",
                 transactional_id=tid, enable_idempotence=True, acks="all", linger_ms=5,
                 max_request_size=4 * 1024 * 1024, transaction_timeout_ms=self.transaction_timeout_ms,
                 # kafka-python's sender re-checks in-flight transactional requests at this interval, so
                 # it paces every round trip of a transaction: the first send_offsets_to_transaction took
                 # 33 ms at 10, 23 ms at 5, 15 ms at 2 (one broker on loopback). Retries are rare here.
                 retry_backoff_ms=2, allow_auto_create_topics=False, max_block_ms=int(self.timeout_s * 1000),
-                request_timeout_ms=int(self.timeout_s * 1000), delivery_timeout_ms=int(self.timeout_s * 2000),
-                **CLIENT_DEFAULTS)
+                request_timeout_ms=int(self.timeout_s * 1000), delivery_timeout_ms=int(self.timeout_s * 2000))
             producer.init_transactions()
         except KafkaError as exc:
             raise broker_error(f"cannot start the transactional producer {tid}", exc, database=database) from exc

@@ -531,7 +531,9 @@ def _wait_kafka_ready(
     only: watch just these brokers (0-based) for exits and open ports. need_only: the metadata
     must show just those brokers, not all of them (a restart while other brokers are down).
     """
-    from kafka import KafkaAdminClient  # kafka-python; imported lazily so the module loads without it
+    from connectors.kafka.client import (
+        KafkaSettings,  # kafka-python; imported lazily so the module loads without it
+    )
 
     deadline = time.monotonic() + ready_timeout
     watch = list(only) if only is not None else list(range(cluster.brokers))
@@ -554,12 +556,9 @@ def _wait_kafka_ready(
         if all(_port_open(cluster.client_ports[i]) for i in watch):
             try:
                 remaining_ms = int(max(1.0, min(10.0, deadline - time.monotonic())) * 1000)
-                admin = KafkaAdminClient(
-                    bootstrap_servers=cluster.bootstrap_servers,
-                    client_id="pool-pipeline-localstack",
-                    request_timeout_ms=remaining_ms,
-                    bootstrap_timeout_ms=remaining_ms,
-                )
+                admin = KafkaSettings(cluster.bootstrap_servers).admin(
+                    client_id="pool-pipeline-devstack", request_timeout_ms=remaining_ms,
+                    bootstrap_timeout_ms=remaining_ms)
                 try:
                     brokers = admin.describe_cluster()["brokers"]
                     seen = {b["broker_id"] for b in brokers if not b.get("is_fenced", False)}

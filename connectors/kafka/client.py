@@ -1,20 +1,21 @@
-"""Building kafka-python clients: the settings every client gets, the committed-stream consumer, errors as PipelineErrors."""
+"""The one Kafka client factory (KafkaSettings), the committed-stream consumer, Kafka errors as PipelineErrors."""
 
 from __future__ import annotations
 
 import time
-from typing import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping, Union
 
-from kafka import KafkaConsumer
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.errors import (
     InvalidProducerEpochError,
     ProducerFencedError,
     TransactionalIdAuthorizationFailedError,
 )
 from kafka.structs import TopicPartition
-from pipeline.errors import PipelineError
 
 from connectors.faults import as_pipeline_error
+from pipeline.errors import PipelineError
 
 FENCED = (ProducerFencedError, InvalidProducerEpochError, TransactionalIdAuthorizationFailedError)
 
@@ -46,10 +47,51 @@ def broker_error(what: str, exc: Exception, **ctx: object) -> PipelineError:
     return as_pipeline_error(what, exc, **ctx)
 
 
-def committed_consumer(bootstrap_servers: str, group: str | None, **extra: object) -> KafkaConsumer:
+_CLIENT_KEYS = set(KafkaProducer.DEFAULT_CONFIG) | set(KafkaConsumer.DEFAULT_CONFIG) | set(
+    KafkaAdminClient.DEFAULT_CONFIG)
+
+
+@dataclass(frozen=True)
+class KafkaSettings:
+    """Everything every Kafka client of ours is built from: the bootstrap servers and any kafka-python
+    client option (security, timeouts, ...). Built once, from flags and environment, in the CLI;
+    nothing else constructs a kafka-python client. What a use needs (isolation level, transactional
+    id, ...) is given per client and wins over `options`; `options` win over CLIENT_DEFAULTS."""
+
+    bootstrap_servers: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.options) - _CLIENT_KEYS)
+        if unknown:
+            raise PipelineError(f"unknown Kafka client option(s) {', '.join(unknown)} (kafka-python names, e.g. "
+                                "security_protocol, request_timeout_ms)")
+
+    @staticmethod
+    def of(kafka: "Kafka") -> "KafkaSettings":
+        """A bootstrap-servers string means: those servers, default options (API convenience)."""
+        return kafka if isinstance(kafka, KafkaSettings) else KafkaSettings(kafka)
+
+    def _config(self, known: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, Any]:
+        merged = {**CLIENT_DEFAULTS, **self.options, "bootstrap_servers": self.bootstrap_servers, **config}
+        return {k: v for k, v in merged.items() if k in known}
+
+    def producer(self, **config: Any) -> KafkaProducer:
+        return KafkaProducer(**self._config(KafkaProducer.DEFAULT_CONFIG, config))
+
+    def consumer(self, **config: Any) -> KafkaConsumer:
+        return KafkaConsumer(**self._config(KafkaConsumer.DEFAULT_CONFIG, config))
+
+    def admin(self, **config: Any) -> KafkaAdminClient:
+        return KafkaAdminClient(**self._config(KafkaAdminClient.DEFAULT_CONFIG, config))
+
+
+Kafka = Union[KafkaSettings, str]
+
+
+def committed_consumer(kafka: Kafka, group: str | None, **extra: object) -> KafkaConsumer:
     """A consumer that sees only committed transactions and never commits on its own."""
-    return KafkaConsumer(
-        bootstrap_servers=bootstrap_servers,
+    return KafkaSettings.of(kafka).consumer(
         group_id=group,
         client_id=f"pool-pipeline-{group or 'reader'}",
         isolation_level="read_committed",
@@ -58,7 +100,7 @@ def committed_consumer(bootstrap_servers: str, group: str | None, **extra: objec
         max_partition_fetch_bytes=8 * 1024 * 1024,
         fetch_max_bytes=32 * 1024 * 1024,
         allow_auto_create_topics=False,  # topics are made only by the capture-agent
-        **{**CLIENT_DEFAULTS, **extra},
+        **extra,
     )
 
 

@@ -9,12 +9,18 @@ from kafka.errors import (
     KafkaError,
     KafkaTimeoutError,
 )
+
+from connectors.kafka.client import (
+    FENCED,
+    Kafka,
+    KafkaSettings,
+    broker_error,
+    is_fenced,
+)
+from connectors.kafka.topics import PARTITION, topic_for
 from pipeline.codec import Codec
 from pipeline.errors import PipelineError
 from pipeline.model import Position, Transaction
-
-from connectors.kafka.client import CLIENT_DEFAULTS, FENCED, broker_error, is_fenced
-from connectors.kafka.topics import PARTITION, topic_for
 
 IN_FLIGHT_BYTES = 24 << 20  # TopicSink: unacknowledged record bytes at most (plus one MiB)
 
@@ -62,7 +68,7 @@ class TopicSink:
     publishing again.
     """
 
-    def __init__(self, bootstrap_servers: str, database: str, codec: Codec, position: Position | None = None,
+    def __init__(self, kafka: Kafka, database: str, codec: Codec, position: Position | None = None,
                  *, transaction_timeout_ms: int = 600_000, timeout_s: float = 15.0) -> None:
         self.database = database
         self.topic = topic_for(database)
@@ -72,8 +78,7 @@ class TopicSink:
         self.bytes_sent = 0
         timeout_ms = int(timeout_s * 1000)
         try:
-            self.producer = KafkaProducer(
-                bootstrap_servers=bootstrap_servers,
+            self.producer = KafkaSettings.of(kafka).producer(
                 client_id=f"capture-agent-{database}",
                 transactional_id=f"pool-pipeline.capture.{database}",
                 enable_idempotence=True,
@@ -89,7 +94,6 @@ class TopicSink:
                 max_block_ms=timeout_ms,  # send() waiting for metadata, init_transactions
                 request_timeout_ms=timeout_ms,
                 delivery_timeout_ms=max(2 * timeout_ms, timeout_ms + 5_000),
-                **CLIENT_DEFAULTS,
             )
         except KafkaError as exc:
             raise broker_error("cannot start the transactional producer", exc, database=database) from exc

@@ -13,12 +13,12 @@ from kafka.errors import (
     KafkaError,
 )
 from kafka.structs import OffsetAndMetadata, TopicPartition
-from pipeline.codec import Codec, Record
-from pipeline.errors import PipelineError
-from pipeline.model import Position, Transaction
 
 from connectors.kafka.client import POLL_RECORDS, broker_error, committed_consumer
 from connectors.kafka.topics import PARTITION, TOPIC_PREFIX, database_for, topic_for
+from pipeline.codec import Codec, Record
+from pipeline.errors import PipelineError
+from pipeline.model import Position, Transaction
 
 
 class OffsetCommitter:

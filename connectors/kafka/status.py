@@ -5,15 +5,14 @@ from __future__ import annotations
 import json
 
 from kafka import KafkaConsumer
-from kafka.admin import KafkaAdminClient
 from kafka.errors import (
     KafkaError,
 )
 from kafka.structs import TopicPartition
-from pipeline.codec import Codec
 
 from connectors.kafka.client import (
-    CLIENT_DEFAULTS,
+    Kafka,
+    KafkaSettings,
     broker_error,
     committed_consumer,
     records_until,
@@ -25,16 +24,17 @@ from connectors.kafka.topics import (
     last_commit,
     topic_for,
 )
+from pipeline.codec import Codec
 
 
-def status(bootstrap_servers: str, codec: Codec, databases: list[str] | None = None,
+def status(kafka: Kafka, codec: Codec, databases: list[str] | None = None,
            byte_cap: int = 64 * 1024 * 1024) -> list[dict]:
     """Per database: the last captured txn, and per consumer group its applied txn and lag.
 
     Lag in bytes is the size of the records a group has yet to read, counted up to `byte_cap`.
     """
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers, client_id="pool-pipeline-status", **CLIENT_DEFAULTS)
-    consumer = committed_consumer(bootstrap_servers, None)
+    admin = KafkaSettings.of(kafka).admin(client_id="pool-pipeline-status")
+    consumer = committed_consumer(kafka, None)
     try:
         topics = sorted(t for t in consumer.topics() if t.startswith(TOPIC_PREFIX) and not t.endswith(".stats"))
         wanted = {topic_for(d) for d in databases} if databases else None
@@ -47,7 +47,7 @@ def status(bootstrap_servers: str, codec: Codec, databases: list[str] | None = N
                 continue
             database = database_for(topic)
             tp = TopicPartition(topic, PARTITION)
-            last = last_commit(bootstrap_servers, database, codec)
+            last = last_commit(kafka, database, codec)
             end = consumer.end_offsets([tp])[tp]
             row: dict = {"database": database, "topic": topic, "captured_txn": last[0].txn_id if last else 0,
                          "captured_time_ms": last.source_time_ms if last else None, "end_offset": end, "groups": []}

@@ -11,17 +11,18 @@ from kafka.errors import (
     TopicAlreadyExistsError,
 )
 from kafka.structs import TopicPartition
-from pipeline.codec import BEGIN, COMMIT, Codec
-from pipeline.errors import PipelineError
-from pipeline.model import FileLayout, Position, check_database_name
 
 from connectors.faults import unreachable
 from connectors.kafka.client import (
-    CLIENT_DEFAULTS,
+    Kafka,
+    KafkaSettings,
     broker_error,
     committed_consumer,
     records_until,
 )
+from pipeline.codec import BEGIN, COMMIT, Codec
+from pipeline.errors import PipelineError
+from pipeline.model import FileLayout, Position, check_database_name
 
 T = TypeVar("T")
 
@@ -47,7 +48,7 @@ _REQUIRED_CONFIGS = {"cleanup.policy": "delete"}
 
 
 def ensure_topic(
-    bootstrap_servers: str, topic: str, *, replication_factor: int = 1, min_insync_replicas: int = 1,
+    kafka: Kafka, topic: str, *, replication_factor: int = 1, min_insync_replicas: int = 1,
     timeout_s: float = 30, log: Callable[[str], None] = print,
 ) -> bool:
     """Create the database topic if it is missing; True if this call created it.
@@ -57,8 +58,8 @@ def ensure_topic(
     from the first snapshot); see README "Bootstrapping". An existing topic is checked: more than
     one partition or a compacted topic is refused, weaker durability or finite retention is logged.
     """
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers, client_id="pool-pipeline-admin",
-                             request_timeout_ms=int(timeout_s * 1000), **CLIENT_DEFAULTS)
+    settings = KafkaSettings.of(kafka)
+    admin = settings.admin(client_id="pool-pipeline-admin", request_timeout_ms=int(timeout_s * 1000))
     try:
         if topic in admin.list_topics():
             _check_topic(admin, topic, min_insync_replicas, log)
@@ -81,7 +82,7 @@ def ensure_topic(
             time.sleep(0.1)
         return True
     except KafkaError as exc:
-        raise broker_error(f"cannot create topic {topic} on {bootstrap_servers}", exc) from exc
+        raise broker_error(f"cannot create topic {topic} on {settings.bootstrap_servers}", exc) from exc
     finally:
         admin.close()
 
@@ -117,9 +118,9 @@ def _config_values(result: dict, topic: str) -> dict[str, str]:
     return {k: (v.get("value") if isinstance(v, dict) else v) for k, v in entries.items()}
 
 
-def reachability(bootstrap_servers: str) -> str:
+def reachability(kafka: Kafka) -> str:
     """One line on what the cluster looks like from here, for the retry log of an outage."""
-    down, total = unreachable(bootstrap_servers)
+    down, total = unreachable(KafkaSettings.of(kafka).bootstrap_servers)
     if down:
         return (f"waiting for Kafka: {len(down)} of {total} brokers unreachable ({', '.join(down)}); "
                 "writes need min.insync.replicas of the topic's replicas up")
@@ -127,12 +128,12 @@ def reachability(bootstrap_servers: str) -> str:
             "replicas or the transaction coordinator")
 
 
-def wait_for_topic(bootstrap_servers: str, database: str, *, once: bool, log: Callable[[str], None],
+def wait_for_topic(kafka: Kafka, database: str, *, once: bool, log: Callable[[str], None],
                    interval: float = 0.25, stop: Callable[[], bool] = lambda: False) -> bool:
     """True once the database's topic exists. Only the capture-agent creates it, so a reader started
     first waits (logging once); with `once`, False at once."""
     topic = topic_for(database)
-    consumer = committed_consumer(bootstrap_servers, None)
+    consumer = committed_consumer(kafka, None)
     logged = False
     try:
         while not stop():
@@ -140,7 +141,7 @@ def wait_for_topic(bootstrap_servers: str, database: str, *, once: bool, log: Ca
                 if topic in consumer.topics():
                     return True
             except KafkaError as exc:
-                raise broker_error(f"cannot list topics on {bootstrap_servers}", exc, database=database) from exc
+                raise broker_error(f"cannot list topics on {KafkaSettings.of(kafka).bootstrap_servers}", exc, database=database) from exc
             if once:
                 return False
             if not logged:
@@ -159,13 +160,13 @@ class LastCommit(NamedTuple):
     source_time_ms: int
 
 
-def _newest(bootstrap_servers: str, database: str, codec: Codec, pick: Callable[[Iterator[tuple[str, dict, int]]], T | None],
+def _newest(kafka: Kafka, database: str, codec: Codec, pick: Callable[[Iterator[tuple[str, dict, int]]], T | None],
             what: str, window: int, timeout_s: float) -> T | None:
     """Search the topic backwards in growing windows: `pick` gets the decoded transaction markers
     (name, value, offset) of [start, end) in order and returns what it found there, or None."""
     topic = topic_for(database)
     tp = TopicPartition(topic, PARTITION)
-    consumer = committed_consumer(bootstrap_servers, None)
+    consumer = committed_consumer(kafka, None)
 
     def markers(start: int, end: int) -> Iterator[tuple[str, dict, int]]:
         for rec in records_until(consumer, tp, start, end, timeout_s):
@@ -195,7 +196,7 @@ def _newest(bootstrap_servers: str, database: str, codec: Codec, pick: Callable[
         consumer.close()
 
 
-def last_commit(bootstrap_servers: str, database: str, codec: Codec, timeout_s: float = 30) -> LastCommit | None:
+def last_commit(kafka: Kafka, database: str, codec: Codec, timeout_s: float = 30) -> LastCommit | None:
     """The last committed transaction in the topic as (position, pool layout, commit offset), None if empty."""
 
     def pick(markers: Iterator[tuple[str, dict, int]]) -> LastCommit | None:
@@ -208,10 +209,10 @@ def last_commit(bootstrap_servers: str, database: str, codec: Codec, timeout_s: 
                     offset, value["source_time_ms"])
         return found
 
-    return _newest(bootstrap_servers, database, codec, pick, "read the last transaction", 256, timeout_s)
+    return _newest(kafka, database, codec, pick, "read the last transaction", 256, timeout_s)
 
 
-def latest_snapshot(bootstrap_servers: str, database: str, codec: Codec, timeout_s: float = 30) -> tuple[int, int] | None:
+def latest_snapshot(kafka: Kafka, database: str, codec: Codec, timeout_s: float = 30) -> tuple[int, int] | None:
     """(txn id, offset of its TxnBegin) of the newest committed snapshot in the topic, None if none.
 
     A fresh replica starts there instead of replaying all history from offset 0.
@@ -226,4 +227,4 @@ def latest_snapshot(bootstrap_servers: str, database: str, codec: Codec, timeout
                 found, pending = pending, None
         return found
 
-    return _newest(bootstrap_servers, database, codec, pick, "search for a snapshot", 4096, timeout_s)
+    return _newest(kafka, database, codec, pick, "search for a snapshot", 4096, timeout_s)

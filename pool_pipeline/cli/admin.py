@@ -10,8 +10,6 @@ from pathlib import Path
 from typing import NoReturn, Sequence
 
 from pipeline.codec import Codec
-from schemas import load_schemas
-
 from pool_pipeline.cli.common import (
     EXIT_USAGE,
     add_kafka,
@@ -20,6 +18,7 @@ from pool_pipeline.cli.common import (
     parse,
     run,
 )
+from schemas import load_schemas
 
 
 def _broker_number(text: str) -> int:
@@ -123,9 +122,9 @@ def _pipeline(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     from connectors.kafka.status import status
 
-    rows = status(args.bootstrap_servers, Codec(load_schemas()), args.database)
+    rows = status(args.kafka, Codec(load_schemas()), args.database)
     if not rows:
-        print(f"no database topics (pool.*) on {args.bootstrap_servers}")
+        print(f"no database topics (pool.*) on {args.kafka.bootstrap_servers}")
         return 0
 
     def fmt_bytes(n: int | None) -> str:

@@ -6,7 +6,6 @@ import argparse
 from typing import NoReturn, Sequence
 
 from pipeline.model import check_database_name
-
 from pool_pipeline.cli.common import (
     EXIT_USAGE,
     add_kafka,
@@ -55,11 +54,11 @@ def _analytics(args: argparse.Namespace) -> int:
     what = f"analytics {args.database or args.pattern} ({args.group})"
 
     def attempt() -> int:
-        if args.database and not topic_ready(args.bootstrap_servers, args.database, args.once, what):
+        if args.database and not topic_ready(args.kafka, args.database, args.once, what):
             return 0
         # With one database there is one member: static membership lets it restart without waiting
         # for its dead predecessor's session to time out.
-        stream = ChangeStream(args.bootstrap_servers, args.group, databases=[args.database] if args.database else None,
+        stream = ChangeStream(args.kafka, args.group, databases=[args.database] if args.database else None,
                               pattern=args.pattern, once=args.once, instance_id=args.instance_id or args.database,
                               batches=True)  # statistics only count blocks: no object per block
         consumer = None
@@ -75,7 +74,7 @@ def _analytics(args: argparse.Namespace) -> int:
                 consumer.close()
             stream.close()
 
-    return with_retries(what, attempt, bootstrap_servers=args.bootstrap_servers)
+    return with_retries(what, attempt, kafka=args.kafka)
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:

@@ -8,8 +8,6 @@ from typing import NoReturn, Sequence
 
 from pipeline.codec import Codec
 from pipeline.model import Transaction, check_database_name
-from schemas import load_schemas
-
 from pool_pipeline.cli.common import (
     EXIT_USAGE,
     add_bucket,
@@ -22,6 +20,7 @@ from pool_pipeline.cli.common import (
     topic_ready,
     with_retries,
 )
+from schemas import load_schemas
 
 
 def archive_parser() -> argparse.ArgumentParser:
@@ -95,16 +94,16 @@ def _archive(args: argparse.Namespace) -> int:
             archiver.close()
 
     def attempt() -> int:
-        if not topic_ready(args.bootstrap_servers, database, args.once, f"archive {database}"):
+        if not topic_ready(args.kafka, database, args.once, f"archive {database}"):
             return 0
         start = archiver.resume()
         if args.skip_to_snapshot and archiver.position is not None:
-            start = skip_to_snapshot(args.bootstrap_servers, database, codec, start, archiver.position.txn_id,
+            start = skip_to_snapshot(args.kafka, database, codec, start, archiver.position.txn_id,
                                       "archive")
         held = f"up to {archiver.position}" if archiver.position else "nothing yet"
         print(f"archive {database}: {store.url} holds {held}; reading {topic_for(database)} from offset {start}",
               flush=True)
-        source = TopicSource(args.bootstrap_servers, database, codec, args.group, start, once=args.once)
+        source = TopicSource(args.kafka, database, codec, args.group, start, once=args.once)
 
         def archived(txn: Transaction) -> None:  # offsets only after the upload: S3 holds the txn now
             source.acknowledge(txn)
@@ -119,7 +118,7 @@ def _archive(args: argparse.Namespace) -> int:
         return 0
 
     try:
-        return with_retries(f"archive {database}", attempt, bootstrap_servers=args.bootstrap_servers)
+        return with_retries(f"archive {database}", attempt, kafka=args.kafka)
     finally:
         archiver.close()
 

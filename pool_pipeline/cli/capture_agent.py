@@ -9,8 +9,6 @@ from typing import NoReturn, Sequence
 from pipeline.codec import Codec
 from pipeline.model import Position, check_database_name
 from pipeline.replicate import replicate
-from schemas import load_schemas
-
 from pool_pipeline.cli.common import (
     Progress,
     add_kafka,
@@ -18,6 +16,7 @@ from pool_pipeline.cli.common import (
     run,
     with_retries,
 )
+from schemas import load_schemas
 
 
 def capture_agent_parser() -> argparse.ArgumentParser:
@@ -59,15 +58,15 @@ def _capture(args: argparse.Namespace) -> int:
     progress = Progress(f"capture-agent {database}")
 
     def attempt() -> int:
-        if ensure_topic(args.bootstrap_servers, topic_for(database), replication_factor=args.replication_factor,
+        if ensure_topic(args.kafka, topic_for(database), replication_factor=args.replication_factor,
                         min_insync_replicas=args.min_insync_replicas, log=lambda line: print(line, flush=True)):
             print(f"created topic {topic_for(database)} (RF {args.replication_factor}, "
                   f"min.insync.replicas {args.min_insync_replicas})", flush=True)
         # init_transactions fences older agents, and settles what a failed producer of ours left open
-        sink = TopicSink(args.bootstrap_servers, database, codec, timeout_s=args.kafka_timeout)
+        sink = TopicSink(args.kafka, database, codec, timeout_s=args.kafka_timeout)
         source = None
         try:
-            last = last_commit(args.bootstrap_servers, database, codec)
+            last = last_commit(args.kafka, database, codec)
             position, layout = (last[0], last[1]) if last else (Position(0, 0), None)
             sink.set_position(position)
             print(f"capture-agent {database}: topic is at {position}", flush=True)
@@ -83,7 +82,7 @@ def _capture(args: argparse.Namespace) -> int:
             sink.close()
 
     try:
-        return with_retries(f"capture-agent {database}", attempt, bootstrap_servers=args.bootstrap_servers)
+        return with_retries(f"capture-agent {database}", attempt, kafka=args.kafka)
     finally:
         lock.release()
 

@@ -8,11 +8,14 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Callable, NoReturn, Sequence
+from typing import TYPE_CHECKING, Callable, NoReturn, Sequence
 
 from pipeline.codec import Codec
 from pipeline.errors import PipelineError
 from pipeline.model import Transaction
+
+if TYPE_CHECKING:
+    from connectors.kafka.client import KafkaSettings
 
 EXIT_USAGE = 2
 
@@ -81,37 +84,37 @@ class Progress:
             self.last_print, self.txns = now, 0
 
 
-def with_retries(what: str, attempt: Callable[[], int], *, bootstrap_servers: str | None = None) -> int:
+def with_retries(what: str, attempt: Callable[[], int], *, kafka: KafkaSettings | None = None) -> int:
     """Run `attempt`; on a retriable PipelineError log why, wait (the one retry policy) and run it again.
     A step that fails part way is safe to run again: every sink stores its position with its data."""
     from connectors.faults import Backoff, retry
 
     explain = None
-    if bootstrap_servers is not None:
+    if kafka is not None:
         from connectors.kafka.topics import reachability
 
-        explain = lambda: reachability(bootstrap_servers)  # noqa: E731
+        explain = lambda: reachability(kafka)  # noqa: E731
     # Outages are retried every 3 s at most, so a cluster that is back is used within seconds.
     return retry(what, attempt, lambda line: print(line, file=sys.stderr, flush=True),
                  backoff=Backoff(cap=3.0), explain=explain)
 
 
-def topic_ready(bootstrap_servers: str, database: str, once: bool, what: str) -> bool:
+def topic_ready(kafka: KafkaSettings, database: str, once: bool, what: str) -> bool:
     """Wait for the database's topic (only the capture-agent creates it); with --once, say so and go."""
     from connectors.kafka.topics import topic_for, wait_for_topic
 
-    if wait_for_topic(bootstrap_servers, database, once=once, log=lambda line: print(f"{what}: {line}", flush=True)):
+    if wait_for_topic(kafka, database, once=once, log=lambda line: print(f"{what}: {line}", flush=True)):
         return True
     print(f"{what}: topic {topic_for(database)} does not exist yet (no capture-agent has published "
           f"{database!r}); nothing to do", flush=True)
     return False
 
 
-def skip_to_snapshot(bootstrap: str, database: str, codec: Codec, next_offset: int, txn_id: int, what: str) -> int:
+def skip_to_snapshot(kafka: KafkaSettings, database: str, codec: Codec, next_offset: int, txn_id: int, what: str) -> int:
     """The offset of the newest snapshot txn after `next_offset`: the way past a bad record (--skip-to-snapshot)."""
     from connectors.kafka.topics import latest_snapshot
 
-    snapshot = latest_snapshot(bootstrap, database, codec)
+    snapshot = latest_snapshot(kafka, database, codec)
     if snapshot is None or snapshot[1] < next_offset or snapshot[0] <= txn_id:
         raise PipelineError(f"{what} {database}: --skip-to-snapshot found no snapshot after offset {next_offset} "
                             f"(txn {txn_id}): publish one with `capture-agent --snapshot` first, or run without --skip-to-snapshot",
@@ -127,4 +130,10 @@ def state_home() -> Path:
 
 
 def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
-    return parser.parse_args(argv)
+    """Parse the command line; Kafka settings are built here once, for every client the command makes."""
+    args = parser.parse_args(argv)
+    if getattr(args, "bootstrap_servers", None):
+        from connectors.kafka.client import KafkaSettings
+
+        args.kafka = KafkaSettings(args.bootstrap_servers)
+    return args

@@ -10,8 +10,6 @@ from typing import TYPE_CHECKING, Callable, NoReturn, Sequence
 from pipeline.codec import Codec
 from pipeline.errors import PipelineError
 from pipeline.replicate import replicate
-from schemas import load_schemas
-
 from pool_pipeline.cli.common import (
     EXIT_USAGE,
     Progress,
@@ -19,11 +17,14 @@ from pool_pipeline.cli.common import (
     fail,
     parse,
     run,
+    skip_to_snapshot,
     topic_ready,
     with_retries,
 )
+from schemas import load_schemas
 
 if TYPE_CHECKING:
+    from connectors.kafka.client import KafkaSettings
     from connectors.picolisp.replica import ReplicaDir
 
 
@@ -58,11 +59,11 @@ def _replica(args: argparse.Namespace) -> int:
     progress = Progress(f"replica {args.database} ({args.group})")
 
     def attempt() -> int:
-        if not topic_ready(args.bootstrap_servers, args.database, args.once, f"replica {args.database}"):
+        if not topic_ready(args.kafka, args.database, args.once, f"replica {args.database}"):
             return 0
-        start = _start_offset(args.bootstrap_servers, args.database, codec, sink, args.skip_to_snapshot)
+        start = _start_offset(args.kafka, args.database, codec, sink, args.skip_to_snapshot)
         print(f"replica {args.database}: at {sink.position()}, reading from offset {start}", flush=True)
-        source = TopicSource(args.bootstrap_servers, args.database, codec, args.group, start, once=args.once)
+        source = TopicSource(args.kafka, args.database, codec, args.group, start, once=args.once)
         if sink.position().txn_id > 0:  # the group offset shows where the replica really is, not a stale one
             source.offsets.at(source.tp, start, sink.position().txn_id, sink.source_time_ms)
         try:
@@ -73,20 +74,20 @@ def _replica(args: argparse.Namespace) -> int:
         return 0
 
     try:
-        return with_retries(f"replica {args.database}", attempt, bootstrap_servers=args.bootstrap_servers)
+        return with_retries(f"replica {args.database}", attempt, kafka=args.kafka)
     finally:
         sink.close()
 
 
-def _start_offset(bootstrap: str, database: str, codec: Codec, sink: ReplicaDir, skip_to_snapshot: bool = False) -> int:
+def _start_offset(kafka: KafkaSettings, database: str, codec: Codec, sink: ReplicaDir, skip: bool = False) -> int:
     """Where a replica reads from: its stored position, or for an empty one the newest snapshot."""
     from connectors.kafka.topics import latest_snapshot
 
-    if sink.position().txn_id > 0 and skip_to_snapshot:
-        return skip_to_snapshot(bootstrap, database, codec, sink.next_offset, sink.position().txn_id, "replica")
+    if sink.position().txn_id > 0 and skip:
+        return skip_to_snapshot(kafka, database, codec, sink.next_offset, sink.position().txn_id, "replica")
     if sink.position().txn_id > 0:
         return sink.next_offset
-    snapshot = latest_snapshot(bootstrap, database, codec)
+    snapshot = latest_snapshot(kafka, database, codec)
     if snapshot is None:
         return 0
     print(f"replica {database}: empty, starting at the newest snapshot (txn {snapshot[0]}, offset {snapshot[1]})",
@@ -125,8 +126,8 @@ def _replica_group(args: argparse.Namespace) -> int:
             print(f"replica {database}: moved to another member of {args.group}", flush=True)
 
     def attempt() -> int:
-        reader = GroupReader(args.bootstrap_servers, args.group, args.pattern, codec,
-                             lambda db: _start_offset(args.bootstrap_servers, db, codec, sink_for(db),
+        reader = GroupReader(args.kafka, args.group, args.pattern, codec,
+                             lambda db: _start_offset(args.kafka, db, codec, sink_for(db),
                                                       args.skip_to_snapshot),
                              once=args.once, on_revoked=release,
                              log=lambda line: print(line, file=sys.stderr, flush=True))
@@ -150,7 +151,7 @@ def _replica_group(args: argparse.Namespace) -> int:
         return 0
 
     try:
-        return with_retries(f"replica group {args.group}", attempt, bootstrap_servers=args.bootstrap_servers)
+        return with_retries(f"replica group {args.group}", attempt, kafka=args.kafka)
     finally:
         for sink in sinks.values():
             sink.close()

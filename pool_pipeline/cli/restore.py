@@ -10,9 +10,8 @@ from typing import NoReturn, Sequence
 
 from pipeline.codec import Codec
 from pipeline.model import check_database_name
-from schemas import load_schemas
-
 from pool_pipeline.cli.common import EXIT_USAGE, add_bucket, fail, parse, run
+from schemas import load_schemas
 
 
 def restore_parser() -> argparse.ArgumentParser:
