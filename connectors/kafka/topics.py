@@ -49,24 +49,25 @@ _REQUIRED_CONFIGS = {"cleanup.policy": "delete"}
 
 def ensure_topic(
     kafka: Kafka, topic: str, *, replication_factor: int = 1, min_insync_replicas: int = 1,
-    timeout_s: float = 30, log: Callable[[str], None] = print,
+    retention_ms: int = -1, timeout_s: float = 30, log: Callable[[str], None] = print,
 ) -> bool:
     """Create the database topic if it is missing; True if this call created it.
 
     Only the agent creates topics (every client sets allow_auto_create_topics=False). Retention is
-    unlimited so that a replica started at any time can bootstrap from the topic alone (it replays
-    from the first snapshot); see README "Bootstrapping". An existing topic is checked: more than
-    one partition or a compacted topic is refused, weaker durability or finite retention is logged.
+    unlimited by default (-1), so that a replica started at any time can bootstrap from the topic
+    alone (it replays from the first snapshot); see README "Retention". An existing topic is checked:
+    more than one partition or a compacted topic is refused, weaker durability or another retention
+    than asked for is logged.
     """
     settings = KafkaSettings.of(kafka)
     admin = settings.admin(client_id="pool-pipeline-admin", request_timeout_ms=int(timeout_s * 1000))
     try:
         if topic in admin.list_topics():
-            _check_topic(admin, topic, min_insync_replicas, log)
+            _check_topic(admin, topic, min_insync_replicas, retention_ms, log)
             return False
         configs = {
             "cleanup.policy": "delete",
-            "retention.ms": "-1",
+            "retention.ms": str(retention_ms),
             "retention.bytes": "-1",
             "min.insync.replicas": str(min_insync_replicas),
             "max.message.bytes": str(2 * 1024 * 1024),
@@ -87,7 +88,8 @@ def ensure_topic(
         admin.close()
 
 
-def _check_topic(admin: KafkaAdminClient, topic: str, min_insync_replicas: int, log: Callable[[str], None]) -> None:
+def _check_topic(admin: KafkaAdminClient, topic: str, min_insync_replicas: int, retention_ms: int,
+                 log: Callable[[str], None]) -> None:
     """Refuse an existing topic the pipeline cannot work with; warn about weaker settings."""
     from kafka.admin import ConfigResource, ConfigResourceType
 
@@ -107,9 +109,10 @@ def _check_topic(admin: KafkaAdminClient, topic: str, min_insync_replicas: int, 
         log(f"warning: topic {topic} has min.insync.replicas={isr}, below the {min_insync_replicas} asked for: "
             "a committed transaction may be lost with a single broker")
     retention = configs.get("retention.ms")
-    if retention not in (None, "-1"):
-        log(f"warning: topic {topic} keeps records for retention.ms={retention}: a replica started later must "
-            "bootstrap from a snapshot still in the topic")
+    if retention is not None and int(retention) != retention_ms:
+        kept = "for ever" if int(retention) < 0 else f"for retention.ms={retention}"
+        log(f"warning: topic {topic} keeps records {kept}, not the retention.ms={retention_ms} asked for (an "
+            "existing topic is not changed; use kafka-configs --alter to change it)")
 
 
 def _config_values(result: dict, topic: str) -> dict[str, str]:

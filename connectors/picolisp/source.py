@@ -14,7 +14,13 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from connectors.picolisp.blobs import blob_markers
-from connectors.picolisp.format import _file_name, pread_all, block_size_of, hax, pool_files
+from connectors.picolisp.format import (
+    _file_name,
+    block_size_of,
+    hax,
+    pool_files,
+    pread_all,
+)
 from connectors.picolisp.journal import JournalConsumer, parse_journal, touched_blocks
 from pipeline.checksum import RollingChecksum, block_hash
 from pipeline.errors import PipelineError

@@ -12,6 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+from connectors.picolisp.format import hax
+from connectors.picolisp.replica import ReplicaDir
+from connectors.s3.restore import materialise
+from connectors.s3.store import ArchiveStore, retrying
 from pipeline.archive import (
     Framer,
     Manifest,
@@ -25,11 +29,6 @@ from pipeline.archive import (
 from pipeline.codec import Codec, Record
 from pipeline.errors import PipelineError
 from pipeline.model import Position, Transaction
-
-from connectors.picolisp.format import hax
-from connectors.picolisp.replica import ReplicaDir
-from connectors.s3.restore import materialise
-from connectors.s3.store import ArchiveStore, retrying
 
 # A segment being streamed goes up in parts of this size (S3 wants >= 5 MiB, at most 10 000 parts).
 PART_BYTES = 16 << 20

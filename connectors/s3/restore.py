@@ -9,6 +9,9 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from connectors.picolisp.format import hax
+from connectors.picolisp.replica import ReplicaDir, state_dir_for, write_position
+from connectors.s3.store import PROGRESS, ArchiveStore
 from pipeline.archive import (
     Manifest,
     RestorePlan,
@@ -19,10 +22,6 @@ from pipeline.codec import Codec, Record
 from pipeline.errors import PipelineError
 from pipeline.model import Position, Transaction, safe_blob_path
 from pipeline.replicate import replicate
-
-from connectors.picolisp.format import hax
-from connectors.picolisp.replica import ReplicaDir, state_dir_for, write_position
-from connectors.s3.store import PROGRESS, ArchiveStore
 
 
 class _SegmentSource:

@@ -5,14 +5,13 @@ from __future__ import annotations
 import time
 from typing import Callable
 
+from connectors.s3.store import ArchiveStore
 from pipeline.archive import (
     Catalog,
     RetentionPlan,
     Snapshot,
     retention_plan,
 )
-
-from connectors.s3.store import ArchiveStore
 
 
 def _when(ms: int) -> str:

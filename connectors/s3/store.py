@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
+from connectors.faults import Backoff, classify, retry
 from pipeline.archive import (
     Catalog,
     Segment,
@@ -17,8 +18,6 @@ from pipeline.archive import (
     database_root,
 )
 from pipeline.errors import PipelineError
-
-from connectors.faults import Backoff, classify, retry
 
 PROGRESS = Callable[[dict], None]
 

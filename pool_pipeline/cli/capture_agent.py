@@ -12,6 +12,7 @@ from pipeline.replicate import replicate
 from pool_pipeline.cli.common import (
     Progress,
     add_kafka,
+    duration_ms,
     parse,
     run,
     with_retries,
@@ -31,6 +32,9 @@ def capture_agent_parser() -> argparse.ArgumentParser:
     add_kafka(p)
     p.add_argument("--replication-factor", type=int, default=1, help="for a topic the agent creates (default 1)")
     p.add_argument("--min-insync-replicas", type=int, default=1, help="for a topic the agent creates (default 1)")
+    p.add_argument("--retention", type=duration_ms, default=-1, metavar="DURATION|infinite",
+                   help="how long a topic the agent creates keeps records, e.g. 7d, 12h, 90m (default infinite). "
+                        "Finite is safe only with an archive running: README \"Retention\"")
     p.add_argument("--kafka-timeout", type=float, default=15.0,
                    help="seconds any one Kafka step (send, flush, commit, abort) may wait before the producer is "
                         "rebuilt and the round retried from the spool (default 15)")
@@ -59,9 +63,11 @@ def _capture(args: argparse.Namespace) -> int:
 
     def attempt() -> int:
         if ensure_topic(args.kafka, topic_for(database), replication_factor=args.replication_factor,
-                        min_insync_replicas=args.min_insync_replicas, log=lambda line: print(line, flush=True)):
+                        min_insync_replicas=args.min_insync_replicas, retention_ms=args.retention,
+                        log=lambda line: print(line, flush=True)):
+            kept = "infinite" if args.retention < 0 else f"{args.retention / 3_600_000:g} h"
             print(f"created topic {topic_for(database)} (RF {args.replication_factor}, "
-                  f"min.insync.replicas {args.min_insync_replicas})", flush=True)
+                  f"min.insync.replicas {args.min_insync_replicas}, retention {kept})", flush=True)
         # init_transactions fences older agents, and settles what a failed producer of ours left open
         sink = TopicSink(args.kafka, database, codec, timeout_s=args.kafka_timeout)
         source = None

@@ -99,6 +99,22 @@ def with_retries(what: str, attempt: Callable[[], int], *, kafka: KafkaSettings 
                  backoff=Backoff(cap=3.0), explain=explain)
 
 
+def duration_ms(text: str) -> int:
+    """A retention: `infinite` (-1), or a number with a unit s, m, h, d or w, in ms (argparse type)."""
+    text = text.strip().lower()
+    if text in ("infinite", "inf", "-1"):
+        return -1
+    units = {"s": 1_000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
+    number, unit = text[:-1], text[-1:]
+    try:
+        value = float(number) * units[unit]
+    except (KeyError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a duration like 7d, 12h, 90m, 3600s, or infinite") from None
+    if value < 1_000:
+        raise argparse.ArgumentTypeError(f"{text!r}: a retention must be at least 1 s")
+    return int(value)
+
+
 def topic_ready(kafka: KafkaSettings, database: str, once: bool, what: str) -> bool:
     """Wait for the database's topic (only the capture-agent creates it); with --once, say so and go."""
     from connectors.kafka.topics import topic_for, wait_for_topic

@@ -117,3 +117,23 @@ def test_status_shows_where_the_replica_really_is_after_a_stale_group_offset(app
         assert applied() == str(last)
     finally:
         cli.stop_all()
+
+
+def test_capture_agent_sets_the_retention_it_is_given_and_warns_about_another(app: PicoApp, kafka: Any) -> None:
+    from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient
+
+    cli = Cli(app.root, kafka.bootstrap_servers, unique_name("retention"))
+    app.workload(3, seed=6)
+    r = ok(cli.agent_once("--retention", "7d"), "capture-agent --retention 7d")
+    assert "retention 168 h" in r.stdout, r.stdout
+    admin = KafkaAdminClient(bootstrap_servers=cli.bootstrap_servers)
+    try:
+        topic = f"pool.{cli.database}"
+        configs = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)], config_filter="all")
+        assert configs["topic"][topic]["retention.ms"]["value"] == str(7 * 86_400_000)
+    finally:
+        admin.close()
+    r = ok(cli.agent_once(), "capture-agent with the default (infinite) on a 7-day topic")
+    assert "keeps records for retention.ms=604800000, not the retention.ms=-1 asked for" in r.stdout, r.stdout
+    r = cli.agent_once("--retention", "7y")
+    assert r.returncode == 2 and "duration like 7d" in r.stderr, r

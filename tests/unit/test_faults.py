@@ -103,3 +103,15 @@ def test_backoff_is_capped_and_stop_ends_the_wait() -> None:
     stop.set()
     with pytest.raises(PipelineError):
         retry("x", lambda: (_ for _ in ()).throw(PipelineError("down", retriable=True)), lambda line: None, stop=stop)
+
+
+def test_retention_durations() -> None:
+    import argparse
+
+    from pool_pipeline.cli.common import duration_ms
+
+    assert duration_ms("infinite") == -1 and duration_ms("7d") == 7 * 86_400_000
+    assert duration_ms("12h") == 43_200_000 and duration_ms("90m") == 5_400_000 and duration_ms("1.5s") == 1_500
+    for bad in ("7", "7y", "x", "0.5s", ""):
+        with pytest.raises(argparse.ArgumentTypeError):
+            duration_ms(bad)
