@@ -54,16 +54,19 @@ def coordinator(bootstrap_servers: str, transactional_id: str) -> int:
     return leaders(bootstrap_servers, "__transaction_state")[partition] - 1
 
 
-def restart(cluster, indices: list[int], ready_timeout: float = 120) -> None:
-    """Start the given stopped brokers together (a quorum may need both) and wait until all serve."""
+def restart(cluster, indices: list[int], ready_timeout: float = 120) -> float:
+    """Start the given stopped brokers together (a quorum may need both) and wait until all serve;
+    returns the monotonic time they were started."""
     from pool_pipeline.devstack import _spawn, _wait_kafka_ready
 
+    started = time.monotonic()
     for i in indices:
         node_dir = Path(cluster.commands[i][-1]).parent
         proc = _spawn(cluster.commands[i], cluster.log_files[i], node_dir, cluster.detach)
         cluster.pids[i] = proc.pid
         cluster._procs[i] = proc
     _wait_kafka_ready(cluster, ready_timeout, only=indices)
+    return started
 
 
 @dataclass
@@ -101,7 +104,7 @@ def victims_for(kind: str, cluster, database: str, rng: random.Random) -> list[i
 def bounce_round(cluster, cli: Cli, app, agent: Proc, replica: Proc, victims: list[int], *, down_s: float,
                  workload_txns: int, seed: int, recover_timeout: float = 120,
                  log: Callable[[str], None] = lambda line: None) -> float:
-    """One fault: returns the seconds from the restart of the killed brokers to an md5-equal replica."""
+    """One fault: returns the seconds from restarting the killed brokers to an md5-equal replica."""
     wl = app.workload_proc(workload_txns, seed=seed, sleep_ms=5)
     try:
         time.sleep(0.5 + random.Random(seed).random())
@@ -117,8 +120,7 @@ def bounce_round(cluster, cli: Cli, app, agent: Proc, replica: Proc, victims: li
             wl.wait()
     for proc in (agent, replica):
         assert proc.alive(), f"{proc.name} exited during the outage ({proc.popen.returncode})\n{proc.output()}"
-    restart(cluster, victims)
-    started = time.monotonic()
+    started = restart(cluster, victims)  # recovery counts the brokers' own start (3-9 s) too
     deadline = started + recover_timeout
     while cli.differences() != []:
         for proc in (agent, replica):
