@@ -440,7 +440,11 @@ class SslSampler:
             before, after = s[i - 1][1], s[i][1]
             if after < before:
                 if after == 0:
-                    cutoff = s[i][0]
+                    # nothing was appended after the lock: it came after the journal's last growth
+                    k = i - 1
+                    while k > seg_start and s[k - 1][1] == before:
+                        k -= 1
+                    cutoff = s[k][0]
                 else:
                     limit = before - after  # the journal's size at ssl's lock
                     cutoff = s[i][0]
@@ -450,15 +454,19 @@ class SslSampler:
                             break
                 drops.append((i, cutoff))
                 seg_start = i
+        # replica.l writes the pool only when it replays a transfer, after ssl has sent all of it: the
+        # replay of transfer j ends before ssl locks the journal for transfer j+1 (ssl sleeps its
+        # period in between), and the replay of j+1 starts after that lock. So transfer j became
+        # visible at the newest pool-file mtime between its cutoff and the next one's. (The drop
+        # itself can come later than the replay: ssl truncates under the journal lock, which it
+        # may have to wait for while the app commits.)
+        mtimes = sorted({m for _, _, m in s})
+        cuts = [c for _, c in drops] + [float("inf")]
         out = []
-        for n, (i, cutoff) in enumerate(drops):
-            # replica.l replays after its ack, i.e. around the drop; the next transfer's replay starts
-            # at the next drop: keep the mtimes written before that (50 ms margin for the sampling).
-            end = drops[n + 1][0] if n + 1 < len(drops) else len(s)
-            limit = s[end][0] - 0.05 if end < len(s) else float("inf")
-            ms_ = [m for _, _, m in s[i - 1:end] if m < limit]
-            visible = max(ms_) if ms_ else s[i][0]
-            out.append((cutoff, max(visible, s[i - 1][0])))
+        for n in range(len(drops)):
+            lo, hi = bisect_right(mtimes, cuts[n]), bisect_right(mtimes, cuts[n + 1])
+            visible = mtimes[hi - 1] if hi > lo else float("nan")
+            out.append((cuts[n], visible))
         return out
 
 
@@ -469,6 +477,9 @@ def ssl_lags(commits: list[float], sampler: SslSampler) -> tuple[list[float], in
     for c in commits:
         j = bisect_right(cut, c)  # first transfer whose cutoff > c
         if j >= len(tr):
+            unmatched += 1
+            continue
+        if tr[j][1] != tr[j][1]:  # no replica write seen for that transfer
             unmatched += 1
             continue
         lags.append(tr[j][1] - c)
@@ -567,6 +578,9 @@ def run_one(system: str, workload: str, k: int, base: Path, root: Path, roles: d
             res["rate"] = (len(commits) - 1) / (commits[-1] - commits[0]) if len(commits) > 1 else float("nan")
             if system == "ssl":
                 res["lags"], res["unmatched"] = ssl_lags(commits, vis)
+                if args.keep:  # the raw material of the ssl lag, for a look afterwards
+                    (run_root / "ssl-lag.json").write_text(json.dumps(
+                        {"commits": commits, "transfers": vis.transfers(), "samples": vis.samples}))
             else:
                 res["lags"], res["unmatched"] = pipeline_lags(commits, vis, bs, sysobj.db, codec, start_txn)
         sampler.stop()
