@@ -566,7 +566,8 @@ def run_one(system: str, workload: str, k: int, base: Path, root: Path, roles: d
             rate = {"steady200-blobs": 200, "steady200": 200, "steady1000": 1000}[workload]
             blobs = workload.endswith("blobs")
             vis = SslSampler(app) if system == "ssl" else lagmod.PositionPoller(app)
-            wl = lagmod.PacedWorkload(app, int(rate * args.duration), rate, 20 + k, blobs)
+            # the same seed for both systems: the same transaction mix
+            wl = lagmod.PacedWorkload(app, int(rate * args.duration), rate, 20 + WORKLOADS.index(workload), blobs)
             wl.wait(timeout=args.duration * 5 + 60)
             t_end = wait_equal(app, args.timeout, sysobj.pending)
             vis.stop()
