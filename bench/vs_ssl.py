@@ -222,11 +222,15 @@ def wait_port(port: int, what: str, proc_log: Path, timeout: float = 20, proc: s
     while time.monotonic() < deadline:
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
             return
-        if proc is not None and proc.poll() is not None and what != "httpGate":
-            break
+        if proc is not None and proc.poll() is not None:
+            hint = " (replica.l exits silently when its key file is missing or its pool is locked)" \
+                if what == "replica.l" else ""
+            raise SetupError(f"{what}{hint} (pid {proc.pid}, {' '.join(map(str, proc.args))}) exited with code "
+                             f"{proc.returncode} before listening on 127.0.0.1:{port}; log {proc_log}:\n"
+                             f"{tail(proc_log) or '(empty)'}")
         time.sleep(0.1)
     raise SetupError(f"{what} is not listening on 127.0.0.1:{port} after {timeout} s; log {proc_log}:\n"
-                     f"{tail(proc_log)}")
+                     f"{tail(proc_log) or '(empty)'}")
 
 
 def md5s(prefix: Path) -> dict[str, str]:
@@ -531,10 +535,16 @@ def run_one(system: str, workload: str, k: int, base: Path, root: Path, roles: d
         sysobj.start_receiver()
         sysobj.start_shipper()
         if system == "pool-pipeline":
-            start_txn = sysobj.wait_caught_up()  # the agent's bootstrap snapshot, not measured
-        else:
-            time.sleep(args.ssl_sec + 0.5)
+            sysobj.wait_caught_up()  # the agent's bootstrap snapshot, not measured
+        # One probe commit must reach the replica before anything is measured: a chain that runs but
+        # does not replicate (TLS, httpGate, key) is a setup failure. Both systems get it.
+        app.run("workload.l", 1, 99, 0, 0, 0)
+        if wait_equal(app, 20 + 2 * args.ssl_sec, sysobj.pending) is None:
             sysobj.check_alive()
+            raise SetupError(f"{system}: a probe commit did not reach the replica within {20 + 2 * args.ssl_sec} s;"
+                             + "".join(f"\nlog {lp}:\n{tail(lp) or '(empty)'}" for lp in sysobj.logs.values()))
+        if system == "pool-pipeline":
+            start_txn = sysobj.wait_caught_up()
         if workload == "backlog":
             sysobj.stop_shipper()  # the backlog builds up while the shipper is down
         watched = [roles[n] for n in SHIP[system] + RECV[system]] + [roles["kafka"]]
