@@ -38,9 +38,10 @@ Measured per system and workload:
            pool files. Each drop of the journal size is one transfer acknowledged by replica.l (ssl
            truncates after the 'T'). The bytes left after the drop were appended after ssl's lock, so
            the transfer holds the commits made before the journal last had (size before - size
-           after) bytes: that sample time is the transfer's cutoff. A commit is visible at the newest
-           replica pool-file mtime seen before the next transfer (replica.l replays the journal after
-           its ack). Resolution: the 1 ms sampling and the kernel's coarse mtime clock (a few ms),
+           after) bytes: that sample time is the transfer's cutoff (for a drop to 0, the journal's last
+           growth). replica.l writes the pool only when it replays a whole transfer, and that replay
+           ends before ssl's next lock, so a transfer is visible at the newest replica pool-file
+           mtime between its cutoff and the next transfer's. Resolution: the 1 ms sampling and the kernel's coarse mtime clock (a few ms),
            small against ssl's whole-second polling. Blobs ship after the journal in the same ssl
            round; their arrival is not part of this lag.
   cpu      per role, children included: each role runs in its own cgroup (v2 cpu.stat usage_usec, or
