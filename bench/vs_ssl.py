@@ -18,7 +18,7 @@ Both systems replicate the same app (tests/lisp/app.l) on the same workload, one
                  `pil @lib/replica.l PORT key "" rpl/db/app/ rpl/blob/app/ 1 2 4 6 0`. The replica pool
                  starts as a byte copy of the source pool.
   pool-pipeline  capture-agent + replica console scripts of the venv, follow mode, against a private
-                 single-node broker (connectors.localstack.start_kafka); one topic per run.
+                 single-node broker (pool_pipeline.devstack.start_kafka); one topic per run.
 
 Workloads (bench/lisp/paced.l committing the tests/lisp/workload.l mix):
   steady200-blobs  200 commits/s with blobs for --duration s
@@ -79,10 +79,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lag as lagmod  # noqa: E402
 from _common import (  # noqa: E402
-    BENCH, REPO, bin_path, env_with, kafka, log, mib, new_app, on_exit, percentile, spawn, stop, workdir,
+    BENCH, bin_path, env_with, kafka, log, mib, new_app, on_exit, percentile, spawn, stop, workdir,
 )
 
-from connectors.kafka import last_commit  # noqa: E402
+from connectors.kafka.topics import last_commit  # noqa: E402
 from pipeline.codec import Codec  # noqa: E402
 from schemas import load_schemas  # noqa: E402
 
