@@ -12,7 +12,7 @@ from pipeline.archive import (
     retention_plan,
 )
 
-from connectors.s3.store import ArchiveStore
+from connectors.s3.store import Store
 
 
 def _when(ms: int) -> str:
@@ -36,7 +36,7 @@ def describe(catalog: Catalog, url: str) -> str:
     return "\n".join(lines)
 
 
-def apply_retention(store: ArchiveStore, *, keep_snapshots: int | None, keep_ms: int | None, dry_run: bool,
+def apply_retention(store: Store, *, keep_snapshots: int | None, keep_ms: int | None, dry_run: bool,
                     log: Callable[[str], None] = print) -> list[str]:
     """Delete what the policy no longer needs (or only list it, with `dry_run`); returns the keys."""
     catalog = store.catalog()

@@ -58,7 +58,7 @@ def _blob(path: str, data: bytes) -> list[BlobChunk]:
     return [BlobChunk(path, len(data), sha, i, len(pieces), p) for i, p in enumerate(pieces)]
 
 
-def make_stream(n: int, seed: int) -> list[Transaction]:
+def make_stream(n: int, seed: int, database: str = DB) -> list[Transaction]:
     """Txn 1 a snapshot (every block, two blobs), then n-1 deltas: 3 block writes, one small blob, one
     blob of several chunks, and from txn 3 on a delete of an older blob. Correct rolling checksums."""
     rng = random.Random(seed)
@@ -71,7 +71,7 @@ def make_stream(n: int, seed: int) -> list[Transaction]:
             rolling.set_block(f.file, i, data)
             changes.append(BlockWrite(f.file, i, data))
     changes += _blob("A/0.doc", b"snap" * 30) + _blob("B/0.txt", b"zero")
-    txns.append(Transaction(DB, 1, 0, 1_000, changes, snapshot=True, checksum_after=rolling.value,
+    txns.append(Transaction(database, 1, 0, 1_000, changes, snapshot=True, checksum_after=rolling.value,
                             files=list(LAYOUT), change_count=len(changes)))
     for t in range(2, n + 1):
         before = rolling.value
@@ -86,7 +86,7 @@ def make_stream(n: int, seed: int) -> list[Transaction]:
         changes += _blob(f"A/{t}.doc", rng.randbytes(250 + t))
         if t >= 3:
             changes.append(BlobDelete(f"B/{t - 1}.txt"))
-        txns.append(Transaction(DB, t, before, 1_000 + t, changes, checksum_after=rolling.value,
+        txns.append(Transaction(database, t, before, 1_000 + t, changes, checksum_after=rolling.value,
                                 files=list(LAYOUT), change_count=len(changes)))
     return txns
 
