@@ -255,3 +255,19 @@ def test_a_kill_during_a_multipart_upload_leaves_an_unfinished_upload_the_next_r
     assert archived_txn_ids(store) == [t.txn_id for t in txns]
     position = restore(store, CODEC, tmp_path / "restored", topic=TOPIC)
     assert position == txns[-1].after
+
+
+def test_the_dir_store_and_the_s3_store_both_implement_the_store_protocol() -> None:
+    import inspect
+
+    from connectors.s3.store import ArchiveStore, Store
+
+    members = [n for n in vars(Store) if not n.startswith("_")]
+    assert {"put_new", "complete_new", "unfinished_uploads", "download", "catalog"} <= set(members)
+    for cls in (DirStore, ArchiveStore):
+        for name in members:
+            ours, theirs = getattr(Store, name), getattr(cls, name, None)
+            assert theirs is not None, f"{cls.__name__} lacks {name}"
+            if inspect.isfunction(ours):
+                assert list(inspect.signature(theirs).parameters) == list(inspect.signature(ours).parameters), \
+                    f"{cls.__name__}.{name}"

@@ -12,7 +12,6 @@ from typing import Callable, Iterator
 
 import pytest
 
-import connectors.picolisp.replica as replica_mod
 from connectors.picolisp.format import hax, pool_files
 from connectors.picolisp.replica import ReplicaDir
 from pipeline.checksum import RollingChecksum
