@@ -305,7 +305,7 @@ class ReplicaDir:
             self.next_offset = state["next_offset"]
             self.source_time_ms = state.get("source_time_ms", 0)
             self.files = [FileLayout(**f) for f in state["files"]]
-        elif pool_files(self.prefix):
+        elif pool_files(self.prefix) and not self._redo.exists():  # a committed first batch: _recover replays it
             raise PipelineError(
                 f"{self.prefix} already holds pool files that pool-pipeline did not write (no "
                 f"{self._pos_file}); refusing to overwrite them", database=self.database)

@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Iterator
 from connectors.picolisp.format import hax
 from connectors.picolisp.replica import ReplicaDir
 from connectors.s3.restore import materialise
-from connectors.s3.store import ArchiveStore, retrying
+from connectors.s3.store import Store, retrying
 from pipeline.archive import (
     Framer,
     Manifest,
@@ -80,7 +80,7 @@ class Archiver:
     the same objects, each written once.
     """
 
-    def __init__(self, store: ArchiveStore, codec: Codec, *, rotation: Rotation, snapshots: SnapshotPolicy,
+    def __init__(self, store: Store, codec: Codec, *, rotation: Rotation, snapshots: SnapshotPolicy,
                  work_dir: Path, topic: str, log: Callable[[str], None] = print,
                  on_archived: Callable[[Transaction], None] = lambda txn: None, part_bytes: int = PART_BYTES) -> None:
         if part_bytes < MIN_PART_BYTES:
@@ -319,7 +319,7 @@ class Archiver:
         return snap
 
 
-def upload_snapshot(store: ArchiveStore, sink: ReplicaDir, db_dir: Path, blob_dir: Path) -> Snapshot:
+def upload_snapshot(store: Store, sink: ReplicaDir, db_dir: Path, blob_dir: Path) -> Snapshot:
     """Upload the materialised pool as a base snapshot; the manifest goes last and makes it count."""
     position = sink.position()
     snap = Snapshot(position.txn_id, sink.source_time_ms)

@@ -11,7 +11,7 @@ from typing import Iterator
 
 from connectors.picolisp.format import hax
 from connectors.picolisp.replica import ReplicaDir, state_dir_for, write_position
-from connectors.s3.store import PROGRESS, ArchiveStore
+from connectors.s3.store import PROGRESS, Store
 from pipeline.archive import (
     Manifest,
     RestorePlan,
@@ -27,7 +27,7 @@ from pipeline.replicate import replicate
 class _SegmentSource:
     """Transactions of a restore plan's segments, downloaded one at a time (a Source)."""
 
-    def __init__(self, store: ArchiveStore, codec: Codec, plan: RestorePlan, topic: str, work_dir: Path,
+    def __init__(self, store: Store, codec: Codec, plan: RestorePlan, topic: str, work_dir: Path,
                  progress: PROGRESS) -> None:
         self.store, self.codec, self.plan, self.topic, self.work_dir = store, codec, plan, topic, work_dir
         self.progress = progress
@@ -64,7 +64,7 @@ class _SegmentSource:
         self.progress({"txn": txn.txn_id})
 
 
-def materialise(store: ArchiveStore, codec: Codec, plan: RestorePlan, db_dir: Path, blob_dir: Path, topic: str,
+def materialise(store: Store, codec: Codec, plan: RestorePlan, db_dir: Path, blob_dir: Path, topic: str,
                 work_dir: Path, *, reuse: bool = False, progress: PROGRESS = lambda event: None) -> ReplicaDir:
     """Bring `db_dir`/`blob_dir` to the plan's target: the base, then the segments, checking txn ids
     and the rolling checksum after every txn (ReplicaDir). With `reuse`, a copy already between the
@@ -103,7 +103,7 @@ def materialise(store: ArchiveStore, codec: Codec, plan: RestorePlan, db_dir: Pa
     return sink
 
 
-def _download_snapshot(store: ArchiveStore, snap: Snapshot, db_dir: Path, blob_dir: Path, topic: str,
+def _download_snapshot(store: Store, snap: Snapshot, db_dir: Path, blob_dir: Path, topic: str,
                        progress: PROGRESS) -> None:
     prefix = snap.prefix(store.root)
     manifest = Manifest.from_json(store.get(snap.manifest_key(store.root)), snap.manifest_key(store.root))
@@ -131,7 +131,7 @@ def _download_snapshot(store: ArchiveStore, snap: Snapshot, db_dir: Path, blob_d
                    manifest.files)
 
 
-def plan_size(store: ArchiveStore, plan: RestorePlan) -> int:
+def plan_size(store: Store, plan: RestorePlan) -> int:
     """Bytes a restore downloads (for the progress bar)."""
     total = sum(s.size for s in plan.segments)
     if plan.base is not None:
@@ -139,7 +139,7 @@ def plan_size(store: ArchiveStore, plan: RestorePlan) -> int:
     return total
 
 
-def restore(store: ArchiveStore, codec: Codec, target: Path, *, txn: int | None = None, time_ms: int | None = None,
+def restore(store: Store, codec: Codec, target: Path, *, txn: int | None = None, time_ms: int | None = None,
             topic: str, progress: PROGRESS = lambda event: None) -> Position:
     """Restore the pool at `txn` / `time_ms` (default: the newest) into `target`/db and `target`/blob.
 

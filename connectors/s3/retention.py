@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from connectors.s3.store import ArchiveStore
+from connectors.s3.store import Store
 from pipeline.archive import (
     Catalog,
     RetentionPlan,
@@ -35,7 +35,7 @@ def describe(catalog: Catalog, url: str) -> str:
     return "\n".join(lines)
 
 
-def apply_retention(store: ArchiveStore, *, keep_snapshots: int | None, keep_ms: int | None, dry_run: bool,
+def apply_retention(store: Store, *, keep_snapshots: int | None, keep_ms: int | None, dry_run: bool,
                     log: Callable[[str], None] = print) -> list[str]:
     """Delete what the policy no longer needs (or only list it, with `dry_run`); returns the keys."""
     catalog = store.catalog()
