@@ -69,7 +69,7 @@ class TopicSink:
     """
 
     def __init__(self, kafka: Kafka, database: str, codec: Codec, position: Position | None = None,
-                 *, transaction_timeout_ms: int = 600_000, timeout_s: float = 15.0) -> None:
+                 *, transaction_timeout_ms: int = 600_000, timeout_s: float = 10.0) -> None:
         self.database = database
         self.topic = topic_for(database)
         self.codec = codec

@@ -35,9 +35,9 @@ def capture_agent_parser() -> argparse.ArgumentParser:
     p.add_argument("--retention", type=duration_ms, default=-1, metavar="DURATION|infinite",
                    help="how long a topic the agent creates keeps records, e.g. 7d, 12h, 90m (default infinite). "
                         "Finite is safe only with an archive running: README \"Retention\"")
-    p.add_argument("--kafka-timeout", type=float, default=15.0,
+    p.add_argument("--kafka-timeout", type=float, default=10.0,
                    help="seconds any one Kafka step (send, flush, commit, abort) may wait before the producer is "
-                        "rebuilt and the round retried from the spool (default 15)")
+                        "rebuilt and the round retried from the spool (default 10)")
     p.add_argument("--snapshot", action="store_true", help="publish a full snapshot before streaming")
     p.add_argument("--once", action="store_true", help="publish what is pending, then exit")
     p.add_argument("--poll-interval", type=float, default=0.02, help="seconds between journal polls")
