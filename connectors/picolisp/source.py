@@ -22,6 +22,7 @@ from connectors.picolisp.format import (
     pread_all,
 )
 from connectors.picolisp.journal import JournalConsumer, parse_journal, touched_blocks
+from connectors.picolisp.watch import ChangeWatch
 from pipeline.checksum import RollingChecksum, block_hash
 from pipeline.errors import PipelineError
 from pipeline.model import (
@@ -190,6 +191,10 @@ class _Pool:
         self.block_sizes.clear()
 
 
+# With inotify the agent sleeps until the app writes; it still runs a round this often, for blob
+# deletions (found by a scan) and anything a watch cannot see.
+IDLE_ROUND_S = 1.0
+
 _ENTRY = struct.Struct("<BHIH")  # a journal entry's header: size code, file, 6-byte address (FORMAT.md §2.2)
 
 
@@ -282,6 +287,7 @@ class PoolSource:
         self.force_snapshot = force_snapshot
         self.pool = _Pool(prefix, database)
         self.journal = JournalConsumer(journal)
+        self.watch = ChangeWatch(journal, blob_dir) if not once else None
         self.spool_path = state_dir / "journal.spool"
         self.blob_spool = state_dir / "blobs.spool"  # the blobs of the round being published, back to back
         self._spool_fd: int | None = None
@@ -729,6 +735,8 @@ class PoolSource:
                 position = pending.after
             elif self.once:
                 return
+            elif self.watch is not None and self.watch.active:
+                self.watch.wait(IDLE_ROUND_S)  # wakes at the app's next write; a round anyway every second
             else:
                 time.sleep(self.poll_interval)
             pending = self._round(position)
@@ -741,6 +749,8 @@ class PoolSource:
     def close(self) -> None:
         self.pool.close()
         self.journal.close()
+        if self.watch is not None:
+            self.watch.close()
         for fd in (self._spool_fd, self._image_fd):
             if fd is not None:
                 os.close(fd)

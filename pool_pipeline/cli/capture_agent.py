@@ -40,7 +40,9 @@ def capture_agent_parser() -> argparse.ArgumentParser:
                         "rebuilt and the round retried from the spool (default 10)")
     p.add_argument("--snapshot", action="store_true", help="publish a full snapshot before streaming")
     p.add_argument("--once", action="store_true", help="publish what is pending, then exit")
-    p.add_argument("--poll-interval", type=float, default=0.02, help="seconds between journal polls")
+    p.add_argument("--poll-interval", type=float, default=0.02,
+                   help="seconds between journal polls where inotify is not available (default 0.02); with inotify "
+                        "the agent wakes at each write of the app, and looks anyway once a second")
     p.add_argument("--state-dir", help="lock file and blob spool (default: <journal>.agent/)")
     return p
 
