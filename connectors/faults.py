@@ -165,7 +165,7 @@ def retry(what: str, fn: Callable[[], T], log: Callable[[str], None], *, backoff
                     extra = explain()
                 except Exception as also:  # noqa: BLE001 - the explanation is best effort
                     extra = f"({type(also).__name__} while looking why)"
-            log(f"{what}: {exc}{'; ' + extra if extra else ''} — retry {backoff.attempts} in {delay:.1f} s")
+            log(f"{what}: {exc}{'; ' + extra if extra else ''} — retrying in {delay:.1f} s (retry {backoff.attempts})")
             if stop is not None:
                 if stop.wait(delay):
                     raise

@@ -20,6 +20,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from connectors.files import write_atomic
+
 # --------------------------------------------------------------------------------------
 # Constants (immutable; every knob is a function parameter)
 # --------------------------------------------------------------------------------------
@@ -269,9 +271,9 @@ def _spawn(argv: Sequence[str], log_path: Path, cwd: Path, detach: bool) -> subp
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    # A temp name per process: several `pipeline dev` commands may write the stack's state at once.
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    write_atomic(path, text.encode(), f".{path.name}.tmp-{os.getpid()}")
 
 
 # --------------------------------------------------------------------------------------

@@ -355,7 +355,7 @@ def replica_at_boundary(target: Path) -> str | None:
     A replica killed between its redo commit point and dropping the redo file is mid-apply by
     design (the next start replays the redo), so that state is accepted here.
     """
-    from connectors.picolisp.format import pool_files
+    from connectors.picolisp.format import pool_files, scan_blocks
     from pipeline.checksum import checksum_of
 
     state = Path(target) / ".pool-pipeline"
@@ -368,19 +368,16 @@ def replica_at_boundary(target: Path) -> str | None:
     if len(files) != len(pos["files"]):
         return f"{len(files)} pool files, position.json describes {len(pos['files'])}"
 
-    def blocks():
-        for layout, path in zip(pos["files"], files):
-            data = path.read_bytes()
-            bs = layout["block_size"]
-            if len(data) != bs * layout["blocks"]:
-                raise AssertionError(f"{path}: {len(data)} bytes, position says {layout['blocks']} x {bs}")
-            for i in range(layout["blocks"]):
-                yield layout["file"], i, data[i * bs:(i + 1) * bs]
-
+    layouts = [FileLayout(**f) for f in pos["files"]]
+    for f, path in zip(layouts, files):
+        if path.stat().st_size != f.block_size * f.blocks:
+            return f"{path}: {path.stat().st_size} bytes, position says {f.blocks} x {f.block_size}"
+    fds = [os.open(path, os.O_RDONLY) for path in files]
     try:
-        value = checksum_of(blocks())
-    except AssertionError as exc:
-        return str(exc)
+        value = checksum_of((b.file, b.index, b.data) for b in scan_blocks(fds.__getitem__, layouts))
+    finally:
+        for fd in fds:
+            os.close(fd)
     if value != pos["checksum"]:
         return f"files have checksum {value:016x}, position.json says txn {pos['txn_id']} {pos['checksum']:016x}"
     return None

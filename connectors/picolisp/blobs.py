@@ -43,22 +43,44 @@ def blob_markers(blob_dir: Path, refused: Callable[[str, str, PipelineError], No
     return markers
 
 
-def blob_tree(blob_dir: Path) -> dict[str, Path]:
-    """Relative path -> file for every regular blob file; skips '=' markers, symlinks and '.' names (temp dirs)."""
-    root = Path(blob_dir)
-    tree: dict[str, Path] = {}
-    if not root.is_dir():
-        return tree
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith((".", "=")))
-        for name in sorted(filenames):
-            if name.startswith((".", "=")):
+def blob_files(blob_dir: str | Path, refused: Callable[[str, PipelineError], None] | None = None) -> list[str]:
+    """Relative paths of the regular blob files, sorted: the one walker of blob directories (§4.4).
+
+    Skipped: names starting with '.' (temp and in-flight dirs) or '=' (markers), symlinks, anything
+    not a regular file. With `refused`, a path safe_blob_path refuses (a name that is not UTF-8 comes
+    back from scandir as surrogate escapes, which no Avro string holds) goes to it instead of the list.
+    scandir's file types spare a stat per file: the capture side walks every delete scan interval.
+    """
+    out: list[str] = []
+
+    def walk(path: str, prefix: str) -> None:
+        try:
+            entries = list(os.scandir(path))
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        for entry in entries:
+            if entry.name.startswith((".", "=")):
                 continue
-            path = Path(dirpath, name)
-            if path.is_symlink() or not path.is_file():
-                continue
-            tree[path.relative_to(root).as_posix()] = path
-    return tree
+            rel = prefix + entry.name
+            if entry.is_dir(follow_symlinks=False):
+                walk(entry.path, rel + "/")
+            elif entry.is_file(follow_symlinks=False):
+                if refused is not None:
+                    try:
+                        safe_blob_path(rel)
+                    except PipelineError as exc:
+                        refused(rel, exc)
+                        continue
+                out.append(rel)
+
+    walk(os.fspath(blob_dir), "")
+    out.sort()
+    return out
+
+
+def blob_tree(blob_dir: str | Path) -> dict[str, Path]:
+    """Relative path -> file for every blob file blob_files() lists."""
+    return {rel: Path(blob_dir, rel) for rel in blob_files(blob_dir)}
 
 
 def compare_blob_trees(a_dir: str | Path, b_dir: str | Path) -> list[str]:

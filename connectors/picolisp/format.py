@@ -6,14 +6,17 @@ import fcntl
 import hashlib
 import os
 from pathlib import Path
+from typing import Callable, Iterable, Iterator
 
 from pipeline.errors import PipelineError
+from pipeline.model import BlockWrite, FileLayout
 
 # A shift beyond this (64 MiB blocks) means byte 12 is not a PicoLisp header, not a real setting.
 MAX_SHIFT = 20
 
 
 COPY_CHUNK = 1 << 20
+SCAN_SLICE = 4 << 20  # whole-pool reads go in slices of about this size: few syscalls, bounded memory
 
 
 def hax(n: int) -> str:
@@ -107,6 +110,21 @@ def pread_all(fd: int, size: int, offset: int = 0) -> bytes:
         parts.append(part)
         done += len(part)
     return b"".join(parts)
+
+
+def scan_blocks(fd_of: Callable[[int], int], layout: Iterable[FileLayout]) -> Iterator[BlockWrite]:
+    """Every block of `layout`, file after file, read from `fd_of(file)` in SCAN_SLICE slices.
+
+    It takes no lock: what it reads while PicoLisp writes is a fuzzy copy, which callers repair
+    or check. A file shorter than its layout raises a retriable PipelineError (pread_all)."""
+    for f in layout:
+        fd, bs = fd_of(f.file), f.block_size
+        step = max(1, SCAN_SLICE // bs)
+        for first in range(0, f.blocks, step):
+            n = min(step, f.blocks - first)
+            buf = pread_all(fd, n * bs, first * bs)
+            for k in range(n):
+                yield BlockWrite(f.file, first + k, buf[k * bs:(k + 1) * bs])
 
 
 def md5_file(path: str | Path) -> str:

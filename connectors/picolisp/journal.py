@@ -8,7 +8,7 @@ import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence, TypeVar
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 from connectors.picolisp.format import hax, pread_all, shift_of
 from pipeline.errors import PipelineError
@@ -35,35 +35,29 @@ class JournalEntry:
         return self.address << shift_of(block_size)
 
 
-def parse_journal(data: bytes, block_sizes: Sequence[int], *, base_offset: int = 0) -> list[JournalEntry]:
-    """Split journal bytes into entries (§2.2); raise PipelineError unless `data` is exactly whole entries.
+def _walk(data: bytes, block_sizes: Sequence[int], base_offset: int) -> Iterator[tuple[int, int, int, int, int]]:
+    """(payload offset, file, address, length, block) per entry, reading only the headers (§2.2).
 
-    `block_sizes[f]` is file f's block size (the journal does not say how long a full-block entry is).
-    `base_offset` is added to byte offsets in error messages, for callers parsing from the middle.
-    """
+    The one parser: raises PipelineError, naming what and where, at the first entry that is cut
+    short, names a file the pool lacks, or crosses a block boundary."""
     shifts = [shift_of(bs) for bs in block_sizes]
-    view = memoryview(data)
-    end = len(view)
-    entries: list[JournalEntry] = []
-    append = entries.append
+    files = len(shifts)
     unpack = _HEADER.unpack_from
-    pos = 0
+    pos, end = 0, len(data)
     while pos < end:
         if end - pos < JOURNAL_HEADER:
             raise PipelineError(
                 f"journal truncated: entry at byte {base_offset + pos} needs {JOURNAL_HEADER} bytes, "
                 f"only {end - pos} left"
             )
-        size, file, lo, hi = unpack(view, pos)
-        if file >= len(shifts):
+        size, file, lo, hi = unpack(data, pos)
+        if file >= files:
             raise PipelineError(
-                f"journal entry at byte {base_offset + pos} names file {file} "
-                f"but the pool has {len(shifts)} files"
+                f"journal entry at byte {base_offset + pos} names file {file} but the pool has {files} files"
             )
         shift = shifts[file]
-        block_size = 64 << shift
         # 0 = full block (pil21); 64 = full block too (pil64 wrote it, `journal` still accepts it, §2.3).
-        length = block_size if size == 0 or size == 64 else size
+        length = 64 << shift if size == 0 or size == 64 else size
         need = JOURNAL_HEADER + length
         if end - pos < need:
             raise PipelineError(
@@ -71,14 +65,33 @@ def parse_journal(data: bytes, block_sizes: Sequence[int], *, base_offset: int =
             )
         address = lo | hi << 32
         offset = address << shift
-        if offset // block_size != (offset + length - 1) // block_size:
+        block = offset >> (shift + 6)
+        if (offset + length - 1) >> (shift + 6) != block:
             raise PipelineError(
                 f"journal entry at byte {base_offset + pos} writes {length} bytes at offset {offset} of file "
-                f"{hax(file)}, crossing a {block_size}-byte block boundary; PicoLisp never does that"
+                f"{hax(file)}, crossing a {64 << shift}-byte block boundary; PicoLisp never does that"
             )
-        append(JournalEntry(file, address, bytes(view[pos + JOURNAL_HEADER : pos + need])))
+        yield pos + JOURNAL_HEADER, file, address, length, block
         pos += need
-    return entries
+
+
+def parse_journal(data: bytes, block_sizes: Sequence[int], *, base_offset: int = 0) -> list[JournalEntry]:
+    """Split journal bytes into entries (§2.2); raise PipelineError unless `data` is exactly whole entries.
+
+    `block_sizes[f]` is file f's block size (the journal does not say how long a full-block entry is).
+    `base_offset` is added to byte offsets in error messages, for callers parsing from the middle.
+    """
+    view = memoryview(data)
+    return [JournalEntry(file, address, bytes(view[start:start + length]))
+            for start, file, address, length, _ in _walk(view, block_sizes, base_offset)]
+
+
+def journal_blocks(data: bytes, block_sizes: Sequence[int], *, base_offset: int = 0) -> set[tuple[int, int]]:
+    """The (file, block) pairs the journal bytes write into, with parse_journal's checks and errors.
+
+    Only the headers are read: parse_journal copies every payload into an entry, which made it the
+    costliest part of a capture round (and of its memory)."""
+    return {(file, block) for _, file, _, _, block in _walk(data, block_sizes, base_offset)}
 
 
 def touched_blocks(entries: Iterable[JournalEntry], block_sizes: Sequence[int]) -> dict[int, set[int]]:

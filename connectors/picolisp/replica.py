@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import BinaryIO
 
 from connectors.faults import DiskFault, disk_fault
-from connectors.picolisp.format import hax, lock_db_exclusive, pool_files, unlock_db
+from connectors.files import fsync_dir, write_atomic, write_synced
+from connectors.picolisp.blobs import blob_files
+from connectors.picolisp.format import hax, lock_db_exclusive, pool_files, scan_blocks, unlock_db
 from pipeline.checksum import RollingChecksum, block_hash
 from pipeline.errors import PipelineError
 from pipeline.model import (
@@ -104,40 +106,6 @@ def reserve_space(path: Path, size: int) -> None:
 def state_dir_for(target: str | Path) -> Path:
     """Where a replica keeps its position and redo file: beside the pool files."""
     return Path(str(target) + STATE_DIR_NAME) if not str(target).endswith("/") else Path(target) / STATE_DIR_NAME
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Temp file, fsync, rename, fsync dir: readers see the old or the new content, never a mix."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _write_synced(path: Path, data: bytes | None) -> None:
-    """Write `data` to a new file at `path` (None: the file is already written), then fsync it."""
-    fd = os.open(path, os.O_RDONLY) if data is None else os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        if data is not None:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-        os.fsync(fd)
-    except OSError as exc:
-        raise OSError(exc.errno, exc.strerror, str(path)) from None  # name the file in the error
-    finally:
-        os.close(fd)
 
 
 class _Held(dict[str, bytes]):
@@ -339,19 +307,13 @@ class ReplicaDir:
     def _scan_checksum(self) -> RollingChecksum:
         rolling = RollingChecksum()
         for layout in self.files:
-            fd = self._fd(layout.file)
-            size = os.fstat(fd).st_size
+            size = os.fstat(self._fd(layout.file)).st_size
             if size != layout.blocks * layout.block_size:
                 raise PipelineError(
                     f"replica file {self._path(layout.file)} has {size} bytes, expected "
                     f"{layout.blocks} x {layout.block_size}", database=self.database, txn_id=self._position.txn_id)
-            step = max(1, (4 * 1024 * 1024) // layout.block_size)
-            for first in range(0, layout.blocks, step):
-                n = min(step, layout.blocks - first)
-                buf = os.pread(fd, n * layout.block_size, first * layout.block_size)
-                for k in range(n):
-                    off = k * layout.block_size
-                    rolling.set_block(layout.file, first + k, buf[off:off + layout.block_size])
+        for block in scan_blocks(self._fd, self.files):
+            rolling.set_block(block.file, block.index, block.data)
         return rolling
 
     # --- blobs ------------------------------------------------------------------------------
@@ -463,12 +425,12 @@ class ReplicaDir:
                 batch.held.clear()
                 if len(jobs) < PARALLEL_FSYNC_FILES:
                     for path, data in jobs:
-                        _write_synced(path, data)
+                        write_synced(path, data)
                 else:  # concurrent fsyncs share the filesystem journal's commits
                     if self._pool is None:
                         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="replica-fsync")
-                    list(self._pool.map(lambda job: _write_synced(*job), jobs))  # list(): re-raise an error
-                _fsync_dir(stage)
+                    list(self._pool.map(lambda job: write_synced(*job), jobs))  # list(): re-raise an error
+                fsync_dir(stage)
             # What the replay writes after the commit point (the files' growth, position.json.tmp) is
             # allocated now, so a full disk stops the batch here, where it can still be backed out of.
             reserve = self.state / RESERVE_NAME
@@ -482,7 +444,7 @@ class ReplicaDir:
                                     batch.position.txn_id) from None
         try:
             os.replace(self.state / "redo.tmp", self._redo)  # the commit point: from here on the batch is applied
-            _fsync_dir(self.state)
+            fsync_dir(self.state)
             reserve.unlink()  # hands its space to the replay
             self._replay(plan)
         except BaseException as exc:
@@ -759,12 +721,8 @@ class ReplicaDir:
         for path in plan["deletes"]:
             self.blob_target(path).unlink(missing_ok=True)
         if plan["snapshot"]:
-            keep = set(plan["blobs"])
-            for root, _dirs, names in os.walk(self.blob_dir):
-                for name in names:
-                    rel = os.path.relpath(os.path.join(root, name), self.blob_dir)
-                    if rel not in keep and not name.startswith("."):
-                        os.unlink(os.path.join(root, name))
+            for rel in set(blob_files(self.blob_dir)) - set(plan["blobs"]):
+                os.unlink(self.blob_dir / rel)
 
     def _recover(self) -> None:
         # Staged but never committed (a killed or failed run): discard, so its space comes back. The

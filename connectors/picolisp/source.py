@@ -7,21 +7,23 @@ import hashlib
 import json
 import os
 import shutil
-import struct
 import time
 from array import array
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from connectors.picolisp.blobs import blob_markers
+from connectors.files import write_atomic
+from connectors.picolisp.blobs import blob_files, blob_markers
 from connectors.picolisp.format import (
+    SCAN_SLICE,
     _file_name,
     block_size_of,
     hax,
     pool_files,
     pread_all,
+    scan_blocks,
 )
-from connectors.picolisp.journal import JournalConsumer, parse_journal, touched_blocks
+from connectors.picolisp.journal import JournalConsumer, journal_blocks
 from connectors.picolisp.watch import ChangeWatch
 from pipeline.checksum import RollingChecksum, block_hash
 from pipeline.errors import PipelineError
@@ -38,7 +40,6 @@ from pipeline.model import (
 )
 
 INFLIGHT = ".pool-pipeline-inflight"  # markers renamed aside live here, inside the blob dir (same filesystem)
-_SLICE = 4 << 20  # reads and writes of block images go in slices of about this size
 _HEADER_BYTES = 64  # block 0's first 64 bytes hold the block shift (byte 12); a shorter file is being created
 
 
@@ -195,42 +196,6 @@ class _Pool:
 # deletions (found by a scan) and anything a watch cannot see.
 IDLE_ROUND_S = 1.0
 
-_ENTRY = struct.Struct("<BHIH")  # a journal entry's header: size code, file, 6-byte address (FORMAT.md §2.2)
-
-
-def _touched_fast(data: bytes, block_sizes: list[int], into: set[tuple[int, int]]) -> bool:
-    """Add the (file, block) pairs the journal `data` writes to `into`; False at anything parse_journal
-    would refuse (the caller then lets it say what). Only the headers are read: parse_journal copies
-    every payload into an entry object, which made it the costliest part of a round (and of its memory)."""
-    shifts = [bs.bit_length() - 7 for bs in block_sizes]
-    files = len(shifts)
-    unpack = _ENTRY.unpack_from
-    add = into.add
-    found: list[tuple[int, int]] = []
-    append = found.append
-    pos, end = 0, len(data)
-    while pos < end:
-        if end - pos < _ENTRY.size:
-            return False
-        size, file, lo, hi = unpack(data, pos)
-        if file >= files:
-            return False
-        shift = shifts[file]
-        length = 64 << shift if size == 0 or size == 64 else size  # 0 and 64: a full block (§2.3)
-        nxt = pos + _ENTRY.size + length
-        if nxt > end:
-            return False
-        offset = (lo | hi << 32) << shift
-        block = offset >> (shift + 6)
-        if (offset + length - 1) >> (shift + 6) != block:
-            return False
-        append((file, block))
-        pos = nxt
-    for key in found:  # only a journal that parsed whole adds anything
-        add(key)
-    return True
-
-
 class _Images:
     """A round's final block images, in `keys` order, back to back in the image spool (see
     PoolSource._copy_images). Iterating reads them back in slices; valid until the next round."""
@@ -248,7 +213,7 @@ class _Images:
         pos, i, n = 0, 0, len(keys)
         while i < n:
             j, total = i, 0
-            while j < n and (j == i or total + sizes[keys[j][0]] <= _SLICE):
+            while j < n and (j == i or total + sizes[keys[j][0]] <= SCAN_SLICE):
                 total += sizes[keys[j][0]]
                 j += 1
             buf = pread_all(self.fd, total, pos)
@@ -310,20 +275,13 @@ class PoolSource:
 
     def _touched(self, spooled: bytes, data: bytes) -> set[tuple[int, int]]:
         """(file, block) pairs the spool and the journal wrote; a bad entry is refused before any change."""
-        sizes = self.pool.block_sizes
         want: set[tuple[int, int]] = set()
         for chunk, what, path in ((spooled, "agent spool", self.spool_path), (data, "journal", self.journal.path)):
-            if not chunk:
-                continue
-            if _touched_fast(chunk, sizes, want):
-                continue
-            try:  # something is wrong with it: parse_journal names what and where
-                entries = parse_journal(chunk, sizes)
+            try:
+                want |= journal_blocks(chunk, self.pool.block_sizes)
             except PipelineError as exc:
                 raise PipelineError(f"{what} {path}: {exc.message}; nothing was published and the journal is "
                                     "left intact", database=self.database) from None
-            for file, blocks in touched_blocks(entries, sizes).items():
-                want.update((file, b) for b in blocks)
         return want
 
     def _check_journal(self) -> None:
@@ -385,10 +343,10 @@ class PoolSource:
             file, first = keys[i]
             bs = sizes[file]
             j = i + 1
-            while j < n and keys[j] == (file, first + j - i) and (j - i) * bs < _SLICE:
+            while j < n and keys[j] == (file, first + j - i) and (j - i) * bs < SCAN_SLICE:
                 j += 1
             buf += pread_all(self.pool.fds[file], (j - i) * bs, first * bs)
-            if len(buf) >= _SLICE:
+            if len(buf) >= SCAN_SLICE:
                 os.pwrite(fd, buf, written)
                 written += len(buf)
                 buf.clear()
@@ -456,42 +414,24 @@ class PoolSource:
             self.log(f"{self.database}: warning: {text}")
 
     def _publishable(self, rel: str) -> bool:
-        """True if `rel` can go into the topic; else warn once per name and let the round go on without it.
-
-        A name that is not UTF-8 (os.scandir gives it as surrogate escapes, which Avro cannot encode) or
-        that safe_blob_path refuses would otherwise fail every round, and stay in known-blobs after the
-        file is gone: one bad name must not stop the pool's replication."""
+        """True if `rel` can go into the topic; else warn once per name (_unpublishable) and return False."""
         try:
             safe_blob_path(rel)
         except PipelineError as exc:
-            self._warn_once(rel, f"skipping blob {os.fsencode(rel)!r} in {self.blob_dir}: it cannot be "
-                                 f"replicated ({exc.message})")
+            self._unpublishable(rel, exc)
             return False
         return True
 
+    def _unpublishable(self, rel: str, exc: PipelineError) -> None:
+        """A name that is not UTF-8 or that safe_blob_path refuses would otherwise fail every round, and stay
+        in known-blobs after the file is gone: warn once, and let the pool's replication go on without it."""
+        self._warn_once(rel, f"skipping blob {os.fsencode(rel)!r} in {self.blob_dir}: it cannot be "
+                             f"replicated ({exc.message})")
+
     def _blob_paths(self) -> list[str]:
-        """Every publishable blob file, as blob_tree() lists them (no '.'/'=' names, no symlinks), sorted.
-        scandir's file types spare a stat per file: this runs every delete_scan_interval.
-        (Other blob walkers: picolisp.blob_tree for verify, ReplicaDir and s3 on the replica side.)"""
+        """Every publishable blob file, sorted."""
         assert self.blob_dir is not None
-        out: list[str] = []
-
-        def walk(path: str, prefix: str) -> None:
-            try:
-                entries = list(os.scandir(path))
-            except (FileNotFoundError, NotADirectoryError):
-                return
-            for entry in entries:
-                if entry.name.startswith((".", "=")):
-                    continue
-                if entry.is_dir(follow_symlinks=False):
-                    walk(entry.path, f"{prefix}{entry.name}/")
-                elif entry.is_file(follow_symlinks=False) and self._publishable(prefix + entry.name):
-                    out.append(prefix + entry.name)
-
-        walk(str(self.blob_dir), "")
-        out.sort()
-        return out
+        return blob_files(self.blob_dir, self._unpublishable)
 
     def _blob_changes(self, snapshot: bool) -> tuple[list[tuple[str, int, int, str]], list[str], list[str]]:
         """(puts as (path, spool offset, size, sha256), deletes, inflight marker names) to publish in this round."""
@@ -571,10 +511,8 @@ class PoolSource:
 
     def _record_txn(self, txn_id: int, checksum_before: int | None, checksum_after: int) -> None:
         """Note, before it is committed, which txn this state dir publishes (see _continues)."""
-        tmp = self.last_txn_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"txn_id": txn_id, "checksum_before": checksum_before,
-                                   "checksum_after": checksum_after}))
-        os.replace(tmp, self.last_txn_path)
+        write_atomic(self.last_txn_path, json.dumps({"txn_id": txn_id, "checksum_before": checksum_before,
+                                                     "checksum_after": checksum_after}).encode())
 
     def _continues(self, after: Position) -> bool:
         """True if this state dir published the topic's last txn (`after`) or was about to publish the next:
@@ -587,9 +525,7 @@ class PoolSource:
                 or (last["txn_id"] == after.txn_id + 1 and last["checksum_before"] == after.checksum))
 
     def _write_known_blobs(self) -> None:
-        tmp = self.known_blobs_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(sorted(self._known_blobs)))
-        os.replace(tmp, self.known_blobs_path)
+        write_atomic(self.known_blobs_path, json.dumps(sorted(self._known_blobs)).encode())
 
     def _remember_blobs(self, puts: list) -> None:
         """Before publishing: record the blobs being put as known. Were this left to the acknowledgement,
@@ -622,19 +558,6 @@ class PoolSource:
 
         return acknowledge
 
-    def _scan(self, layout: list[FileLayout]) -> Iterator[BlockWrite]:
-        """Every block of the given layout, read without locks in 4 MiB slices (a fuzzy copy)."""
-        for f in layout:
-            step = max(1, (4 << 20) // f.block_size)
-            for first in range(0, f.blocks, step):
-                n = min(step, f.blocks - first)
-                buf = pread_all(self.pool.fds[f.file], n * f.block_size, first * f.block_size)
-                if len(buf) < n * f.block_size:
-                    raise PipelineError(f"pool file {hax(f.file)} shrank while being read", retriable=True,
-                                        database=self.database)
-                for k in range(n):
-                    yield BlockWrite(f.file, first + k, buf[k * f.block_size:(k + 1) * f.block_size])
-
     def _snapshot(self, after: Position, reason: str) -> Transaction:
         """A full image, streamed: a fuzzy copy without locks, then the blocks the journal touched
         meanwhile re-read under its lock (later records win), then every blob."""
@@ -649,7 +572,7 @@ class PoolSource:
             rolling = RollingChecksum()
             count = 0
             start = self.pool.layout()
-            for block in self._scan(start):
+            for block in scan_blocks(self.pool.fds.__getitem__, start):
                 rolling.set_block(block.file, block.index, block.data)
                 count += 1
                 yield block
@@ -689,7 +612,7 @@ class PoolSource:
         """After a restart: rebuild the checksum from the pool, then publish what the last run had not."""
         if reason := layout_change(self.published_layout, self.pool.layout()):
             return self._rebase(after, reason)
-        for block in self._scan(self.pool.layout()):
+        for block in scan_blocks(self.pool.fds.__getitem__, self.pool.layout()):
             self.rolling.set_block(block.file, block.index, block.data)
         blocks, layout = self._take_journal()
         if not blocks and self.rolling.value != after.checksum:

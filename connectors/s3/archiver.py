@@ -10,8 +10,9 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
+from connectors.picolisp.blobs import blob_files
 from connectors.picolisp.format import hax
 from connectors.picolisp.replica import ReplicaDir
 from connectors.s3.restore import materialise
@@ -327,7 +328,7 @@ def upload_snapshot(store: Store, sink: ReplicaDir, db_dir: Path, blob_dir: Path
     for layout in sink.files:
         store.upload_file(f"{prefix}db/{hax(layout.file)}", db_dir / hax(layout.file))
     blobs: dict[str, int] = {}
-    for path in sorted(_blob_files(blob_dir)):
+    for path in blob_files(blob_dir):
         blobs[path] = (blob_dir / path).stat().st_size
         store.upload_file(f"{prefix}blob/{path}", blob_dir / path)
     manifest = Manifest(store.database, position.txn_id, position.checksum, sink.next_offset, sink.source_time_ms,
@@ -335,10 +336,3 @@ def upload_snapshot(store: Store, sink: ReplicaDir, db_dir: Path, blob_dir: Path
     store.put_new(snap.manifest_key(store.root), manifest.to_json())
     return snap
 
-
-def _blob_files(blob_dir: Path) -> Iterator[str]:
-    for root, dirs, names in os.walk(blob_dir):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        for name in names:
-            if not name.startswith("."):
-                yield os.path.relpath(os.path.join(root, name), blob_dir)
