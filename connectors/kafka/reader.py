@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import time
-from typing import Callable, Iterator
+from collections import deque
+from typing import Callable, Iterable, Iterator
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer
 from kafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
@@ -15,10 +18,40 @@ from kafka.errors import (
 from kafka.structs import OffsetAndMetadata, TopicPartition
 from pipeline.codec import Codec, Record
 from pipeline.errors import PipelineError
+from pipeline.framing import TXN_KEY
 from pipeline.model import Position, Transaction
+from pipeline.stats import STATS_SUFFIX
 
 from connectors.kafka.client import POLL_RECORDS, broker_error, committed_consumer
 from connectors.kafka.topics import PARTITION, TOPIC_PREFIX, database_for, topic_for
+
+
+def offset_metadata(txn_id: int, source_time_ms: int | None) -> str:
+    """The metadata of every pool-pipeline group's offsets, JSON {"txn", "source_time_ms"}: `pipeline status` shows it."""
+    meta = {"txn": txn_id}
+    if source_time_ms:
+        meta["source_time_ms"] = source_time_ms
+    return json.dumps(meta)
+
+
+def read_offset_metadata(metadata: str | None) -> tuple[int | None, int | None]:
+    """(applied txn id, its source time in ms) from offset_metadata()'s JSON; None for what it lacks or garbles."""
+    try:
+        meta = json.loads(metadata or "{}")
+    except ValueError:
+        meta = {}
+    if not isinstance(meta, dict):
+        meta = {}
+    return meta.get("txn"), meta.get("source_time_ms")
+
+
+def topic_regex(pattern: str) -> str:
+    """The subscription regex of a group over the databases whose names match `pattern`.
+
+    The prefix's dot is literal (`pool.x`, never `poolXx`), and stats topics (`<db topic>.stats`)
+    are outputs, never inputs, even when the pattern matches them.
+    """
+    return f"^{re.escape(TOPIC_PREFIX)}(?!.*{re.escape(STATS_SUFFIX)}$)(?:{pattern})$"
 
 
 class OffsetCommitter:
@@ -42,10 +75,7 @@ class OffsetCommitter:
 
     def at(self, tp: TopicPartition, next_offset: int, txn_id: int, source_time_ms: int | None) -> None:
         """The sink holds everything before `next_offset`, up to `txn_id`."""
-        meta = {"txn": txn_id}
-        if source_time_ms:
-            meta["source_time_ms"] = source_time_ms
-        self.pending[tp] = OffsetAndMetadata(next_offset, json.dumps(meta), -1)
+        self.pending[tp] = OffsetAndMetadata(next_offset, offset_metadata(txn_id, source_time_ms), -1)
         if time.monotonic() - self.last >= self.interval:
             self._commit(sync=False)
 
@@ -147,7 +177,76 @@ class TopicSource:
         self.consumer.close()
 
 
-class GroupReader:
+class GroupMember:
+    """One member of a consumer group over database topics: what GroupReader (`replica --pattern`) and
+    pool_pipeline.changes.ChangeStream share.
+
+    A subclass builds `consumer` and `offsets`, joins with `_join()` and takes its notes of a
+    rebalance in `_on_assigned`/`_on_revoked`. kafka-python calls those inside poll(); an error
+    there is raised from `_poll_group()` (kafka-python would only log it).
+    """
+
+    consumer: KafkaConsumer
+    offsets: OffsetCommitter
+    _listener_error: BaseException | None = None
+
+    def assigned(self) -> list[str]:
+        return sorted(database_for(tp.topic) for tp in self.consumer.assignment())
+
+    def _join(self, *, pattern: str | None = None, topics: list[str] | None = None) -> None:
+        if pattern is None:
+            self.consumer.subscribe(topics=topics, listener=_Rebalance(self))
+        else:
+            self.consumer.subscribe(pattern=topic_regex(pattern), listener=_Rebalance(self))
+
+    def _on_assigned(self, tps: Iterable[TopicPartition]) -> None:
+        pass
+
+    def _on_revoked(self, tps: Iterable[TopicPartition]) -> None:
+        self.offsets.flush()  # before the partitions change hands
+
+    def _poll_group(self, timeout_ms: int, max_records: int) -> dict:
+        batch = self.consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+        if self._listener_error is not None:
+            error, self._listener_error = self._listener_error, None
+            raise error
+        return batch
+
+    def _resumable(self, tp: TopicPartition) -> bool:
+        return tp in self.consumer.assignment()
+
+    @contextlib.contextmanager
+    def _only(self, tp: TopicPartition) -> Iterator[None]:
+        """Fetch only partition `tp` meanwhile: the others are paused, so they do not pile up in memory."""
+        others = [p for p in self.consumer.assignment() if p != tp and p not in self.consumer.paused()]
+        self.consumer.pause(*others)
+        try:
+            yield
+        finally:
+            self.consumer.resume(*[p for p in others if self._resumable(p)])
+
+    @staticmethod
+    def _txn_records(buf: deque, more: Callable[[bool], bool]) -> Iterator[Record]:
+        """The records of `buf` up to a transaction boundary (TxnBegin and TxnCommit are keyed TXN_KEY).
+
+        When `buf` runs dry, `more(inside a transaction)` fetches into it and says whether to go on.
+        """
+        inside = False
+        while True:
+            while buf:
+                r = buf.popleft()
+                if r.key == TXN_KEY:
+                    inside = not inside
+                yield r
+            if not more(inside):
+                return
+
+    def close(self) -> None:
+        self.offsets.flush()
+        self.consumer.close()
+
+
+class GroupReader(GroupMember):
     """One consumer in a group subscribed to many database topics (`replica --pattern`).
 
     Kafka spreads the topics' partitions over the group's members. `sources()` yields, for each
@@ -175,11 +274,19 @@ class GroupReader:
         self._new: set[TopicPartition] = set()
         self.failed: set[str] = set()  # databases stopped by a non-retriable error; never read again
         self.offsets = OffsetCommitter(self.consumer)
-        self.consumer.subscribe(pattern=f"^{TOPIC_PREFIX}(?!.*\\.stats$)(?:{pattern})$", listener=_Rebalance(self))
-        self._idle_rounds = 0
+        self._join(pattern=pattern)
 
-    def assigned(self) -> list[str]:
-        return sorted(database_for(tp.topic) for tp in self.consumer.assignment())
+    def _on_revoked(self, tps: Iterable[TopicPartition]) -> None:
+        super()._on_revoked(tps)
+        for tp in tps:
+            self._new.discard(tp)
+            self.on_revoked(database_for(tp.topic))  # release the replica for its next owner
+
+    def _on_assigned(self, tps: Iterable[TopicPartition]) -> None:
+        self._new.update(tps)  # they start at each replica's own stored position, not the group offset
+
+    def _resumable(self, tp: TopicPartition) -> bool:
+        return super()._resumable(tp) and database_for(tp.topic) not in self.failed
 
     def _seek_new(self) -> None:
         """Position newly assigned partitions at their replica's own offset. A replica the previous
@@ -206,7 +313,7 @@ class GroupReader:
     def sources(self) -> Iterator["PartitionSource"]:
         """Sources for databases with records waiting, round robin; ends when idle in --once mode."""
         while True:
-            batch = self.consumer.poll(timeout_ms=200, max_records=1)
+            batch = self._poll_group(200, 1)
             new = set(self._new)  # assigned during that poll: start at the replica's own position
             self._seek_new()
             batch = {tp: recs for tp, recs in batch.items() if tp not in self._new}  # still waiting
@@ -239,25 +346,24 @@ class GroupReader:
         return all(self.consumer.position(tp) >= ends[tp] for tp in assignment
                    if database_for(tp.topic) not in self.failed)
 
-    def close(self) -> None:
-        self.offsets.flush()
-        self.consumer.close()
-
 
 class _Rebalance(ConsumerRebalanceListener):
-    """Newly assigned partitions start at each replica's own stored position, not the group offset."""
+    """Hands a rebalance to its GroupMember; an error there is raised from the member's next poll."""
 
-    def __init__(self, reader: GroupReader) -> None:
-        self.reader = reader
+    def __init__(self, member: GroupMember) -> None:
+        self.member = member
 
     def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        self.reader.offsets.flush()  # before the partitions change hands
-        for tp in revoked:
-            self.reader._new.discard(tp)
-            self.reader.on_revoked(database_for(tp.topic))  # release the replica for its next owner
+        self._guard(self.member._on_revoked, revoked)
 
     def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
-        self.reader._new.update(assigned)
+        self._guard(self.member._on_assigned, assigned)
+
+    def _guard(self, fn: Callable[[list[TopicPartition]], None], tps: list[TopicPartition]) -> None:
+        try:
+            fn(tps)
+        except Exception as exc:  # kafka-python would only log it
+            self.member._listener_error = exc
 
 
 class PartitionSource:
@@ -267,40 +373,23 @@ class PartitionSource:
         self.reader = reader
         self.tp = tp
         self.database = database_for(tp.topic)
-        self._fetched: list = []  # the last poll's records; _records() hands them out from _next on
-        self._next = 0
-
-    def _fetch(self, timeout_ms: int) -> bool:
-        self._fetched = self.reader.consumer.poll(timeout_ms=timeout_ms, max_records=POLL_RECORDS).get(self.tp, [])
-        self._next = 0
-        return bool(self._fetched)
+        self._buf: deque = deque()  # records of the last poll not handed out yet
 
     def buffered(self) -> bool:
         """True if records of this partition the last poll returned are still unread (see TopicSource.buffered)."""
-        return self._next < len(self._fetched)
+        return bool(self._buf)
 
     def _records(self) -> Iterator[Record]:
-        consumer = self.reader.consumer
-        others = [tp for tp in consumer.assignment() if tp != self.tp]
-        consumer.pause(*others)
-        inside = False  # between a TxnBegin and its TxnCommit (both keyed b"txn")
-        try:
-            while True:
-                if self.tp not in consumer.assignment():
-                    raise PipelineError(f"partition of {self.database} was reassigned to another group member "
-                                        "mid-transaction; nothing of it was applied here",
-                                        database=self.database, retriable=True)
-                if not self._fetch(100) and not inside:
-                    return
-                while self._next < len(self._fetched):  # buffered() may refill the list while we are suspended
-                    r = self._fetched[self._next]
-                    self._next += 1
-                    if r.key == b"txn":
-                        inside = not inside
-                    yield r
-        finally:
-            consumer.resume(*[tp for tp in others if tp in consumer.assignment()
-                              and database_for(tp.topic) not in self.reader.failed])
+        with self.reader._only(self.tp):  # for the whole source: its polls drop other partitions' records
+            yield from self.reader._txn_records(self._buf, self._more)
+
+    def _more(self, inside: bool) -> bool:
+        if self.tp not in self.reader.consumer.assignment():
+            raise PipelineError(f"partition of {self.database} was reassigned to another group member "
+                                "mid-transaction; nothing of it was applied here",
+                                database=self.database, retriable=True)
+        self._buf.extend(self.reader._poll_group(100, POLL_RECORDS).get(self.tp, []))
+        return bool(self._buf) or inside
 
     def transactions(self, after: Position) -> Iterator[Transaction]:
         return self.reader.codec.read_transactions(self._records(), self.database)
