@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Protocol
+from typing import Callable, Iterable, Iterator
 
 import fastavro
 
@@ -14,7 +14,7 @@ except ImportError:  # the pure-Python build takes a decoder, not a file: use th
     _COMPILED, _read_record = 0, None
 
 from pipeline.errors import PipelineError
-from pipeline.framing import BEGIN, COMMIT, SNAPSHOT, TXN_KEY, TxnFramer
+from pipeline.framing import BEGIN, COMMIT, SNAPSHOT, TXN_KEY, Record, TxnFramer
 from pipeline.model import (
     BlobChunk,
     BlobDelete,
@@ -60,23 +60,6 @@ def _varint(buf: bytes, pos: int) -> tuple[int, int]:
         shift += 7
         if shift > 63:
             raise IndexError("varint longer than 64 bits")
-
-
-class Record(Protocol):
-    """What is read of a record: kafka-python's ConsumerRecord has these, so readers pass its records on uncopied."""
-
-    @property
-    def topic(self) -> str: ...
-    @property
-    def partition(self) -> int: ...
-    @property
-    def offset(self) -> int: ...
-    @property
-    def key(self) -> bytes | None: ...
-    @property
-    def value(self) -> bytes | None: ...
-    @property
-    def timestamp(self) -> int: ...
 
 
 @dataclass(frozen=True)

@@ -19,11 +19,21 @@ COMMIT = "pool.pipeline.TxnCommit"
 SNAPSHOT = "pool.pipeline.SnapshotMarker"
 
 
-class _Where(Protocol):
+class Record(Protocol):
+    """What is read of a record: kafka-python's ConsumerRecord has these, so readers pass its records on uncopied."""
+
     @property
     def topic(self) -> str: ...
     @property
+    def partition(self) -> int: ...
+    @property
     def offset(self) -> int: ...
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes | None: ...
+    @property
+    def timestamp(self) -> int: ...
 
 
 @dataclass
@@ -51,17 +61,17 @@ class TxnFramer:
         self.database = database
         self.open: TxnFrame | None = None
 
-    def error(self, message: str, rec: _Where, txn_id: int | None = None) -> PipelineError:
+    def error(self, message: str, rec: Record, txn_id: int | None = None) -> PipelineError:
         return PipelineError(message, database=self.database, txn_id=txn_id, topic=rec.topic, offset=rec.offset)
 
-    def _foreign(self, database: str | None, txn_id: int | None, rec: _Where) -> PipelineError:
+    def _foreign(self, database: str | None, txn_id: int | None, rec: Record) -> PipelineError:
         return self.error(f"record of foreign database {database!r} in the stream of {self.database!r}", rec, txn_id)
 
-    def _begin_inside(self, rec: _Where) -> PipelineError:
+    def _begin_inside(self, rec: Record) -> PipelineError:
         assert self.open is not None
         return self.error("TxnBegin inside an open transaction (missing TxnCommit)", rec, self.open.txn_id)
 
-    def begin(self, value: dict, rec: _Where) -> TxnFrame:
+    def begin(self, value: dict, rec: Record) -> TxnFrame:
         """A decoded TxnBegin: opens its transaction."""
         if value["database"] != self.database:
             raise self._foreign(value["database"], value["txn_id"], rec)
@@ -71,7 +81,7 @@ class TxnFramer:
                              value["checksum_before"])
         return self.open
 
-    def record(self, name: str, database: str | None, txn_id: int | None, rec: _Where) -> TxnFrame:
+    def record(self, name: str, database: str | None, txn_id: int | None, rec: Record) -> TxnFrame:
         """Any record but a TxnBegin that opens a transaction: checks that it belongs to the open one."""
         frame = self.open
         if database != self.database:
@@ -86,7 +96,7 @@ class TxnFramer:
             frame.records += 1
         return frame
 
-    def marker(self, phase: str, rec: _Where) -> None:
+    def marker(self, phase: str, rec: Record) -> None:
         """A decoded SnapshotMarker's phase (after `record()`): START, then END, in snapshot transactions only."""
         frame = self.open
         assert frame is not None
@@ -94,7 +104,7 @@ class TxnFramer:
             raise self.error(f"unexpected SnapshotMarker {phase}", rec, frame.txn_id)
         frame.phase = phase
 
-    def commit(self, value: dict, rec: _Where) -> TxnFrame:
+    def commit(self, value: dict, rec: Record) -> TxnFrame:
         """A decoded TxnCommit (after `record()`): checks the count and closes the transaction."""
         frame = self.open
         assert frame is not None

@@ -133,25 +133,18 @@ class TopicSource:
         except KafkaError as exc:
             self.consumer.close()
             raise broker_error(f"cannot read topic {self.topic}", exc, database=database) from exc
-        self._fetched: list = []  # the last poll's records; _records() hands them out from _next on
-        self._next = 0
-
-    def _fetch(self, timeout_ms: int) -> bool:
-        # max_records is high so that one poll hands over everything the client already fetched:
-        # that is what buffered() reports, and so what one group commit of the replica may cover.
-        self._fetched = self.consumer.poll(timeout_ms=timeout_ms, max_records=POLL_RECORDS).get(self.tp, [])
-        self._next = 0
-        return bool(self._fetched)
+        self._buf: deque = deque()  # records of the last poll not handed out yet
 
     def _records(self) -> Iterator[Record]:
         while True:
-            while self._next < len(self._fetched):  # buffered() may refill the list while we are suspended
-                r = self._fetched[self._next]
-                self._next += 1
-                yield r
+            while self._buf:  # buffered() may see it refilled while we are suspended
+                yield self._buf.popleft()
             if self.once and self.consumer.position(self.tp) >= self.end_at_start:
                 return
-            if not self._fetch(100):
+            # max_records is high so that one poll hands over everything the client already fetched:
+            # that is what buffered() reports, and so what one group commit of the replica may cover.
+            self._buf.extend(self.consumer.poll(timeout_ms=100, max_records=POLL_RECORDS).get(self.tp, []))
+            if not self._buf:
                 self.offsets.flush()  # idle: make the lag display exact
                 if self.idle is not None:
                     self.idle()
@@ -160,7 +153,7 @@ class TopicSource:
         """True if records the last poll returned are still unread: a group-committing sink keeps
         batching (pipeline.replicate). Never touches the network: a poll(timeout_ms=0) here made
         kafka-python 3 miss the wake-up of the next poll, adding 100 ms stalls (bench/lag.py p99)."""
-        return self._next < len(self._fetched)
+        return bool(self._buf)
 
     def transactions(self, after: Position) -> Iterator[Transaction]:
         return self.codec.read_transactions(self._records(), self.database)
