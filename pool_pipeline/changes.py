@@ -154,15 +154,12 @@ class ChangeStream(GroupMember):
         if self._subscribed:
             return
         try:
-            if self.databases:
-                if self.once:
-                    missing = [d for d in self.databases if topic_for(d) not in self.consumer.topics()]
-                    if missing:
-                        raise PipelineError(f"no topic for database(s) {', '.join(missing)}: is a capture-agent "
-                                            "running for them?", database=missing[0], retriable=True)
-                self._join(topics=[topic_for(d) for d in self.databases])
-            else:
-                self._join(pattern=self.pattern)
+            if self.databases and self.once:
+                missing = [d for d in self.databases if topic_for(d) not in self.consumer.topics()]
+                if missing:
+                    raise PipelineError(f"no topic for database(s) {', '.join(missing)}: is a capture-agent "
+                                        "running for them?", database=missing[0], retriable=True)
+            self._join(self.pattern, [topic_for(d) for d in self.databases])
         except KafkaError as exc:
             raise broker_error(f"cannot subscribe group {self.group}", exc) from exc
         self._subscribed = True

@@ -7,7 +7,7 @@ import json
 import re
 import time
 from collections import deque
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer
 from kafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
@@ -39,10 +39,8 @@ def read_offset_metadata(metadata: str | None) -> tuple[int | None, int | None]:
     try:
         meta = json.loads(metadata or "{}")
     except ValueError:
-        meta = {}
-    if not isinstance(meta, dict):
-        meta = {}
-    return meta.get("txn"), meta.get("source_time_ms")
+        meta = None
+    return (meta.get("txn"), meta.get("source_time_ms")) if isinstance(meta, dict) else (None, None)
 
 
 def topic_regex(pattern: str) -> str:
@@ -186,14 +184,10 @@ class GroupMember:
     def assigned(self) -> list[str]:
         return sorted(database_for(tp.topic) for tp in self.consumer.assignment())
 
-    def _join(self, *, pattern: str | None = None, topics: list[str] | None = None) -> None:
-        if pattern is None:
-            self.consumer.subscribe(topics=topics, listener=_Rebalance(self))
-        else:
-            self.consumer.subscribe(pattern=topic_regex(pattern), listener=_Rebalance(self))
-
-    def _on_assigned(self, tps: Iterable[TopicPartition]) -> None:
-        pass
+    def _join(self, pattern: str | None, topics: Sequence[str] = ()) -> None:
+        """Subscribe to the database topics `pattern` matches (see topic_regex), or else to `topics`."""
+        self.consumer.subscribe(topics=topics if pattern is None else (), listener=_Rebalance(self),
+                                pattern=None if pattern is None else topic_regex(pattern))
 
     def _on_revoked(self, tps: Iterable[TopicPartition]) -> None:
         self.offsets.flush()  # before the partitions change hands
@@ -267,7 +261,7 @@ class GroupReader(GroupMember):
         self._new: set[TopicPartition] = set()
         self.failed: set[str] = set()  # databases stopped by a non-retriable error; never read again
         self.offsets = OffsetCommitter(self.consumer)
-        self._join(pattern=pattern)
+        self._join(pattern)
 
     def _on_revoked(self, tps: Iterable[TopicPartition]) -> None:
         super()._on_revoked(tps)
