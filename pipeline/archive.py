@@ -11,8 +11,9 @@ from typing import IO, Iterator
 import fastavro
 import fastavro.write
 
-from pipeline.codec import BEGIN, COMMIT, SNAPSHOT, Codec, Record, StreamRecord, _unsigned
+from pipeline.codec import Codec, Record, StreamRecord, _unsigned
 from pipeline.errors import PipelineError
+from pipeline.framing import BEGIN, COMMIT, SNAPSHOT, TXN_KEY, TxnFrame, TxnFramer
 from pipeline.model import FileLayout, Position, Transaction
 from pipeline.replicate import check_continues
 
@@ -177,78 +178,52 @@ class SnapshotPolicy:
 # --- framing --------------------------------------------------------------------------------
 
 
-@dataclass
-class TxnFrame:
-    """The transaction being framed: where it starts and what its begin said."""
-
-    txn_id: int
-    offset: int
-    time_ms: int
-    snapshot: bool
-    changes: int = 0
-
-
 class Framer:
-    """Checks a committed record stream transaction by transaction, decoding only begins and commits.
+    """Checks a committed record stream transaction by transaction, decoding only begins, markers and commits.
 
-    Ensures a segment holds whole, contiguous transactions of one database; the body checks of
-    every change happen at restore, where the records are fully decoded anyway.
+    Ensures a segment holds whole, contiguous transactions of one database (pipeline.framing); the
+    body checks of every change happen at restore, where the records are fully decoded anyway.
     """
 
     def __init__(self, codec: Codec, database: str, position: Position | None) -> None:
         self.codec = codec
         self.database = database
         self.position = position  # None: no archive yet, the first txn may be anything
-        self.open: TxnFrame | None = None
+        self.framer = TxnFramer(database)
 
-    def _error(self, message: str, rec: Record, txn_id: int | None = None) -> PipelineError:
-        return PipelineError(message, database=self.database, txn_id=txn_id, topic=rec.topic, offset=rec.offset)
+    @property
+    def open(self) -> TxnFrame | None:
+        return self.framer.open
 
     def begin(self, rec: Record) -> TxnFrame | None:
         """The frame `rec` opens if it is a TxnBegin, else None (the caller then calls `record`)."""
-        if rec.key != b"txn":
+        if rec.key != TXN_KEY:
             return None
         name, value = self.codec.decode(rec.value, topic=rec.topic, offset=rec.offset)
         if name != BEGIN:
             return None
-        if value["database"] != self.database:
-            raise self._error(f"record of foreign database {value['database']!r} in the stream of "
-                              f"{self.database!r}", rec, value["txn_id"])
-        if self.open is not None:
-            raise self._error("TxnBegin inside an open transaction (missing TxnCommit)", rec, self.open.txn_id)
+        frame = self.framer.begin(value, rec)
         if self.position is not None:
-            header = Transaction(self.database, value["txn_id"], _unsigned(value["checksum_before"]),
-                                 value["source_time_ms"], snapshot=value["snapshot"], offset=rec.offset)
-            check_continues(self.position, header)
-        self.open = TxnFrame(value["txn_id"], rec.offset, value["source_time_ms"], value["snapshot"])
-        return self.open
+            check_continues(self.position, Transaction(self.database, frame.txn_id, _unsigned(frame.checksum_before),
+                                                       frame.time_ms, snapshot=frame.snapshot, offset=rec.offset))
+        return frame
 
     def record(self, rec: Record) -> Transaction | None:
         """Check a record after its begin; returns the finished transaction's header at its commit."""
-        txn = self.open
         name, database, txn_id = self.codec.peek(rec.value, topic=rec.topic, offset=rec.offset)
-        if database != self.database:
-            raise self._error(f"record of foreign database {database!r} in the stream of {self.database!r}",
-                              rec, txn_id)
-        if txn is None:
-            raise self._error(f"{name.rsplit('.', 1)[-1]} record outside a transaction", rec, txn_id)
-        if txn_id != txn.txn_id:
-            raise self._error(f"record of txn {txn_id} inside txn {txn.txn_id} (missing TxnCommit)", rec, txn.txn_id)
-        if name == SNAPSHOT:
-            return None
-        if name != COMMIT:
-            txn.changes += 1
+        self.framer.record(name, database, txn_id, rec)
+        if name != COMMIT and name != SNAPSHOT:
             return None
         _, value = self.codec.decode(rec.value, topic=rec.topic, offset=rec.offset)
-        if value["record_count"] != txn.changes:
-            raise self._error(f"transaction has {txn.changes} change records, commit says {value['record_count']}",
-                              rec, txn.txn_id)
+        if name == SNAPSHOT:
+            self.framer.marker(value["phase"], rec)
+            return None
+        txn = self.framer.commit(value, rec)
         done = Transaction(self.database, txn.txn_id, _unsigned(value["checksum_before"]), txn.time_ms,
                            snapshot=txn.snapshot, checksum_after=_unsigned(value["checksum_after"]),
                            files=[FileLayout(**f) for f in value["files"]],
                            offset=txn.offset, end_offset=rec.offset)
         self.position = done.after
-        self.open = None
         return done
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Protocol
+from typing import Callable, Iterable, Iterator
 
 import fastavro
 
@@ -14,6 +14,7 @@ except ImportError:  # the pure-Python build takes a decoder, not a file: use th
     _COMPILED, _read_record = 0, None
 
 from pipeline.errors import PipelineError
+from pipeline.framing import BEGIN, COMMIT, SNAPSHOT, TXN_KEY, Record, TxnFramer
 from pipeline.model import (
     BlobChunk,
     BlobDelete,
@@ -25,13 +26,10 @@ from pipeline.model import (
 )
 
 MAGIC = b"\xc3\x01"
-BEGIN = "pool.pipeline.TxnBegin"
-COMMIT = "pool.pipeline.TxnCommit"
 BLOCK = "pool.pipeline.BlockWrite"  # one block per record: still read, no longer written
 BLOCK_BATCH = "pool.pipeline.BlockBatch"
 BLOB_CHUNK = "pool.pipeline.BlobChunk"
 BLOB_DELETE = "pool.pipeline.BlobDelete"
-SNAPSHOT = "pool.pipeline.SnapshotMarker"
 
 # Block images of one file travel together up to this many bytes per record: kafka-python and
 # fastavro cost ~15-35 us per record whatever its size, which dominated streams of small blocks.
@@ -62,23 +60,6 @@ def _varint(buf: bytes, pos: int) -> tuple[int, int]:
         shift += 7
         if shift > 63:
             raise IndexError("varint longer than 64 bits")
-
-
-class Record(Protocol):
-    """What is read of a record: kafka-python's ConsumerRecord has these, so readers pass its records on uncopied."""
-
-    @property
-    def topic(self) -> str: ...
-    @property
-    def partition(self) -> int: ...
-    @property
-    def offset(self) -> int: ...
-    @property
-    def key(self) -> bytes | None: ...
-    @property
-    def value(self) -> bytes | None: ...
-    @property
-    def timestamp(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -189,7 +170,7 @@ class Codec:
         record_count counts change records, so framing can be checked without decoding bodies.
         """
         head = {"database": txn.database, "txn_id": txn.txn_id}
-        yield b"txn", self.encode(BEGIN, {
+        yield TXN_KEY, self.encode(BEGIN, {
             **head, "checksum_before": _signed(txn.checksum_before),
             "source_time_ms": txn.source_time_ms, "snapshot": txn.snapshot,
         })
@@ -209,7 +190,7 @@ class Codec:
         files = [{"file": f.file, "block_size": f.block_size, "blocks": f.blocks} for f in txn.files]
         if txn.snapshot:
             yield b"snapshot", self.encode(SNAPSHOT, {**head, "phase": "END", "files": files, "reason": ""})
-        yield b"txn", self.encode(COMMIT, {
+        yield TXN_KEY, self.encode(COMMIT, {
             **head, "record_count": records,
             "checksum_before": _signed(txn.checksum_before), "checksum_after": _signed(txn.checksum_after),
             "source_time_ms": txn.source_time_ms, "files": files,
@@ -243,17 +224,15 @@ class Codec:
         BlockWrite per block. `kind` builds the transactions (a Transaction subclass).
         """
         it = iter(records)
+        framer = TxnFramer(database)
         for rec in it:
             try:
                 name, value = self.decode(rec.value, topic=rec.topic, offset=rec.offset)
             except PipelineError as exc:
                 raise exc.with_context(database=database)
-            self._check_db(value, database, rec)
             if name != BEGIN:
-                raise PipelineError(
-                    f"{name.rsplit('.', 1)[-1]} record outside a transaction (expected TxnBegin)",
-                    database=database, txn_id=value.get("txn_id"), topic=rec.topic, offset=rec.offset,
-                )
+                framer.record(name, value.get("database"), value.get("txn_id"), rec)  # raises: outside a txn
+            framer.begin(value, rec)
             txn = kind(
                 database=database,
                 txn_id=value["txn_id"],
@@ -262,114 +241,58 @@ class Codec:
                 snapshot=value["snapshot"],
                 offset=rec.offset,
             )
-            state = {"done": False}
-            txn.changes = self._changes(it, txn, value, state, batches)
+            txn.changes = self._changes(it, txn, framer, batches)
             yield txn
-            if not state["done"]:
+            if framer.open is not None:
                 for _ in txn.changes:
                     pass
 
-    def _changes(self, it: Iterator[Record], txn: Transaction, begin: dict, state: dict,
+    def _changes(self, it: Iterator[Record], txn: Transaction, framer: TxnFramer,
                  batches: bool) -> Iterator[Change | BlockBatch]:
-        records = changes = 0
-        snapshot_phase = None
-        decode, database, txn_id = self.decode, txn.database, txn.txn_id  # locals: this loop runs per record
+        changes = 0
+        decode, record, txn_id = self.decode, framer.record, txn.txn_id  # locals: this loop runs per record
         for rec in it:
             try:
                 name, value = decode(rec.value)
             except PipelineError as exc:
-                raise exc.with_context(database=database, txn_id=txn_id, topic=rec.topic, offset=rec.offset)
-            if value["database"] != database:
-                self._check_db(value, database, rec)
-            if value["txn_id"] != txn_id:
-                raise PipelineError(
-                    f"record of txn {value['txn_id']} inside txn {txn_id} (missing TxnCommit)",
-                    database=database, txn_id=txn_id, topic=rec.topic, offset=rec.offset,
-                )
+                raise exc.with_context(database=txn.database, txn_id=txn_id, topic=rec.topic, offset=rec.offset)
+            record(name, value["database"], value["txn_id"], rec)
             if name == BLOCK_BATCH:  # the most frequent record first
-                records += 1
                 size, indexes, data = value["block_size"], value["block_indexes"], value["data"]
                 if not indexes or size < 1 or size * len(indexes) != len(data):
-                    raise PipelineError(
-                        f"block batch of file {value['file']} says {len(indexes)} blocks of {size} bytes "
-                        f"but carries {len(data)}",
-                        database=database, txn_id=txn_id, topic=rec.topic, offset=rec.offset,
-                    )
+                    raise framer.error(f"block batch of file {value['file']} says {len(indexes)} blocks of {size} "
+                                       f"bytes but carries {len(data)}", rec, txn_id)
                 changes += len(indexes)
                 if batches:
                     yield BlockBatch(value["file"], size, indexes, data)
                 else:
                     yield from BlockBatch(value["file"], size, indexes, data).blocks()
-                continue
-            if name == COMMIT:
-                if value["record_count"] != records:
-                    raise PipelineError(
-                        f"transaction has {records} change records, commit says {value['record_count']}",
-                        database=txn.database, txn_id=txn.txn_id, topic=rec.topic, offset=rec.offset,
-                    )
-                if value["checksum_before"] != begin["checksum_before"]:
-                    raise PipelineError(
-                        "commit's checksum_before differs from begin's",
-                        database=txn.database, txn_id=txn.txn_id, topic=rec.topic, offset=rec.offset,
-                    )
-                if txn.snapshot and snapshot_phase != "END":
-                    raise PipelineError(
-                        "snapshot transaction without SnapshotMarker END",
-                        database=txn.database, txn_id=txn.txn_id, topic=rec.topic, offset=rec.offset,
-                    )
+            elif name == COMMIT:
+                framer.commit(value, rec)
                 txn.change_count = changes
                 txn.checksum_after = _unsigned(value["checksum_after"])
                 txn.files = [FileLayout(f["file"], f["block_size"], f["blocks"]) for f in value["files"]]
                 txn.end_offset = rec.offset
                 txn.publish_time_ms = rec.timestamp
-                state["done"] = True
                 return
-            if name == SNAPSHOT:
-                expected = "START" if snapshot_phase is None else "END"
-                if not txn.snapshot or value["phase"] != expected:
-                    raise PipelineError(
-                        f"unexpected SnapshotMarker {value['phase']}",
-                        database=txn.database, txn_id=txn.txn_id, topic=rec.topic, offset=rec.offset,
-                    )
-                snapshot_phase = value["phase"]
-                continue
-            if name == BEGIN:
-                raise PipelineError(
-                    "TxnBegin inside an open transaction (missing TxnCommit)",
-                    database=txn.database, txn_id=txn.txn_id, topic=rec.topic, offset=rec.offset,
-                )
-            records += 1
-            changes += 1
-            if name == BLOCK:
+            elif name == SNAPSHOT:
+                framer.marker(value["phase"], rec)
+            elif name == BLOCK:
                 if value["block_size"] != len(value["data"]):
-                    raise PipelineError(
-                        f"block {value['file']}:{value['block_index']} says {value['block_size']} bytes "
-                        f"but carries {len(value['data'])}",
-                        database=txn.database, txn_id=txn.txn_id, topic=rec.topic, offset=rec.offset,
-                    )
+                    raise framer.error(f"block {value['file']}:{value['block_index']} says {value['block_size']} "
+                                       f"bytes but carries {len(value['data'])}", rec, txn_id)
+                changes += 1
                 yield BlockWrite(value["file"], value["block_index"], value["data"])
             elif name == BLOB_CHUNK:
+                changes += 1
                 yield BlobChunk(value["path"], value["size"], value["sha256"],
                                 value["chunk_index"], value["chunk_count"], value["data"])
             elif name == BLOB_DELETE:
+                changes += 1
                 yield BlobDelete(value["path"])
             else:
-                raise PipelineError(
-                    f"unexpected {name} record inside a transaction",
-                    database=txn.database, txn_id=txn.txn_id, topic=rec.topic, offset=rec.offset,
-                )
-        raise PipelineError(
-            "stream ended inside a transaction (no TxnCommit)",
-            database=txn.database, txn_id=txn.txn_id, offset=txn.offset, retriable=True,
-        )
-
-    @staticmethod
-    def _check_db(value: dict, database: str, rec: Record) -> None:
-        if value.get("database") != database:
-            raise PipelineError(
-                f"record of foreign database {value.get('database')!r} in the stream of {database!r}",
-                database=database, txn_id=value.get("txn_id"), topic=rec.topic, offset=rec.offset,
-            )
+                raise framer.error(f"unexpected {name} record inside a transaction", rec, txn_id)
+        framer.end()
 
 
 def _batched(changes: Iterable[Change]) -> Iterator[list[BlockWrite] | BlobChunk | BlobDelete]:

@@ -16,30 +16,28 @@ applied txn and lag.
 from __future__ import annotations
 
 import contextlib
-import json
-import re
 import sqlite3
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence, cast
+from typing import Callable, Iterable, Iterator, Protocol, Sequence, cast
 
-from kafka import ConsumerRebalanceListener, KafkaProducer
+from kafka import KafkaProducer
 from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from connectors.kafka.client import (
     POLL_RECORDS,
+    Kafka,
     KafkaSettings,
     broker_error,
     committed_consumer,
     is_fenced,
 )
 from connectors.kafka.publisher import end_transaction, flush_checked
-from connectors.kafka.reader import OffsetCommitter
+from connectors.kafka.reader import GroupMember, OffsetCommitter, offset_metadata
 from connectors.kafka.topics import (
     PARTITION,
-    TOPIC_PREFIX,
     database_for,
     ensure_topic,
     topic_for,
@@ -47,7 +45,6 @@ from connectors.kafka.topics import (
 from pipeline.codec import Codec, Record
 from pipeline.errors import PipelineError
 from pipeline.model import Transaction
-from pipeline.stats import STATS_SUFFIX
 from schemas import load_schemas
 
 COMMITTED = -1  # a listener's answer to assigned(): "start at the group's committed offset"
@@ -84,10 +81,6 @@ class Checkpoint:
             raise upto.error("the transaction has not been read to its end: exhaust txn.changes first")
         return cls(upto.database, upto.txn_id, upto.source_time_ms, upto.end_offset)
 
-    def metadata(self) -> str:
-        """The offset metadata every pool-pipeline group commits; `pipeline status` reads it."""
-        return json.dumps({"txn": self.txn_id, "source_time_ms": self.source_time_ms})
-
 
 class StreamListener(Protocol):
     """Told when Kafka gives this member a database or takes one away (see ChangeStream.listen)."""
@@ -106,7 +99,7 @@ class Rebalanced(PipelineError):
     """
 
 
-class ChangeStream:
+class ChangeStream(GroupMember):
     """Committed transactions of many databases, read by one member of a consumer group.
 
     Give `databases` (names) or `pattern` (a regex over names; `.stats` topics are never matched).
@@ -122,13 +115,13 @@ class ChangeStream:
     cheaper for consumers that count or copy blocks.
     """
 
-    def __init__(self, bootstrap_servers: str, group: str, *, databases: Sequence[str] | None = None,
+    def __init__(self, kafka: Kafka, group: str, *, databases: Sequence[str] | None = None,
                  pattern: str | None = None, codec: Codec | None = None, once: bool = False,
                  poll_timeout_ms: int = 200, max_records: int = POLL_RECORDS, session_timeout_ms: int = 10_000,
                  instance_id: str | None = None, batches: bool = False) -> None:
         if (databases is None) == (pattern is None):
             raise PipelineError("give either databases or a pattern to a ChangeStream")
-        self.bootstrap_servers = bootstrap_servers
+        self.kafka = KafkaSettings.of(kafka)
         self.group = group
         self.databases = list(databases or [])
         for database in self.databases:
@@ -146,17 +139,16 @@ class ChangeStream:
         # instance_id: the newer one fences the older.
         static = {"group_instance_id": instance_id} if instance_id else {}
         self.consumer = committed_consumer(
-            bootstrap_servers, group, session_timeout_ms=session_timeout_ms, heartbeat_interval_ms=2_000,
+            self.kafka, group, session_timeout_ms=session_timeout_ms, heartbeat_interval_ms=2_000,
             max_poll_interval_ms=600_000, metadata_max_age_ms=5_000,  # pick up new database topics soon
             partition_assignment_strategy=(CooperativeStickyAssignor,), **static)
-        self.progress = OffsetCommitter(self.consumer)
+        self.offsets = OffsetCommitter(self.consumer)
         self._buffers: dict[TopicPartition, deque] = {}
         self._epochs: dict[TopicPartition, int] = {}  # bumped when a partition is revoked or restarted
         self._new: set[TopicPartition] = set()  # assigned, not positioned yet
         self._revoked: list[str] = []  # databases taken away, listeners not told yet
         self._committed: dict[TopicPartition, int | None] = {}
         self._ends: dict[TopicPartition, int] = {}  # with once: the end (last stable offset) when assigned
-        self._listener_error: BaseException | None = None
         self._subscribed = False
 
     # --- membership ---------------------------------------------------------------------------
@@ -169,46 +161,41 @@ class ChangeStream:
         """Call `callback` whenever a poll brought nothing new (and before a `once` stream ends)."""
         self.idle_callbacks.append(callback)
 
-    def assigned(self) -> list[str]:
-        return sorted(database_for(tp.topic) for tp in self.consumer.assignment())
-
     def _subscribe(self) -> None:
         if self._subscribed:
             return
-        listener = _Rebalance(self)
         try:
-            if self.databases:
-                if self.once:
-                    missing = [d for d in self.databases if topic_for(d) not in self.consumer.topics()]
-                    if missing:
-                        raise PipelineError(f"no topic for database(s) {', '.join(missing)}: is a capture-agent "
-                                            "running for them?", database=missing[0], retriable=True)
-                self.consumer.subscribe(topics=[topic_for(d) for d in self.databases], listener=listener)
-            else:
-                # Stats topics (<db topic>.stats) are outputs, never inputs, even when the pattern matches them.
-                regex = f"^{re.escape(TOPIC_PREFIX)}(?!.*{re.escape(STATS_SUFFIX)}$)(?:{self.pattern})$"
-                self.consumer.subscribe(pattern=regex, listener=listener)
+            if self.databases and self.once:
+                missing = [d for d in self.databases if topic_for(d) not in self.consumer.topics()]
+                if missing:
+                    raise PipelineError(f"no topic for database(s) {', '.join(missing)}: is a capture-agent "
+                                        "running for them?", database=missing[0], retriable=True)
+            self._join(self.pattern, [topic_for(d) for d in self.databases])
         except KafkaError as exc:
             raise broker_error(f"cannot subscribe group {self.group}", exc) from exc
         self._subscribed = True
 
-    # kafka-python calls the rebalance callbacks on its network thread while the caller waits in
-    # poll(). They only take notes: the listeners (which may block, e.g. to start a transactional
-    # producer) run right after poll() returns, in the caller's thread, before any record is used.
+    # The rebalance callbacks (inside poll()) only take notes: the listeners (which may block, e.g.
+    # to start a transactional producer) run right after poll() returns, before any record is used.
 
     def _on_assigned(self, tps: Iterable[TopicPartition]) -> None:
         for tp in tps:
             self._new.add(tp)
-            self._buffers.pop(tp, None)
+            self._drop(tp)
 
     def _on_revoked(self, tps: Iterable[TopicPartition]) -> None:
-        self.progress.flush()  # before the partitions change hands
+        super()._on_revoked(tps)
         self._forget(tps)
+
+    def _drop(self, tp: TopicPartition) -> None:
+        buf = self._buffers.pop(tp, None)
+        if buf:
+            buf.clear()  # a transaction being read of it ends there (_records)
 
     def _forget(self, tps: Iterable[TopicPartition]) -> None:
         for tp in tps:
             self._epochs[tp] = self._epochs.get(tp, 0) + 1  # a transaction being read of it is void
-            self._buffers.pop(tp, None)
+            self._drop(tp)
             self._new.discard(tp)
             self._committed.pop(tp, None)
             self._ends.pop(tp, None)
@@ -278,12 +265,9 @@ class ChangeStream:
     def _poll(self, timeout_ms: int) -> None:
         """One poll; records go to their partition's buffer. Rebalances happen in here."""
         try:
-            batch = self.consumer.poll(timeout_ms=timeout_ms, max_records=self.max_records)
+            batch = self._poll_group(timeout_ms, self.max_records)
         except KafkaError as exc:
             raise broker_error(f"consumer group {self.group} cannot poll", exc) from exc
-        if self._listener_error is not None:
-            error, self._listener_error = self._listener_error, None
-            raise error
         self._notify_revoked()
         fresh = set(self._new)
         if fresh:
@@ -317,7 +301,7 @@ class ChangeStream:
     def _idle(self) -> None:
         for callback in self.idle_callbacks:
             callback()
-        self.progress.flush()  # idle: make the lag display exact
+        self.offsets.flush()  # idle: make the lag display exact
 
     def _caught_up(self) -> bool:
         """With once: every assigned database read up to where its topic ended when it was assigned."""
@@ -337,31 +321,19 @@ class ChangeStream:
 
     def _records(self, tp: TopicPartition) -> Iterator[Record]:
         """The buffered records of one partition up to a transaction boundary; fetches more mid-transaction."""
-        epochs = self._epochs
-        epoch = epochs.get(tp, 0)
-        buf = self._buffers[tp]
-        inside = False  # between a TxnBegin and its TxnCommit (both keyed b"txn")
-        while True:
-            while buf:
-                if epochs.get(tp, 0) != epoch:
-                    raise Rebalanced(f"{database_for(tp.topic)} was reassigned while its transaction was read; "
-                                     "nothing of it may be used", database=database_for(tp.topic), retriable=True)
-                r = buf.popleft()
-                if r.key == b"txn":
-                    inside = not inside
-                yield r
+        epoch, buf = self._epochs.get(tp, 0), self._buffers[tp]
+
+        def more(inside: bool) -> bool:
             if not inside:
-                return
-            # Mid-transaction: fetch only this partition, so others do not pile up in memory meanwhile.
-            others = [p for p in self.consumer.assignment() if p != tp and p not in self.consumer.paused()]
-            self.consumer.pause(*others)
-            try:
+                return False
+            with self._only(tp):
                 self._poll(100)
-            finally:
-                self.consumer.resume(*[p for p in others if p in self.consumer.assignment()])
             if self._epochs.get(tp, 0) != epoch or self._buffers.get(tp) is not buf:
                 raise Rebalanced(f"{database_for(tp.topic)} was reassigned while its transaction was read; "
                                  "nothing of it may be used", database=database_for(tp.topic), retriable=True)
+            return True
+
+        return self._txn_records(buf, more)
 
     # --- progress -----------------------------------------------------------------------------
 
@@ -370,36 +342,13 @@ class ChangeStream:
         flushed when idle, on a rebalance and on close."""
         cp = Checkpoint.of(upto)
         tp = TopicPartition(topic_for(cp.database), PARTITION)
-        self.progress.applied(tp, cp)  # type: ignore[arg-type]  # duck-typed: txn_id, source_time_ms, end_offset
-
-    def close(self) -> None:
-        self.progress.flush()
-        self.consumer.close()
+        self.offsets.applied(tp, cp)  # type: ignore[arg-type]  # duck-typed: txn_id, source_time_ms, end_offset
 
     def __enter__(self) -> "ChangeStream":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-class _Rebalance(ConsumerRebalanceListener):
-    """Runs inside poll(): tells the listeners, before the consumer looks up any committed offset."""
-
-    def __init__(self, stream: ChangeStream) -> None:
-        self.stream = stream
-
-    def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        self._guard(self.stream._on_revoked, revoked)
-
-    def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
-        self._guard(self.stream._on_assigned, assigned)
-
-    def _guard(self, fn: Any, tps: list[TopicPartition]) -> None:
-        try:
-            fn(tps)
-        except Exception as exc:  # kafka-python would only log it: re-raise it from poll()
-            self.stream._listener_error = exc
 
 
 class KafkaTransactions:
@@ -433,7 +382,7 @@ class KafkaTransactions:
         self._close(database)
         tid = self.transactional_id(database)
         try:
-            producer = KafkaSettings.of(self.stream.bootstrap_servers).producer(
+            producer = self.stream.kafka.producer(
                 client_id=f"pool-pipeline-{tid}",
                 transactional_id=tid, enable_idempotence=True, acks="all", linger_ms=5,
                 max_request_size=4 * 1024 * 1024, transaction_timeout_ms=self.transaction_timeout_ms,
@@ -448,7 +397,7 @@ class KafkaTransactions:
         self.producers[database] = producer
         for topic in self.topics(database) if self.topics else ():
             if topic not in self._created:
-                ensure_topic(self.stream.bootstrap_servers, topic)
+                ensure_topic(self.stream.kafka, topic)
                 self._created.add(topic)
             try:
                 producer.partitions_for(topic)  # loads its metadata now rather than inside the first send
@@ -493,7 +442,7 @@ class KafkaTransactions:
             producer.begin_transaction()
             for topic, key, value in records:
                 producer.send(topic, key=key, value=value, partition=PARTITION).add_errback(failed.append)
-            producer.send_offsets_to_transaction({tp: OffsetAndMetadata(cp.next_offset, cp.metadata(), -1)},
+            producer.send_offsets_to_transaction({tp: OffsetAndMetadata(cp.next_offset, offset_metadata(cp.txn_id, cp.source_time_ms), -1)},
                                                  self.stream.consumer.group_metadata())
             flush_checked(producer, failed, self.timeout_s)
             end_transaction(producer, commit=True, timeout_s=self.timeout_s)

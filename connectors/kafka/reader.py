@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import time
-from typing import Callable, Iterator
+from collections import deque
+from typing import Callable, Iterable, Iterator, Sequence
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer
 from kafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
@@ -14,11 +17,39 @@ from kafka.errors import (
 )
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
-from connectors.kafka.client import POLL_RECORDS, broker_error, committed_consumer
+from connectors.kafka.client import POLL_RECORDS, Kafka, broker_error, committed_consumer
 from connectors.kafka.topics import PARTITION, TOPIC_PREFIX, database_for, topic_for
 from pipeline.codec import Codec, Record
 from pipeline.errors import PipelineError
+from pipeline.framing import TXN_KEY
 from pipeline.model import Position, Transaction
+from pipeline.stats import STATS_SUFFIX
+
+
+def offset_metadata(txn_id: int, source_time_ms: int | None) -> str:
+    """The metadata of every pool-pipeline group's offsets, JSON {"txn", "source_time_ms"}: `pipeline status` shows it."""
+    meta = {"txn": txn_id}
+    if source_time_ms:
+        meta["source_time_ms"] = source_time_ms
+    return json.dumps(meta)
+
+
+def read_offset_metadata(metadata: str | None) -> tuple[int | None, int | None]:
+    """(applied txn id, its source time in ms) from offset_metadata()'s JSON; None for what it lacks or garbles."""
+    try:
+        meta = json.loads(metadata or "{}")
+    except ValueError:
+        meta = None
+    return (meta.get("txn"), meta.get("source_time_ms")) if isinstance(meta, dict) else (None, None)
+
+
+def topic_regex(pattern: str) -> str:
+    """The subscription regex of a group over the databases whose names match `pattern`.
+
+    The prefix's dot is literal (`pool.x`, never `poolXx`), and stats topics (`<db topic>.stats`)
+    are outputs, never inputs, even when the pattern matches them.
+    """
+    return f"^{re.escape(TOPIC_PREFIX)}(?!.*{re.escape(STATS_SUFFIX)}$)(?:{pattern})$"
 
 
 class OffsetCommitter:
@@ -42,10 +73,7 @@ class OffsetCommitter:
 
     def at(self, tp: TopicPartition, next_offset: int, txn_id: int, source_time_ms: int | None) -> None:
         """The sink holds everything before `next_offset`, up to `txn_id`."""
-        meta = {"txn": txn_id}
-        if source_time_ms:
-            meta["source_time_ms"] = source_time_ms
-        self.pending[tp] = OffsetAndMetadata(next_offset, json.dumps(meta), -1)
+        self.pending[tp] = OffsetAndMetadata(next_offset, offset_metadata(txn_id, source_time_ms), -1)
         if time.monotonic() - self.last >= self.interval:
             self._commit(sync=False)
 
@@ -78,7 +106,7 @@ class TopicSource:
     after each applied transaction only so that lag is visible to operators.
     """
 
-    def __init__(self, bootstrap_servers: str, database: str, codec: Codec, group: str, start_offset: int,
+    def __init__(self, kafka: Kafka, database: str, codec: Codec, group: str, start_offset: int,
                  *, once: bool = False, idle: Callable[[], None] | None = None) -> None:
         self.database = database
         self.topic = topic_for(database)
@@ -86,7 +114,7 @@ class TopicSource:
         self.once = once
         self.idle = idle
         self.tp = TopicPartition(self.topic, PARTITION)
-        self.consumer = committed_consumer(bootstrap_servers, group)
+        self.consumer = committed_consumer(kafka, group)
         self.offsets = OffsetCommitter(self.consumer)
         try:
             if self.topic not in self.consumer.topics():
@@ -103,25 +131,18 @@ class TopicSource:
         except KafkaError as exc:
             self.consumer.close()
             raise broker_error(f"cannot read topic {self.topic}", exc, database=database) from exc
-        self._fetched: list = []  # the last poll's records; _records() hands them out from _next on
-        self._next = 0
-
-    def _fetch(self, timeout_ms: int) -> bool:
-        # max_records is high so that one poll hands over everything the client already fetched:
-        # that is what buffered() reports, and so what one group commit of the replica may cover.
-        self._fetched = self.consumer.poll(timeout_ms=timeout_ms, max_records=POLL_RECORDS).get(self.tp, [])
-        self._next = 0
-        return bool(self._fetched)
+        self._buf: deque = deque()  # records of the last poll not handed out yet
 
     def _records(self) -> Iterator[Record]:
         while True:
-            while self._next < len(self._fetched):  # buffered() may refill the list while we are suspended
-                r = self._fetched[self._next]
-                self._next += 1
-                yield r
+            while self._buf:  # buffered() may see it refilled while we are suspended
+                yield self._buf.popleft()
             if self.once and self.consumer.position(self.tp) >= self.end_at_start:
                 return
-            if not self._fetch(100):
+            # max_records is high so that one poll hands over everything the client already fetched:
+            # that is what buffered() reports, and so what one group commit of the replica may cover.
+            self._buf.extend(self.consumer.poll(timeout_ms=100, max_records=POLL_RECORDS).get(self.tp, []))
+            if not self._buf:
                 self.offsets.flush()  # idle: make the lag display exact
                 if self.idle is not None:
                     self.idle()
@@ -130,7 +151,7 @@ class TopicSource:
         """True if records the last poll returned are still unread: a group-committing sink keeps
         batching (pipeline.replicate). Never touches the network: a poll(timeout_ms=0) here made
         kafka-python 3 miss the wake-up of the next poll, adding 100 ms stalls (bench/lag.py p99)."""
-        return self._next < len(self._fetched)
+        return bool(self._buf)
 
     def transactions(self, after: Position) -> Iterator[Transaction]:
         return self.codec.read_transactions(self._records(), self.database)
@@ -147,7 +168,72 @@ class TopicSource:
         self.consumer.close()
 
 
-class GroupReader:
+class GroupMember:
+    """One member of a consumer group over database topics: what GroupReader (`replica --pattern`) and
+    pool_pipeline.changes.ChangeStream share.
+
+    A subclass builds `consumer` and `offsets`, joins with `_join()` and takes its notes of a
+    rebalance in `_on_assigned`/`_on_revoked`. kafka-python calls those inside poll(); an error
+    there is raised from `_poll_group()` (kafka-python would only log it).
+    """
+
+    consumer: KafkaConsumer
+    offsets: OffsetCommitter
+    _listener_error: BaseException | None = None
+
+    def assigned(self) -> list[str]:
+        return sorted(database_for(tp.topic) for tp in self.consumer.assignment())
+
+    def _join(self, pattern: str | None, topics: Sequence[str] = ()) -> None:
+        """Subscribe to the database topics `pattern` matches (see topic_regex), or else to `topics`."""
+        self.consumer.subscribe(topics=topics if pattern is None else (), listener=_Rebalance(self),
+                                pattern=None if pattern is None else topic_regex(pattern))
+
+    def _on_revoked(self, tps: Iterable[TopicPartition]) -> None:
+        self.offsets.flush()  # before the partitions change hands
+
+    def _poll_group(self, timeout_ms: int, max_records: int) -> dict:
+        batch = self.consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+        if self._listener_error is not None:
+            error, self._listener_error = self._listener_error, None
+            raise error
+        return batch
+
+    def _resumable(self, tp: TopicPartition) -> bool:
+        return tp in self.consumer.assignment()
+
+    @contextlib.contextmanager
+    def _only(self, tp: TopicPartition) -> Iterator[None]:
+        """Fetch only partition `tp` meanwhile: the others are paused, so they do not pile up in memory."""
+        others = [p for p in self.consumer.assignment() if p != tp and p not in self.consumer.paused()]
+        self.consumer.pause(*others)
+        try:
+            yield
+        finally:
+            self.consumer.resume(*[p for p in others if self._resumable(p)])
+
+    @staticmethod
+    def _txn_records(buf: deque, more: Callable[[bool], bool]) -> Iterator[Record]:
+        """The records of `buf` up to a transaction boundary (TxnBegin and TxnCommit are keyed TXN_KEY).
+
+        When `buf` runs dry, `more(inside a transaction)` fetches into it and says whether to go on.
+        """
+        inside = False
+        while True:
+            while buf:
+                r = buf.popleft()
+                if r.key == TXN_KEY:
+                    inside = not inside
+                yield r
+            if not more(inside):
+                return
+
+    def close(self) -> None:
+        self.offsets.flush()
+        self.consumer.close()
+
+
+class GroupReader(GroupMember):
     """One consumer in a group subscribed to many database topics (`replica --pattern`).
 
     Kafka spreads the topics' partitions over the group's members. `sources()` yields, for each
@@ -156,7 +242,7 @@ class GroupReader:
     replicate() loop per database can run in turn without buffering whole transactions.
     """
 
-    def __init__(self, bootstrap_servers: str, group: str, pattern: str, codec: Codec,
+    def __init__(self, kafka: Kafka, group: str, pattern: str, codec: Codec,
                  start_offset: Callable[[str], int], *, once: bool = False,
                  on_revoked: Callable[[str], None] = lambda database: None,
                  log: Callable[[str], None] = print) -> None:
@@ -169,17 +255,25 @@ class GroupReader:
         # topics have one partition each, so the default range assignor would give all to one member;
         # sticky spreads them and moves as few as possible on a rebalance.
         self.consumer = committed_consumer(
-            bootstrap_servers, group, max_poll_interval_ms=600_000, session_timeout_ms=10_000,
+            kafka, group, max_poll_interval_ms=600_000, session_timeout_ms=10_000,
             heartbeat_interval_ms=2_000,
             partition_assignment_strategy=(StickyPartitionAssignor, RoundRobinPartitionAssignor))
         self._new: set[TopicPartition] = set()
         self.failed: set[str] = set()  # databases stopped by a non-retriable error; never read again
         self.offsets = OffsetCommitter(self.consumer)
-        self.consumer.subscribe(pattern=f"^{TOPIC_PREFIX}(?!.*\\.stats$)(?:{pattern})$", listener=_Rebalance(self))
-        self._idle_rounds = 0
+        self._join(pattern)
 
-    def assigned(self) -> list[str]:
-        return sorted(database_for(tp.topic) for tp in self.consumer.assignment())
+    def _on_revoked(self, tps: Iterable[TopicPartition]) -> None:
+        super()._on_revoked(tps)
+        for tp in tps:
+            self._new.discard(tp)
+            self.on_revoked(database_for(tp.topic))  # release the replica for its next owner
+
+    def _on_assigned(self, tps: Iterable[TopicPartition]) -> None:
+        self._new.update(tps)  # they start at each replica's own stored position, not the group offset
+
+    def _resumable(self, tp: TopicPartition) -> bool:
+        return super()._resumable(tp) and database_for(tp.topic) not in self.failed
 
     def _seek_new(self) -> None:
         """Position newly assigned partitions at their replica's own offset. A replica the previous
@@ -206,7 +300,7 @@ class GroupReader:
     def sources(self) -> Iterator["PartitionSource"]:
         """Sources for databases with records waiting, round robin; ends when idle in --once mode."""
         while True:
-            batch = self.consumer.poll(timeout_ms=200, max_records=1)
+            batch = self._poll_group(200, 1)
             new = set(self._new)  # assigned during that poll: start at the replica's own position
             self._seek_new()
             batch = {tp: recs for tp, recs in batch.items() if tp not in self._new}  # still waiting
@@ -239,25 +333,24 @@ class GroupReader:
         return all(self.consumer.position(tp) >= ends[tp] for tp in assignment
                    if database_for(tp.topic) not in self.failed)
 
-    def close(self) -> None:
-        self.offsets.flush()
-        self.consumer.close()
-
 
 class _Rebalance(ConsumerRebalanceListener):
-    """Newly assigned partitions start at each replica's own stored position, not the group offset."""
+    """Hands a rebalance to its GroupMember; an error there is raised from the member's next poll."""
 
-    def __init__(self, reader: GroupReader) -> None:
-        self.reader = reader
+    def __init__(self, member: GroupMember) -> None:
+        self.member = member
 
     def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        self.reader.offsets.flush()  # before the partitions change hands
-        for tp in revoked:
-            self.reader._new.discard(tp)
-            self.reader.on_revoked(database_for(tp.topic))  # release the replica for its next owner
+        self._guard(self.member._on_revoked, revoked)
 
     def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
-        self.reader._new.update(assigned)
+        self._guard(self.member._on_assigned, assigned)
+
+    def _guard(self, fn: Callable[[list[TopicPartition]], None], tps: list[TopicPartition]) -> None:
+        try:
+            fn(tps)
+        except Exception as exc:  # kafka-python would only log it
+            self.member._listener_error = exc
 
 
 class PartitionSource:
@@ -267,40 +360,23 @@ class PartitionSource:
         self.reader = reader
         self.tp = tp
         self.database = database_for(tp.topic)
-        self._fetched: list = []  # the last poll's records; _records() hands them out from _next on
-        self._next = 0
-
-    def _fetch(self, timeout_ms: int) -> bool:
-        self._fetched = self.reader.consumer.poll(timeout_ms=timeout_ms, max_records=POLL_RECORDS).get(self.tp, [])
-        self._next = 0
-        return bool(self._fetched)
+        self._buf: deque = deque()  # records of the last poll not handed out yet
 
     def buffered(self) -> bool:
         """True if records of this partition the last poll returned are still unread (see TopicSource.buffered)."""
-        return self._next < len(self._fetched)
+        return bool(self._buf)
 
     def _records(self) -> Iterator[Record]:
-        consumer = self.reader.consumer
-        others = [tp for tp in consumer.assignment() if tp != self.tp]
-        consumer.pause(*others)
-        inside = False  # between a TxnBegin and its TxnCommit (both keyed b"txn")
-        try:
-            while True:
-                if self.tp not in consumer.assignment():
-                    raise PipelineError(f"partition of {self.database} was reassigned to another group member "
-                                        "mid-transaction; nothing of it was applied here",
-                                        database=self.database, retriable=True)
-                if not self._fetch(100) and not inside:
-                    return
-                while self._next < len(self._fetched):  # buffered() may refill the list while we are suspended
-                    r = self._fetched[self._next]
-                    self._next += 1
-                    if r.key == b"txn":
-                        inside = not inside
-                    yield r
-        finally:
-            consumer.resume(*[tp for tp in others if tp in consumer.assignment()
-                              and database_for(tp.topic) not in self.reader.failed])
+        with self.reader._only(self.tp):  # for the whole source: its polls drop other partitions' records
+            yield from self.reader._txn_records(self._buf, self._more)
+
+    def _more(self, inside: bool) -> bool:
+        if self.tp not in self.reader.consumer.assignment():
+            raise PipelineError(f"partition of {self.database} was reassigned to another group member "
+                                "mid-transaction; nothing of it was applied here",
+                                database=self.database, retriable=True)
+        self._buf.extend(self.reader._poll_group(100, POLL_RECORDS).get(self.tp, []))
+        return bool(self._buf) or inside
 
     def transactions(self, after: Position) -> Iterator[Transaction]:
         return self.reader.codec.read_transactions(self._records(), self.database)

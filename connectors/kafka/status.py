@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 from kafka import KafkaConsumer
 from kafka.errors import (
     KafkaError,
@@ -17,6 +15,7 @@ from connectors.kafka.client import (
     committed_consumer,
     records_until,
 )
+from connectors.kafka.reader import read_offset_metadata
 from connectors.kafka.topics import (
     PARTITION,
     TOPIC_PREFIX,
@@ -55,18 +54,14 @@ def status(kafka: Kafka, codec: Codec, databases: list[str] | None = None,
                 meta = committed.get(tp)
                 if meta is None:
                     continue
-                try:
-                    info = json.loads(meta.metadata or "{}")
-                except ValueError:
-                    info = {}
-                applied = info.get("txn")
+                applied, applied_time_ms = read_offset_metadata(meta.metadata)
                 lag_bytes = _bytes_between(consumer, tp, meta.offset, end, byte_cap)
                 row["groups"].append({
                     "group": group, "applied_txn": applied, "offset": meta.offset,
                     "lag_txns": (row["captured_txn"] - applied) if applied is not None else None,
                     "lag_bytes": lag_bytes,
-                    "lag_seconds": ((row["captured_time_ms"] - info["source_time_ms"]) / 1000
-                                    if last and "source_time_ms" in info else None),
+                    "lag_seconds": ((row["captured_time_ms"] - applied_time_ms) / 1000
+                                    if last and applied_time_ms is not None else None),
                 })
             rows.append(row)
         return rows
