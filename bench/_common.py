@@ -17,8 +17,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
@@ -122,8 +122,9 @@ def agent_argv(app, *extra: str) -> list[str]:
     return [bin_path("capture-agent"), "--pool", "db/app/", "--journal", "fifo/app", "--blob", "blob/app/", *extra]
 
 
-def replica_argv(*extra: str, target: str = "rpl/db/app/", blob: str = "rpl/blob/app/",
-                 database: str = "app") -> list[str]:
+def replica_argv(
+    *extra: str, target: str = "rpl/db/app/", blob: str = "rpl/blob/app/", database: str = "app"
+) -> list[str]:
     return [bin_path("replica"), "--database", database, "--target", target, "--blob", blob, *extra]
 
 
@@ -241,4 +242,5 @@ def time_method(obj, name: str, acc: dict, key: str | None = None) -> None:
             return fn(*a, **k)
         finally:
             acc[key or name] += time.perf_counter() - t
+
     setattr(obj, name, wrapper)

@@ -42,13 +42,15 @@ import time
 def _require(cls, *names: str) -> None:
     missing = [n for n in names if not hasattr(cls, n)]
     if missing:
-        raise SystemExit(f"bench/_probe.py: {cls.__name__} has no {', '.join(missing)} any more; "
-                         "update the probe (or run bench/lag.py --mode plain)")
+        raise SystemExit(
+            f"bench/_probe.py: {cls.__name__} has no {', '.join(missing)} any more; "
+            "update the probe (or run bench/lag.py --mode plain)"
+        )
 
 
 def main() -> None:
     role, path = sys.argv[1], sys.argv[2]
-    argv = sys.argv[sys.argv.index("--") + 1:]
+    argv = sys.argv[sys.argv.index("--") + 1 :]
     out = open(path, "a", buffering=1)
     now = time.time
 
@@ -65,6 +67,7 @@ def main() -> None:
         def _lock(self, fd):
             orig_lock(self, fd)
             out.write(f"L {now():.6f}\n")
+
         picolisp.JournalConsumer._lock = _lock
 
         orig_take = pool_source.PoolSource._take_journal
@@ -74,6 +77,7 @@ def main() -> None:
             images, layout = orig_take(self)
             out.write(f"J {t:.6f} {now():.6f} {len(images)}\n")
             return images, layout
+
         pool_source.PoolSource._take_journal = _take_journal
 
         backoff = os.environ.get("BENCH_PRODUCER_RETRY_BACKOFF_MS")
@@ -83,6 +87,7 @@ def main() -> None:
             def producer(*a, **k):
                 k.setdefault("retry_backoff_ms", int(backoff))
                 return real_producer(*a, **k)
+
             kmod.KafkaProducer = producer
 
         orig_apply = kmod.TopicSink.apply
@@ -91,6 +96,7 @@ def main() -> None:
             t = now()
             orig_apply(self, txn)
             out.write(f"P {txn.txn_id} {t:.6f} {now():.6f} {txn.change_count} {txn.source_time_ms}\n")
+
         kmod.TopicSink.apply = apply
 
         from pool_pipeline.cli.capture_agent import main as entry
@@ -112,6 +118,7 @@ def main() -> None:
             finally:
                 stats["n"] += 1
                 stats["s"] += time.perf_counter() - t
+
         os.fsync = fsync
 
         # Group commit: apply() stages and verifies a txn; flush() (called by the loop when nothing more is
@@ -125,6 +132,7 @@ def main() -> None:
             res = orig_stage(self, txn, *a, **k)
             pending.append((txn, started["t"], now()))
             return res
+
         replica_dir.ReplicaDir._stage = _stage
 
         orig_apply = replica_dir.ReplicaDir.apply
@@ -132,6 +140,7 @@ def main() -> None:
         def apply(self, txn):
             started["t"] = now()
             orig_apply(self, txn)
+
         replica_dir.ReplicaDir.apply = apply
 
         orig_flush = replica_dir.ReplicaDir.flush
@@ -143,10 +152,13 @@ def main() -> None:
             t = now()
             n = len(pending)
             for txn, t0, t_staged in pending:
-                out.write(f"A {txn.txn_id} {t0:.6f} {t_staged:.6f} {t:.6f} {stats['n'] / n:.3f} "
-                          f"{stats['s'] / n:.6f} {txn.change_count} {txn.offset} {n}\n")
+                out.write(
+                    f"A {txn.txn_id} {t0:.6f} {t_staged:.6f} {t:.6f} {stats['n'] / n:.3f} "
+                    f"{stats['s'] / n:.6f} {txn.change_count} {txn.offset} {n}\n"
+                )
             pending.clear()
             stats["n"], stats["s"] = 0, 0.0
+
         replica_dir.ReplicaDir.flush = flush
 
         from kafka import KafkaConsumer
@@ -164,6 +176,7 @@ def main() -> None:
                 out.write(f"F {now():.6f} {len(recs)} {recs[0].offset} {recs[-1].offset} {waited['s']:.6f}\n")
                 waited["s"] = 0.0
             return res
+
         KafkaConsumer.poll = poll
 
         if os.environ.get("BENCH_ASYNC_ACK"):
@@ -186,6 +199,7 @@ def main() -> None:
             t = now()
             orig_ack(self, txn)
             out.write(f"K {t:.6f} {now():.6f}\n")
+
         kmod.TopicSource.acknowledge = acknowledge
 
         from pool_pipeline.cli.replica import main as entry

@@ -33,20 +33,32 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    agent_argv, bin_path, wait_published, env_with, kafka, log, median, mib, new_app, spawn, stop, table, time_method,
+    agent_argv,
+    bin_path,
+    env_with,
+    kafka,
+    log,
+    median,
+    mib,
+    new_app,
+    spawn,
+    stop,
+    table,
+    time_method,
+    wait_published,
     workdir,
 )
 
-from pool_pipeline.analytics import Analytics  # noqa: E402
-from pool_pipeline.changes import ChangeStream  # noqa: E402
 from connectors.kafka.client import committed_consumer
 from connectors.kafka.topics import last_commit, topic_for  # noqa: E402
 from pipeline.codec import Codec, Record  # noqa: E402
+from pool_pipeline.analytics import Analytics  # noqa: E402
+from pool_pipeline.changes import ChangeStream  # noqa: E402
 from schemas import load_schemas  # noqa: E402
 
 DB = "app"
@@ -83,15 +95,20 @@ def raw_read(bs: str, topic: str, end: int, decode: Codec | None = None) -> dict
                 for _ in txn.changes:
                     pass
         t_end = time.perf_counter()
-        return {"t": t_end - marks["first"], "join": marks["first"] - t0, "records": counts["records"],
-                "bytes": counts["bytes"]}
+        return {
+            "t": t_end - marks["first"],
+            "join": marks["first"] - t0,
+            "records": counts["records"],
+            "bytes": counts["bytes"],
+        }
     finally:
         c.close()
 
 
 def analytics_read(bs: str, codec: Codec, window_ms: int, profile: bool) -> dict:
-    stream = ChangeStream(bs, f"bench-analytics-{uuid.uuid4().hex[:8]}", databases=[DB], codec=codec, once=True,
-                          batches=True)  # as pool_pipeline.cli.analytics wires it
+    stream = ChangeStream(
+        bs, f"bench-analytics-{uuid.uuid4().hex[:8]}", databases=[DB], codec=codec, once=True, batches=True
+    )  # as pool_pipeline.cli.analytics wires it
     marks: dict[str, float] = {}
     phases: dict[str, float] = {"poll": 0.0, "flush": 0.0, "txns": 0}
     time_method(stream.consumer, "poll", phases)  # inside kafka-python: fetch waits and record parsing
@@ -102,15 +119,21 @@ def analytics_read(bs: str, codec: Codec, window_ms: int, profile: bool) -> dict
         if "first" not in marks and any(stream._buffers.values()):
             marks["first"] = time.perf_counter()
             phases["poll"] = 0.0  # the group join is not counted
+
     stream._poll = poll  # type: ignore[method-assign]
-    consumer = Analytics(stream, window_ms=window_ms, stats_topic_template="{topic}." + uuid.uuid4().hex[:6] + ".stats",
-                         log=lambda line: None)
+    consumer = Analytics(
+        stream,
+        window_ms=window_ms,
+        stats_topic_template="{topic}." + uuid.uuid4().hex[:6] + ".stats",
+        log=lambda line: None,
+    )
     time_method(consumer.kafka, "send", phases, "flush")  # the exactly-once output: Kafka transactions
     real_send = consumer.kafka.send
 
     def send(*a, **k) -> bool:
         phases["txns"] += 1
         return real_send(*a, **k)
+
     consumer.kafka.send = send  # type: ignore[method-assign]
     prof = cProfile.Profile() if profile else None
     t0 = time.perf_counter()
@@ -129,8 +152,15 @@ def analytics_read(bs: str, codec: Codec, window_ms: int, profile: bool) -> dict
         pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(25)
         print(out.getvalue(), file=sys.stderr)
     t = t_end - marks["first"]
-    return {"t": t, "join": marks["first"] - t0, "windows": windows, "txns": consumer.txns,
-            "poll": phases["poll"], "flush": phases["flush"], "ktxns": phases["txns"]}
+    return {
+        "t": t,
+        "join": marks["first"] - t0,
+        "windows": windows,
+        "txns": consumer.txns,
+        "poll": phases["poll"],
+        "flush": phases["flush"],
+        "ktxns": phases["txns"],
+    }
 
 
 def main() -> int:
@@ -183,15 +213,31 @@ def main() -> int:
             log(f"raw: {raws[-1]['records']} records, {mib(raws[-1]['bytes']):.1f} MiB in {raws[-1]['t']:.2f} s")
             anas.append(analytics_read(bs, codec, max(1, round(args.window * 1000)), args.profile and i == 0))
             a = anas[-1]
-            log(f"analytics: {a['txns']} txns, {a['windows']} windows in {a['t']:.2f} s (in poll {a['poll']:.2f} s, "
-                f"in the output's {a['ktxns']} Kafka transactions {a['flush']:.3f} s)")
+            log(
+                f"analytics: {a['txns']} txns, {a['windows']} windows in {a['t']:.2f} s (in poll {a['poll']:.2f} s, "
+                f"in the output's {a['ktxns']} Kafka transactions {a['flush']:.3f} s)"
+            )
         ana = dict(anas[0], **{k: median([a[k] for a in anas]) for k in ("t", "join", "poll", "flush")})
         cli = None
         if not args.no_cli:
             t = time.perf_counter()
-            r = subprocess.run([bin_path("analytics"), "--database", DB, "--group", "bench-cli", "--once",
-                                "--window", str(args.window), "--stats-topic", "{topic}.cli.stats"],
-                               env=env, capture_output=True, text=True)
+            r = subprocess.run(
+                [
+                    bin_path("analytics"),
+                    "--database",
+                    DB,
+                    "--group",
+                    "bench-cli",
+                    "--once",
+                    "--window",
+                    str(args.window),
+                    "--stats-topic",
+                    "{topic}.cli.stats",
+                ],
+                env=env,
+                capture_output=True,
+                text=True,
+            )
             cli = time.perf_counter() - t
             if r.returncode != 0:
                 log(f"analytics --once failed rc={r.returncode}: {r.stderr[-1500:]}")
@@ -200,23 +246,60 @@ def main() -> int:
     raw_t = median([r["t"] for r in raws])
     dec_t = median([d["t"] for d in decs])
     rows = [
-        ("raw kafka-python consumer", raw_t, mib(nbytes) / raw_t, raws[0]["records"] / raw_t, median([r["join"] for r in raws]), 1.0),
-        ("raw + Avro decode + framing", dec_t, mib(nbytes) / dec_t, raws[0]["records"] / dec_t,
-         median([d["join"] for d in decs]), raw_t / dec_t),
-        ("analytics (in-process)", ana["t"], mib(nbytes) / ana["t"], raws[0]["records"] / ana["t"], ana["join"], raw_t / ana["t"]),
+        (
+            "raw kafka-python consumer",
+            raw_t,
+            mib(nbytes) / raw_t,
+            raws[0]["records"] / raw_t,
+            median([r["join"] for r in raws]),
+            1.0,
+        ),
+        (
+            "raw + Avro decode + framing",
+            dec_t,
+            mib(nbytes) / dec_t,
+            raws[0]["records"] / dec_t,
+            median([d["join"] for d in decs]),
+            raw_t / dec_t,
+        ),
+        (
+            "analytics (in-process)",
+            ana["t"],
+            mib(nbytes) / ana["t"],
+            raws[0]["records"] / ana["t"],
+            ana["join"],
+            raw_t / ana["t"],
+        ),
     ]
     if cli is not None:
-        rows.append(("analytics --once (process, wall)", cli, mib(nbytes) / cli, raws[0]["records"] / cli, float("nan"),
-                     raw_t / cli))
-    print(table(["reader", "seconds", "MiB/s", "records/s", "join s", "ratio"], rows,
-                title=f"topic {topic}: {raws[0]['records']:,} records, {mib(nbytes):.1f} MiB, {ana['txns']:,} txns, "
-                      f"{ana['windows']} windows of {args.window:g} s (medians of {len(raws)} runs each)"))
-    print(f"\nanalytics time (medians): {ana['poll']:.2f} s in kafka-python's poll (the raw reader's whole time: "
-          f"{raw_t:.2f} s), {ana['flush']:.3f} s in {ana['ktxns']:.0f} Kafka transaction(s), "
-          f"{ana['t'] - ana['poll'] - ana['flush']:.2f} s decoding, framing and statistics")
+        rows.append(
+            (
+                "analytics --once (process, wall)",
+                cli,
+                mib(nbytes) / cli,
+                raws[0]["records"] / cli,
+                float("nan"),
+                raw_t / cli,
+            )
+        )
+    print(
+        table(
+            ["reader", "seconds", "MiB/s", "records/s", "join s", "ratio"],
+            rows,
+            title=f"topic {topic}: {raws[0]['records']:,} records, {mib(nbytes):.1f} MiB, {ana['txns']:,} txns, "
+            f"{ana['windows']} windows of {args.window:g} s (medians of {len(raws)} runs each)",
+        )
+    )
+    print(
+        f"\nanalytics time (medians): {ana['poll']:.2f} s in kafka-python's poll (the raw reader's whole time: "
+        f"{raw_t:.2f} s), {ana['flush']:.3f} s in {ana['ktxns']:.0f} Kafka transaction(s), "
+        f"{ana['t'] - ana['poll'] - ana['flush']:.2f} s decoding, framing and statistics"
+    )
     ratio = raw_t / ana["t"]
-    print(f"\nanalytics / raw throughput ratio: {ratio:.2f}x (goal >= 0.7x): {'met' if ratio >= 0.7 else 'MISSED'}; "
-          f"analytics / (raw + decode): {dec_t / ana['t']:.2f}x")
+    print(
+        f"\nanalytics / raw throughput ratio: {ratio:.2f}x (goal >= 0.7x): {'met' if ratio >= 0.7 else 'MISSED'}; "
+        f"analytics / (raw + decode): {dec_t / ana['t']:.2f}x"
+    )
     return 0
 
 

@@ -29,14 +29,15 @@ from _common import kafka, log, mib, on_exit, table, workdir  # noqa: E402
 from connectors.kafka.publisher import TopicSink
 from connectors.kafka.reader import TopicSource
 from connectors.kafka.topics import ensure_topic, topic_for  # noqa: E402
-from pool_pipeline.devstack import _s3_client, free_port, start_s3  # noqa: E402
 from connectors.s3.archiver import Archiver
 from connectors.s3.restore import restore
 from connectors.s3.store import ArchiveStore  # noqa: E402
 from pipeline.archive import Rotation, SnapshotPolicy  # noqa: E402
 from pipeline.codec import Codec  # noqa: E402
+from pool_pipeline.devstack import _s3_client, free_port, start_s3  # noqa: E402
 from schemas import load_schemas  # noqa: E402
 from tests.pipeline_helpers import SYNTHETIC_BLOCK, synthetic_stream  # noqa: E402
+
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -60,17 +61,30 @@ def main() -> int:
 
         t = time.monotonic()
         sink = TopicSink(bs, database, codec)
-        for txn in synthetic_stream(database, args.pool_mib * 1024 * 1024 // SYNTHETIC_BLOCK, args.txns, args.blocks, 1):
+        for txn in synthetic_stream(
+            database, args.pool_mib * 1024 * 1024 // SYNTHETIC_BLOCK, args.txns, args.blocks, 1
+        ):
             sink.apply(txn)
         sink.close()
         log(f"published {mib(sink.bytes_sent):.0f} MiB in {time.monotonic() - t:.1f} s")
 
         store = ArchiveStore(client, s3.bucket, "bench", database)
-        os.environ.update(AWS_ENDPOINT_URL_S3=s3.endpoint_url, AWS_ACCESS_KEY_ID=s3.access_key,
-                          AWS_SECRET_ACCESS_KEY=s3.secret_key, AWS_DEFAULT_REGION=s3.region)
+        os.environ.update(
+            AWS_ENDPOINT_URL_S3=s3.endpoint_url,
+            AWS_ACCESS_KEY_ID=s3.access_key,
+            AWS_SECRET_ACCESS_KEY=s3.secret_key,
+            AWS_DEFAULT_REGION=s3.region,
+        )
         # Segments of 64 MiB (the default); no automatic snapshot, so "archive" is the segment path alone.
-        archiver = Archiver(store, codec, rotation=Rotation(), snapshots=SnapshotPolicy(0, 0),
-                            work_dir=root / "archive-work", topic=topic_for(database), log=lambda m: None)
+        archiver = Archiver(
+            store,
+            codec,
+            rotation=Rotation(),
+            snapshots=SnapshotPolicy(0, 0),
+            work_dir=root / "archive-work",
+            topic=topic_for(database),
+            log=lambda m: None,
+        )
         start = archiver.resume()
         source = TopicSource(bs, database, codec, "archive", start, once=True)
         archiver.on_archived = lambda txn: (source.acknowledge(txn), source.offsets.flush())
@@ -138,21 +152,43 @@ def main() -> int:
         log(f"restored {position} ({mib(total):.0f} MiB of objects)")
 
     rows = [
-        ("archive (Kafka -> Avro segments -> S3)", f"{mib(seg_bytes):.0f}", f"{archive_s:.2f}",
-         f"{mib(seg_bytes) / archive_s:.1f}"),
-        ("raw boto3 put_object, same bytes", f"{mib(seg_bytes):.0f}", f"{raw_put_s:.2f}",
-         f"{mib(seg_bytes) / raw_put_s:.1f}"),
-        ("raw kafka-python consumer, same records (uncompressed)", f"{mib(raw_bytes):.0f}", f"{raw_consume_s:.2f}",
-         f"{mib(raw_bytes) / raw_consume_s:.1f}"),
+        (
+            "archive (Kafka -> Avro segments -> S3)",
+            f"{mib(seg_bytes):.0f}",
+            f"{archive_s:.2f}",
+            f"{mib(seg_bytes) / archive_s:.1f}",
+        ),
+        (
+            "raw boto3 put_object, same bytes",
+            f"{mib(seg_bytes):.0f}",
+            f"{raw_put_s:.2f}",
+            f"{mib(seg_bytes) / raw_put_s:.1f}",
+        ),
+        (
+            "raw kafka-python consumer, same records (uncompressed)",
+            f"{mib(raw_bytes):.0f}",
+            f"{raw_consume_s:.2f}",
+            f"{mib(raw_bytes) / raw_consume_s:.1f}",
+        ),
         (f"base snapshot ({args.pool_mib} MiB pool, materialise + upload)", "", f"{snapshot_s:.2f}", ""),
-        ("restore newest (snapshot + segments, verified)", f"{mib(total):.0f}", f"{restore_s:.2f}",
-         f"{mib(total) / restore_s:.1f}"),
-        ("raw boto3 download_file, same objects", f"{mib(total):.0f}", f"{raw_down_s:.2f}",
-         f"{mib(total) / raw_down_s:.1f}"),
+        (
+            "restore newest (snapshot + segments, verified)",
+            f"{mib(total):.0f}",
+            f"{restore_s:.2f}",
+            f"{mib(total) / restore_s:.1f}",
+        ),
+        (
+            "raw boto3 download_file, same objects",
+            f"{mib(total):.0f}",
+            f"{raw_down_s:.2f}",
+            f"{mib(total) / raw_down_s:.1f}",
+        ),
     ]
     print(table(("step", "MiB", "s", "MiB/s"), rows, title="archive and restore"))
-    print(f"archive vs raw put: {raw_put_s / archive_s:.2f}x (goal >= 0.7x); "
-          f"archive vs raw consume + raw put: {(raw_put_s + raw_consume_s) / archive_s:.2f}x")
+    print(
+        f"archive vs raw put: {raw_put_s / archive_s:.2f}x (goal >= 0.7x); "
+        f"archive vs raw consume + raw put: {(raw_put_s + raw_consume_s) / archive_s:.2f}x"
+    )
     print(f"restore vs raw download: {restore_s / raw_down_s:.2f}x the time (goal <= 2x)")
     return 0
 

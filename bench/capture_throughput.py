@@ -5,7 +5,7 @@
 
 What runs (all in one run, against one private broker on 127.0.0.1):
  1. A PicoLisp app commits --initial transactions (no consumer), then the capture side (driven
-    in-process exactly like pool_pipeline.cli.capture_agent._capture: PoolSource -> pipeline.replicate -> TopicSink) publishes
+    in-process as pool_pipeline.cli.capture_agent wires it: PoolSource -> pipeline.replicate -> TopicSink) publishes
     the bootstrap snapshot. Timed and reported separately ("snapshot").
  2. --rounds times: the app commits --backlog transactions (the journal holds MBs), then one
     capture round publishes the backlog as one Kafka transaction. The round is timed in parts:
@@ -41,9 +41,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    agent_argv, env_with, time_method, kafka, log, median, mib, new_app, table, workdir,
+    agent_argv,
+    env_with,
+    kafka,
+    log,
+    median,
+    mib,
+    new_app,
+    table,
+    time_method,
+    workdir,
 )
-
 from kafka import KafkaProducer  # noqa: E402
 from kafka.structs import TopicPartition  # noqa: E402
 
@@ -97,12 +105,17 @@ class RawProducers:
         self.topic_plain = "pool.rawbench-plain"
         for t in (self.topic_txn, self.topic_plain):
             ensure_topic(bootstrap, t)
-        self.txn = KafkaProducer(bootstrap_servers=bootstrap, client_id="bench-raw-txn",
-                                 transactional_id="bench-raw-txn", enable_idempotence=True,
-                                 **producer_settings())
+        self.txn = KafkaProducer(
+            bootstrap_servers=bootstrap,
+            client_id="bench-raw-txn",
+            transactional_id="bench-raw-txn",
+            enable_idempotence=True,
+            **producer_settings(),
+        )
         self.txn.init_transactions()
-        self.plain = KafkaProducer(bootstrap_servers=bootstrap, client_id="bench-raw-plain",
-                                   enable_idempotence=False, **producer_settings())
+        self.plain = KafkaProducer(
+            bootstrap_servers=bootstrap, client_id="bench-raw-plain", enable_idempotence=False, **producer_settings()
+        )
 
     def send_txn(self, records: list[tuple[bytes, bytes]]) -> float:
         p, topic = self.txn, self.topic_txn
@@ -172,6 +185,7 @@ def instrument(source: PoolSource, sink: TopicSink, acc: dict) -> None:
                 return
             acc["_scan"] += time.perf_counter() - t
             yield block
+
     source._scan = timed_scan
 
 
@@ -199,13 +213,18 @@ def main() -> int:
 
         t = time.monotonic()
         app.workload(args.initial, seed=1, blobs=blobs)
-        log(f"initial workload {args.initial} txns in {time.monotonic() - t:.1f} s; "
-            f"journal {mib(app.journal.stat().st_size):.1f} MiB")
+        log(
+            f"initial workload {args.initial} txns in {time.monotonic() - t:.1f} s; "
+            f"journal {mib(app.journal.stat().st_size):.1f} MiB"
+        )
 
         sink = TopicSink(bs, DB, codec)
-        lock = AgentLock(root / "agent-state", DB)  # as pool_pipeline.cli.capture_agent._capture (it also creates the state dir)
-        source = PoolSource(app.prefix, app.journal, app.blob_dir, DB, root / "agent-state", once=True,
-                            log=lambda m: log(m))
+        lock = AgentLock(
+            root / "agent-state", DB
+        )  # as pool_pipeline.cli.capture_agent._capture (it also creates the state dir)
+        source = PoolSource(
+            app.prefix, app.journal, app.blob_dir, DB, root / "agent-state", once=True, log=lambda m: log(m)
+        )
         acc: dict = defaultdict(float)
         instrument(source, sink, acc)
         prof = cProfile.Profile() if args.profile else None
@@ -231,13 +250,22 @@ def main() -> int:
             t_txn = raw.send_txn(recs)
             t_enc = raw.send_encoding(codec, txns)
             t_plain = raw.send_plain(recs)
-            r = dict(label=label, records=len(recs), bytes=nbytes, total=total, t_txn=t_txn, t_plain=t_plain,
-                     t_enc=t_enc,
-                     **{k: v for k, v in acc.items()})
+            r = dict(
+                label=label,
+                records=len(recs),
+                bytes=nbytes,
+                total=total,
+                t_txn=t_txn,
+                t_plain=t_plain,
+                t_enc=t_enc,
+                **{k: v for k, v in acc.items()},
+            )
             results.append(r)
-            log(f"{label}: {len(recs)} records {mib(nbytes):.1f} MiB, total {total:.2f} s, "
+            log(
+                f"{label}: {len(recs)} records {mib(nbytes):.1f} MiB, total {total:.2f} s, "
                 f"publish {acc.get('apply', 0):.2f} s, raw txn {t_txn:.2f} s, raw txn+encode {t_enc:.2f} s, "
-                f"raw plain {t_plain:.2f} s")
+                f"raw plain {t_plain:.2f} s"
+            )
 
         position = [Position(0, 0)]
 
@@ -249,8 +277,10 @@ def main() -> int:
         for i in range(args.rounds):
             t = time.monotonic()
             app.workload(args.backlog, seed=100 + i, blobs=blobs)
-            log(f"round {i + 1}: workload {args.backlog} txns in {time.monotonic() - t:.1f} s, journal "
-                f"{mib(app.journal.stat().st_size):.1f} MiB")
+            log(
+                f"round {i + 1}: workload {args.backlog} txns in {time.monotonic() - t:.1f} s, journal "
+                f"{mib(app.journal.stat().st_size):.1f} MiB"
+            )
 
             def run_profiled() -> None:
                 if prof:
@@ -260,6 +290,7 @@ def main() -> int:
                 finally:
                     if prof:
                         prof.disable()
+
             measure(f"backlog {i + 1}", run_profiled)
         source.close()
         sink.close()
@@ -270,8 +301,13 @@ def main() -> int:
             app.workload(args.backlog, seed=999, blobs=blobs)
             start = end_offset(bs, topic)
             t0 = time.perf_counter()
-            r = subprocess.run(agent_argv(app, "--once", "--state-dir", str(root / "agent-state")),
-                               cwd=app.root, env=env_with(bs), capture_output=True, text=True)
+            r = subprocess.run(
+                agent_argv(app, "--once", "--state-dir", str(root / "agent-state")),
+                cwd=app.root,
+                env=env_with(bs),
+                capture_output=True,
+                text=True,
+            )
             wall = time.perf_counter() - t0
             if r.returncode != 0:
                 log(f"capture-agent --once failed rc={r.returncode}: {r.stderr[-2000:]}")
@@ -289,38 +325,109 @@ def main() -> int:
         r["capture"] = r["total"] - r["restart"]
         r["read"] = r["capture"] - r.get("apply", 0)
     print()
-    print(table(
-        ["publication", "records", "MiB", "restart scan s", "journal s", "blobs s", "journal+read s", "publish s",
-         "capture s", "raw txn s", "raw txn+encode s", "raw plain s"],
-        [[r["label"], r["records"], mib(r["bytes"]), r["restart"], r.get("_take_journal", 0),
-          r.get("_blob_changes", 0), r["read"], r.get("apply", 0), r["capture"],
-          r["t_txn"], r["t_enc"], r["t_plain"]] for r in results],
-        title="Times (capture = journal+read + publish; the restart scan is excluded, see docstring)"))
+    print(
+        table(
+            [
+                "publication",
+                "records",
+                "MiB",
+                "restart scan s",
+                "journal s",
+                "blobs s",
+                "journal+read s",
+                "publish s",
+                "capture s",
+                "raw txn s",
+                "raw txn+encode s",
+                "raw plain s",
+            ],
+            [
+                [
+                    r["label"],
+                    r["records"],
+                    mib(r["bytes"]),
+                    r["restart"],
+                    r.get("_take_journal", 0),
+                    r.get("_blob_changes", 0),
+                    r["read"],
+                    r.get("apply", 0),
+                    r["capture"],
+                    r["t_txn"],
+                    r["t_enc"],
+                    r["t_plain"],
+                ]
+                for r in results
+            ],
+            title="Times (capture = journal+read + publish; the restart scan is excluded, see docstring)",
+        )
+    )
     print()
-    print(table(
-        ["publication", "capture MiB/s", "capture rec/s", "raw txn MiB/s", "raw txn+enc MiB/s", "raw plain MiB/s",
-         "capture/raw txn", "capture/raw plain", "publish/raw txn"],
-        [[r["label"], mib(r["bytes"]) / r["capture"], r["records"] / r["capture"], mib(r["bytes"]) / r["t_txn"],
-          mib(r["bytes"]) / r["t_enc"], mib(r["bytes"]) / r["t_plain"], r["t_txn"] / r["capture"],
-          r["t_plain"] / r["capture"], r["t_txn"] / r.get("apply", 1)] for r in results],
-        title="Throughput and ratios (ratio = raw time / capture time = capture MiB/s / raw MiB/s)"))
+    print(
+        table(
+            [
+                "publication",
+                "capture MiB/s",
+                "capture rec/s",
+                "raw txn MiB/s",
+                "raw txn+enc MiB/s",
+                "raw plain MiB/s",
+                "capture/raw txn",
+                "capture/raw plain",
+                "publish/raw txn",
+            ],
+            [
+                [
+                    r["label"],
+                    mib(r["bytes"]) / r["capture"],
+                    r["records"] / r["capture"],
+                    mib(r["bytes"]) / r["t_txn"],
+                    mib(r["bytes"]) / r["t_enc"],
+                    mib(r["bytes"]) / r["t_plain"],
+                    r["t_txn"] / r["capture"],
+                    r["t_plain"] / r["capture"],
+                    r["t_txn"] / r.get("apply", 1),
+                ]
+                for r in results
+            ],
+            title="Throughput and ratios (ratio = raw time / capture time = capture MiB/s / raw MiB/s)",
+        )
+    )
     backlog = [r for r in results if r["label"] != "snapshot"]
     if backlog:
         ratio_txn = median([r["t_txn"] / r["capture"] for r in backlog])
         print()
-        print(table(["summary (median of the backlog rounds)", "value"], [
-            ["capture / raw txn producer (goal >= 0.8)", f"{ratio_txn:.2f}x"],
-            ["capture / raw plain producer", f"{median([r['t_plain'] / r['capture'] for r in backlog]):.2f}x"],
-            ["capture incl. restart scan / raw txn", f"{median([r['t_txn'] / r['total'] for r in backlog]):.2f}x"],
-            ["publish only (TopicSink.apply) / raw txn", f"{median([r['t_txn'] / r['apply'] for r in backlog]):.2f}x"],
-            ["raw txn+encode / raw txn (Avro encoding cost)", f"{median([r['t_txn'] / r['t_enc'] for r in backlog]):.2f}x"],
-            ["share of capture time in journal+read", f"{median([r['read'] / r['capture'] for r in backlog]):.0%}"],
-            ["goal", "MET" if ratio_txn >= 0.8 else "MISSED"],
-        ]))
+        print(
+            table(
+                ["summary (median of the backlog rounds)", "value"],
+                [
+                    ["capture / raw txn producer (goal >= 0.8)", f"{ratio_txn:.2f}x"],
+                    ["capture / raw plain producer", f"{median([r['t_plain'] / r['capture'] for r in backlog]):.2f}x"],
+                    [
+                        "capture incl. restart scan / raw txn",
+                        f"{median([r['t_txn'] / r['total'] for r in backlog]):.2f}x",
+                    ],
+                    [
+                        "publish only (TopicSink.apply) / raw txn",
+                        f"{median([r['t_txn'] / r['apply'] for r in backlog]):.2f}x",
+                    ],
+                    [
+                        "raw txn+encode / raw txn (Avro encoding cost)",
+                        f"{median([r['t_txn'] / r['t_enc'] for r in backlog]):.2f}x",
+                    ],
+                    [
+                        "share of capture time in journal+read",
+                        f"{median([r['read'] / r['capture'] for r in backlog]):.0%}",
+                    ],
+                    ["goal", "MET" if ratio_txn >= 0.8 else "MISSED"],
+                ],
+            )
+        )
     if cli:
-        print(f"\ncapture-agent --once (process wall time, incl. startup + restart scan): {cli['records']} records "
-              f"{mib(cli['bytes']):.1f} MiB in {cli['wall']:.2f} s = {mib(cli['bytes']) / cli['wall']:.1f} MiB/s; "
-              f"raw txn {mib(cli['bytes']) / cli['t_txn']:.1f} MiB/s -> ratio {cli['t_txn'] / cli['wall']:.2f}x")
+        print(
+            f"\ncapture-agent --once (process wall time, incl. startup + restart scan): {cli['records']} records "
+            f"{mib(cli['bytes']):.1f} MiB in {cli['wall']:.2f} s = {mib(cli['bytes']) / cli['wall']:.1f} MiB/s; "
+            f"raw txn {mib(cli['bytes']) / cli['t_txn']:.1f} MiB/s -> ratio {cli['t_txn'] / cli['wall']:.2f}x"
+        )
     if prof:
         print_profile(prof, "the backlog rounds")
     return 0

@@ -50,10 +50,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    BENCH, REPO, agent_argv, capture_pending, env_with, kafka, log, new_app, percentile, replica_argv, spawn,
-    stop, table, workdir,
+    BENCH,
+    REPO,
+    agent_argv,
+    capture_pending,
+    env_with,
+    kafka,
+    log,
+    new_app,
+    percentile,
+    replica_argv,
+    spawn,
+    stop,
+    table,
+    workdir,
 )
-
 from kafka.structs import TopicPartition  # noqa: E402
 
 from connectors.kafka.client import committed_consumer
@@ -119,8 +130,21 @@ class PacedWorkload:
 
     def __init__(self, app, txns: int, rate: int, seed: int, blobs: bool) -> None:
         b = "1" if blobs else "0"
-        argv = [app.pil, str(REPO / "tests/lisp/app.l"), str(REPO / "tests/lisp/workload.l"), "0", str(seed), b,
-                "0", "0", str(BENCH / "lisp/paced.l"), str(txns), str(rate), b, "-bye"]
+        argv = [
+            app.pil,
+            str(REPO / "tests/lisp/app.l"),
+            str(REPO / "tests/lisp/workload.l"),
+            "0",
+            str(seed),
+            b,
+            "0",
+            "0",
+            str(BENCH / "lisp/paced.l"),
+            str(txns),
+            str(rate),
+            b,
+            "-bye",
+        ]
         self.proc = spawn(argv, cwd=app.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
         self.lines: list[tuple[int, int, float]] = []  # (i, usec, received wall time)
         self.thread = threading.Thread(target=self._read, daemon=True)
@@ -184,8 +208,14 @@ def parse_events(path: Path) -> list[list[str]]:
 
 def stats_row(name: str, values_s: list[float]) -> list[object]:
     ms = [v * 1000 for v in values_s]
-    return [name, percentile(ms, 50), percentile(ms, 90), percentile(ms, 99), max(ms) if ms else float("nan"),
-            sum(ms) / len(ms) if ms else float("nan")]
+    return [
+        name,
+        percentile(ms, 50),
+        percentile(ms, 90),
+        percentile(ms, 99),
+        max(ms) if ms else float("nan"),
+        sum(ms) / len(ms) if ms else float("nan"),
+    ]
 
 
 STAT_HEADERS = ["ms", "p50", "p90", "p99", "max", "mean"]
@@ -202,16 +232,23 @@ def run_phase(mode: str, app, bs: str, codec: Codec, root: Path, args, seed: int
     poll = ["--poll-interval", str(args.poll_interval)]
     if mode == "probe":
         agent_ev, replica_ev = root / f"agent-{seed}.events", root / f"replica-{seed}.events"
-        agent = spawn([sys.executable, str(BENCH / "_probe.py"), "agent", str(agent_ev), "--",
-                       *agent_argv(app, *poll)[1:]], cwd=app.root, env=env, log=root / "agent.log")
-        replica = spawn([sys.executable, str(BENCH / "_probe.py"), "replica", str(replica_ev), "--",
-                         *replica_argv()[1:]], cwd=app.root, env=env, log=root / "replica.log")
+        agent = spawn(
+            [sys.executable, str(BENCH / "_probe.py"), "agent", str(agent_ev), "--", *agent_argv(app, *poll)[1:]],
+            cwd=app.root,
+            env=env,
+            log=root / "agent.log",
+        )
+        replica = spawn(
+            [sys.executable, str(BENCH / "_probe.py"), "replica", str(replica_ev), "--", *replica_argv()[1:]],
+            cwd=app.root,
+            env=env,
+            log=root / "replica.log",
+        )
     else:
         agent = spawn(agent_argv(app, *poll), cwd=app.root, env=env, log=root / "agent.log")
         replica = spawn(replica_argv(), cwd=app.root, env=env, log=root / "replica.log")
     start_txn = wait_caught_up(app, bs, codec, timeout=120)
-    log(f"{mode}: agent and replica caught up at txn {start_txn}; committing {args.rate} txn/s for "
-        f"{args.duration} s")
+    log(f"{mode}: agent and replica caught up at txn {start_txn}; committing {args.rate} txn/s for {args.duration} s")
     poller = PositionPoller(app) if mode == "plain" else None
     n = int(args.rate * args.duration)
     wl = PacedWorkload(app, n, args.rate, seed, not args.no_blobs)
@@ -244,8 +281,16 @@ def run_phase(mode: str, app, bs: str, codec: Codec, root: Path, args, seed: int
         applied, fetches, acks, polls = {}, [], [], []
         for ev in parse_events(root / f"replica-{seed}.events"):
             if ev[0] == "A":
-                applied[int(ev[1])] = (float(ev[2]), float(ev[3]), float(ev[4]), float(ev[5]), float(ev[6]),
-                                       int(ev[7]), int(ev[8]), int(ev[9]) if len(ev) > 9 else 1)
+                applied[int(ev[1])] = (
+                    float(ev[2]),
+                    float(ev[3]),
+                    float(ev[4]),
+                    float(ev[5]),
+                    float(ev[6]),
+                    int(ev[7]),
+                    int(ev[8]),
+                    int(ev[9]) if len(ev) > 9 else 1,
+                )
             elif ev[0] == "F":
                 fetches.append((int(ev[4]), float(ev[1])))  # (last offset, time)
                 polls.append((float(ev[1]), float(ev[5])))
@@ -257,10 +302,24 @@ def run_phase(mode: str, app, bs: str, codec: Codec, root: Path, args, seed: int
         def fetched_at(offset: int) -> float:
             j = bisect_right(fetch_last, offset - 1)  # first poll whose last offset >= offset
             return fetches[j][1] if j < len(fetches) else float("nan")
+
         lock_times = [r[0] for r in rounds]
-        comp = {k: [] for k in ("lag", "capture wait", "agent build", "publish", "delivery", "  fetch",
-                                "  queued in replica", "replica apply",
-                                "  stage+verify", "  fsync (all)", "  replay+position")}
+        comp = {
+            k: []
+            for k in (
+                "lag",
+                "capture wait",
+                "agent build",
+                "publish",
+                "delivery",
+                "  fetch",
+                "  queued in replica",
+                "replica apply",
+                "  stage+verify",
+                "  fsync (all)",
+                "  replay+position",
+            )
+        }
         unmatched = 0
         for c in commits:
             i = bisect_right(lock_times, c)
@@ -312,6 +371,7 @@ def run_phase(mode: str, app, bs: str, codec: Codec, root: Path, args, seed: int
         def applied_at(txn: int) -> float:
             j = bisect_right(seen_ids, txn - 1)  # first seen id >= txn
             return seen[seen_ids[j]] / 1000 if j < len(seen_ids) else float("nan")
+
         lags, unmatched = [], 0
         for c in commits:
             j = bisect_right(src_ms, int(c * 1000) - 1)  # first txn with source_time_ms >= c (ms)
@@ -356,9 +416,22 @@ def main() -> int:
         modes = ["probe", "plain"] if args.mode == "both" else [args.mode]
         for k, mode in enumerate(modes):
             results.append(run_phase(mode, app, bs, codec, root, args, seed=10 + k))
-        r = subprocess.run([str(Path(sys.executable).parent / "verify"), "--pool", "db/app/", "--replica",
-                            "rpl/db/app/", "--blob", "blob/app/", "--replica-blob", "rpl/blob/app/"],
-                           cwd=app.root, capture_output=True, text=True)
+        r = subprocess.run(
+            [
+                str(Path(sys.executable).parent / "verify"),
+                "--pool",
+                "db/app/",
+                "--replica",
+                "rpl/db/app/",
+                "--blob",
+                "blob/app/",
+                "--replica-blob",
+                "rpl/blob/app/",
+            ],
+            cwd=app.root,
+            capture_output=True,
+            text=True,
+        )
         verify = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else r.stderr.strip()[-300:]
 
     print()
@@ -366,36 +439,50 @@ def main() -> int:
         comp = res["components"]
         what_if = ""
         if res["mode"] == "probe":
-            what_if = " ".join(x for x in (
-                f"producer retry_backoff_ms={args.what_if_backoff}" if args.what_if_backoff is not None else "",
-                "async acks" if args.what_if_async_ack else "",
-                "NO FSYNC" if args.what_if_no_fsync else "") if x)
+            what_if = " ".join(
+                x
+                for x in (
+                    f"producer retry_backoff_ms={args.what_if_backoff}" if args.what_if_backoff is not None else "",
+                    "async acks" if args.what_if_async_ack else "",
+                    "NO FSYNC" if args.what_if_no_fsync else "",
+                )
+                if x
+            )
             what_if = f" WHAT-IF: {what_if}" if what_if else ""
-        title = (f"[{res['mode']}{what_if}] {res['commits']} PicoLisp commits at {res['rate']:.0f} txn/s achieved "
-                 f"(target {args.rate}), {res['txns']} capture txns ({res['commits_per_txn']:.1f} commits/txn), "
-                 f"poll interval {args.poll_interval * 1000:.0f} ms; unmatched commits {res['unmatched']}")
-        rows = [stats_row(name + (" (commit -> replica visible)" if name == "lag" else ""), v)
-                for name, v in comp.items()]
+        title = (
+            f"[{res['mode']}{what_if}] {res['commits']} PicoLisp commits at {res['rate']:.0f} txn/s achieved "
+            f"(target {args.rate}), {res['txns']} capture txns ({res['commits_per_txn']:.1f} commits/txn), "
+            f"poll interval {args.poll_interval * 1000:.0f} ms; unmatched commits {res['unmatched']}"
+        )
+        rows = [
+            stats_row(name + (" (commit -> replica visible)" if name == "lag" else ""), v) for name, v in comp.items()
+        ]
         rows.append(stats_row("per capture txn: applied - TxnBegin.source_time_ms", res["txn_lag"]))
         print(table(STAT_HEADERS, rows, title=title))
         if res["mode"] == "probe":
             rec = res["records_per_txn"]
-            print(f"records per capture txn: mean {sum(rec) / max(1, len(rec)):.1f}, p99 {percentile(rec, 99):.0f}; "
-                  f"fsyncs per applied txn: p50 {percentile(res['fsyncs_per_txn'], 50):.1f}, mean "
-                  f"{sum(res['fsyncs_per_txn']) / max(1, len(res['fsyncs_per_txn'])):.1f}; txns per group commit: "
-                  f"mean {len(res['batch_sizes']) / max(1e-9, sum(1 / b for b in res['batch_sizes'])):.2f}, max "
-                  f"{max(res['batch_sizes'], default=0)}; busy share of the run: "
-                  f"replica apply {res['replica_busy']:.0%}, replica process (all but poll waits) "
-                  f"{res['replica_loop_busy']:.0%}, agent publish {res['agent_busy']:.0%} "
-                  "(near or above 100% = that stage queues and lag grows)")
-            print(f"replica group offset commit per txn (TopicSource.acknowledge): "
-                  f"p50 {percentile(res['acks'], 50) * 1000:.1f} ms, p99 {percentile(res['acks'], 99) * 1000:.1f} ms")
+            print(
+                f"records per capture txn: mean {sum(rec) / max(1, len(rec)):.1f}, p99 {percentile(rec, 99):.0f}; "
+                f"fsyncs per applied txn: p50 {percentile(res['fsyncs_per_txn'], 50):.1f}, mean "
+                f"{sum(res['fsyncs_per_txn']) / max(1, len(res['fsyncs_per_txn'])):.1f}; txns per group commit: "
+                f"mean {len(res['batch_sizes']) / max(1e-9, sum(1 / b for b in res['batch_sizes'])):.2f}, max "
+                f"{max(res['batch_sizes'], default=0)}; busy share of the run: "
+                f"replica apply {res['replica_busy']:.0%}, replica process (all but poll waits) "
+                f"{res['replica_loop_busy']:.0%}, agent publish {res['agent_busy']:.0%} "
+                "(near or above 100% = that stage queues and lag grows)"
+            )
+            print(
+                f"replica group offset commit per txn (TopicSource.acknowledge): "
+                f"p50 {percentile(res['acks'], 50) * 1000:.1f} ms, p99 {percentile(res['acks'], 99) * 1000:.1f} ms"
+            )
         if res["mode"] == "plain":
             print(f"position.json polls missed {res['missed_polls']} txns (their lag uses the next txn's time)")
         lag = [v * 1000 for v in comp["lag"]]
         p50, p99 = percentile(lag, 50), percentile(lag, 99)
-        print(f"goal p50 < 20 ms: {p50:.1f} ms {'MET' if p50 < 20 else 'MISSED'}; "
-              f"p99 < 100 ms: {p99:.1f} ms {'MET' if p99 < 100 else 'MISSED'}\n")
+        print(
+            f"goal p50 < 20 ms: {p50:.1f} ms {'MET' if p50 < 20 else 'MISSED'}; "
+            f"p99 < 100 ms: {p99:.1f} ms {'MET' if p99 < 100 else 'MISSED'}\n"
+        )
     print(f"verify after the run: {verify}")
     return 0
 

@@ -36,15 +36,27 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    agent_argv, bin_path, wait_published, env_with, kafka, log, median, mib, new_app, replica_argv, spawn, stop, table, time_method,
+    agent_argv,
+    bin_path,
+    env_with,
+    kafka,
+    log,
+    median,
+    mib,
+    new_app,
+    replica_argv,
+    spawn,
+    stop,
+    table,
+    time_method,
+    wait_published,
     workdir,
 )
-
 from kafka.structs import TopicPartition  # noqa: E402
 
 from connectors.kafka.client import committed_consumer
@@ -73,14 +85,13 @@ def raw_read(bs: str, topic: str, split_offset: int, decode: Codec | None = None
 
         def stream() -> Iterator[Record]:
             while c.position(tp) < end:
-                for r in c.poll(timeout_ms=200, max_records=2000).get(tp, []):
-                    yield r
+                yield from c.poll(timeout_ms=200, max_records=2000).get(tp, [])
 
         it = stream()
         if decode is not None:
             txns = 0
             for txn in decode.read_transactions(it, DB):
-                for ch in txn.changes:
+                for _ in txn.changes:
                     pass
                 txns += 1
                 if t_split is None and txn.end_offset is not None and txn.end_offset >= split_offset:
@@ -93,8 +104,13 @@ def raw_read(bs: str, topic: str, split_offset: int, decode: Codec | None = None
             if t_split is None and r.offset >= split_offset:
                 t_split = time.perf_counter() - t0
                 split_bytes = nbytes
-        return {"t": time.perf_counter() - t0, "t_split": t_split, "records": records, "bytes": nbytes,
-                "split_bytes": split_bytes}
+        return {
+            "t": time.perf_counter() - t0,
+            "t_split": t_split,
+            "records": records,
+            "bytes": nbytes,
+            "split_bytes": split_bytes,
+        }
     finally:
         c.close()
 
@@ -112,6 +128,7 @@ def instrument(sink: ReplicaDir, source: TopicSource, acc: dict) -> None:
         finally:
             acc["fsync"] += time.perf_counter() - t
             acc["fsyncs"] += 1
+
     os.fsync = fsync
 
 
@@ -122,8 +139,11 @@ def main() -> int:
     ap.add_argument("--no-blobs", action="store_true")
     ap.add_argument("--no-cli", action="store_true", help="skip the `replica --once` process run")
     ap.add_argument("--profile", action="store_true", help="cProfile the in-process replica")
-    ap.add_argument("--what-if", action="store_true",
-                    help="also run the in-process replica with async acks, and with async acks + no fsync")
+    ap.add_argument(
+        "--what-if",
+        action="store_true",
+        help="also run the in-process replica with async acks, and with async acks + no fsync",
+    )
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args()
     blobs = not args.no_blobs
@@ -152,8 +172,10 @@ def main() -> int:
         log(f"workload {args.txns} txns in {time.monotonic() - t:.1f} s while the agent followed")
         last = wait_published(app, bs, DB, codec)  # the agent has drained the journal and published everything
         stop(agent)
-        log(f"topic {topic}: snapshot = txn 1 (commit offset {snap.offset}); last txn {last.position.txn_id} "
-            f"at offset {last.offset}")
+        log(
+            f"topic {topic}: snapshot = txn 1 (commit offset {snap.offset}); last txn {last.position.txn_id} "
+            f"at offset {last.offset}"
+        )
 
         raws = [raw_read(bs, topic, snap.offset)]
         log(f"raw read: {raws[0]['records']} records {mib(raws[0]['bytes']):.1f} MiB in {raws[0]['t']:.2f} s")
@@ -168,6 +190,7 @@ def main() -> int:
         def counting_flush():
             flushes[0] += int(sink.pending() > 0)
             real_flush()
+
         sink.flush = counting_flush
         acc: dict = defaultdict(float)
         real_fsync = os.fsync
@@ -178,6 +201,7 @@ def main() -> int:
             if txn.txn_id == 1:
                 marks["split"] = time.perf_counter()
                 marks.update({f"{k}@split": v for k, v in list(acc.items()) if "@" not in k})
+
         prof = cProfile.Profile() if args.profile else None
         t0 = time.perf_counter()
         if prof:
@@ -197,23 +221,42 @@ def main() -> int:
         cli = None
         if not args.no_cli:
             t = time.perf_counter()
-            r = subprocess.run(replica_argv("--once", "--group", "bench-cli", target="rpl2/db/app/",
-                                            blob="rpl2/blob/app/"), cwd=app.root, env=env,
-                               capture_output=True, text=True)
+            r = subprocess.run(
+                replica_argv("--once", "--group", "bench-cli", target="rpl2/db/app/", blob="rpl2/blob/app/"),
+                cwd=app.root,
+                env=env,
+                capture_output=True,
+                text=True,
+            )
             cli = time.perf_counter() - t
             if r.returncode != 0:
                 log(f"replica --once failed rc={r.returncode}: {r.stderr[-1500:]}")
         what_ifs = []
         if args.what_if:
-            for label, async_ack, no_fsync in (("WHAT-IF async acks", True, False),
-                                               ("WHAT-IF async acks + NO FSYNC (unsafe)", True, True)):
+            for label, async_ack, no_fsync in (
+                ("WHAT-IF async acks", True, False),
+                ("WHAT-IF async acks + NO FSYNC (unsafe)", True, True),
+            ):
                 t_all, t_split = what_if_replica(app, bs, codec, topic, f"wi{len(what_ifs)}", async_ack, no_fsync)
                 what_ifs.append((label, t_all, t_split))
                 log(f"{label}: {t_all:.2f} s")
         raws.append(raw_read(bs, topic, snap.offset))
-        r = subprocess.run([bin_path("verify"), "--pool", "db/app/", "--replica", "rpl/db/app/", "--blob",
-                            "blob/app/", "--replica-blob", "rpl/blob/app/"], cwd=app.root,
-                           capture_output=True, text=True)
+        r = subprocess.run(
+            [
+                bin_path("verify"),
+                "--pool",
+                "db/app/",
+                "--replica",
+                "rpl/db/app/",
+                "--blob",
+                "blob/app/",
+                "--replica-blob",
+                "rpl/blob/app/",
+            ],
+            cwd=app.root,
+            capture_output=True,
+            text=True,
+        )
         verify = (r.stdout.strip().splitlines() or [r.stderr.strip()])[-1]
 
     # ---- report -------------------------------------------------------------------------------
@@ -228,8 +271,20 @@ def main() -> int:
 
     def row(name, t, t_split):
         t_inc = t - t_split
-        rows.append([name, t, nbytes and mib(nbytes) / t, txns / t, mib(split_bytes) / t_split,
-                     mib(inc_bytes) / t_inc, (txns - 1) / t_inc, t_raw / t, (t_raw - t_raw_split) / t_inc])
+        rows.append(
+            [
+                name,
+                t,
+                nbytes and mib(nbytes) / t,
+                txns / t,
+                mib(split_bytes) / t_split,
+                mib(inc_bytes) / t_inc,
+                (txns - 1) / t_inc,
+                t_raw / t,
+                (t_raw - t_raw_split) / t_inc,
+            ]
+        )
+
     for i, r in enumerate(raws):
         row(f"raw consumer #{i + 1}", r["t"], r["t_split"])
     row("raw + Avro decode", dec["t"], dec["t_split"])
@@ -237,34 +292,60 @@ def main() -> int:
     for label, t_all, t_split in what_ifs:
         row(label, t_all, t_split)
     print()
-    print(table(["reader", "s", "MiB/s", "txn/s", "snapshot MiB/s", "incr MiB/s", "incr txn/s",
-                 "ratio vs raw", "incr ratio"], rows,
-                title=f"Reading topic {topic}: {records:,} records, {mib(nbytes):.1f} MiB, {txns} txns "
-                      f"(snapshot {mib(split_bytes):.1f} MiB + {txns - 1} incremental txns "
-                      f"{mib(inc_bytes):.1f} MiB, {mib(inc_bytes) / max(1, txns - 1) * 1024:.0f} KiB/txn)"))
-    inc = {k: acc.get(k, 0) - marks.get(f"{k}@split", 0) for k in ("apply", "_stage", "flush", "_replay", "acknowledge",
-                                                                   "fsync", "fsyncs")}
+    print(
+        table(
+            [
+                "reader",
+                "s",
+                "MiB/s",
+                "txn/s",
+                "snapshot MiB/s",
+                "incr MiB/s",
+                "incr txn/s",
+                "ratio vs raw",
+                "incr ratio",
+            ],
+            rows,
+            title=f"Reading topic {topic}: {records:,} records, {mib(nbytes):.1f} MiB, {txns} txns "
+            f"(snapshot {mib(split_bytes):.1f} MiB + {txns - 1} incremental txns "
+            f"{mib(inc_bytes):.1f} MiB, {mib(inc_bytes) / max(1, txns - 1) * 1024:.0f} KiB/txn)",
+        )
+    )
+    inc = {
+        k: acc.get(k, 0) - marks.get(f"{k}@split", 0)
+        for k in ("apply", "_stage", "flush", "_replay", "acknowledge", "fsync", "fsyncs")
+    }
     n_inc = max(1, txns - 1)
     print()
     t_inc = t_replica - t_rep_split
 
     def phase(name: str, seconds: float) -> list[object]:
         return [name, seconds, seconds / n_inc * 1000, seconds / t_inc]
-    print(table(["replica phase (incremental txns)", "total s", "ms/txn", "share"], [
-        phase("_stage: decode+redo write+checksum+verify", inc["_stage"]),
-        phase(f"flush: group commit ({n_inc / max(1, flushes[0] - 1):.1f} txns per batch)", inc["flush"]),
-        phase("  _replay: pwrite+fsync+position", inc["_replay"]),
-        phase(f"  fsync, all ({inc['fsyncs'] / n_inc:.2f} per txn)", inc["fsync"]),
-        phase("acknowledge (sync group offset commit)", inc["acknowledge"]),
-        phase("everything (incremental part)", t_inc),
-    ]))
+
+    print(
+        table(
+            ["replica phase (incremental txns)", "total s", "ms/txn", "share"],
+            [
+                phase("_stage: decode+redo write+checksum+verify", inc["_stage"]),
+                phase(f"flush: group commit ({n_inc / max(1, flushes[0] - 1):.1f} txns per batch)", inc["flush"]),
+                phase("  _replay: pwrite+fsync+position", inc["_replay"]),
+                phase(f"  fsync, all ({inc['fsyncs'] / n_inc:.2f} per txn)", inc["fsync"]),
+                phase("acknowledge (sync group offset commit)", inc["acknowledge"]),
+                phase("everything (incremental part)", t_inc),
+            ],
+        )
+    )
     ratio = t_raw / t_replica
     print(f"\nreplica / raw consumer (whole topic): {ratio:.2f}x  (goal >= 0.8: {'MET' if ratio >= 0.8 else 'MISSED'})")
-    print(f"replica / raw consumer (incremental part): {(t_raw - t_raw_split) / (t_replica - t_rep_split):.2f}x; "
-          f"snapshot part: {t_raw_split / t_rep_split:.2f}x")
+    print(
+        f"replica / raw consumer (incremental part): {(t_raw - t_raw_split) / (t_replica - t_rep_split):.2f}x; "
+        f"snapshot part: {t_raw_split / t_rep_split:.2f}x"
+    )
     if cli:
-        print(f"replica --once process (wall, incl. startup): {cli:.2f} s = {mib(nbytes) / cli:.1f} MiB/s, "
-              f"{txns / cli:.0f} txn/s -> ratio {t_raw / cli:.2f}x")
+        print(
+            f"replica --once process (wall, incl. startup): {cli:.2f} s = {mib(nbytes) / cli:.1f} MiB/s, "
+            f"{txns / cli:.0f} txn/s -> ratio {t_raw / cli:.2f}x"
+        )
     print(f"verify: {verify}")
     if prof:
         out = io.StringIO()
@@ -276,8 +357,9 @@ def main() -> int:
     return 0
 
 
-def what_if_replica(app, bs: str, codec: Codec, topic: str, name: str, async_ack: bool,
-                    no_fsync: bool) -> tuple[float, float]:
+def what_if_replica(
+    app, bs: str, codec: Codec, topic: str, name: str, async_ack: bool, no_fsync: bool
+) -> tuple[float, float]:
     """The in-process replica into a fresh target, with proposed changes emulated by patching:
     async_ack = group offsets via commit_async (connectors.kafka.commit_applied); no_fsync = os.fsync
     does nothing (UNSAFE; attributes the fsync cost). Returns (total s, s until the snapshot applied)."""
@@ -292,6 +374,7 @@ def what_if_replica(app, bs: str, codec: Codec, topic: str, name: str, async_ack
     def commit_async(consumer, tp, txn):
         meta = _json.dumps({"txn": txn.txn_id, "source_time_ms": txn.source_time_ms})
         consumer.commit_async({tp: OffsetAndMetadata(txn.end_offset + 1, meta, -1)})
+
     try:
         if async_ack:
             if saved_commit is not None:
@@ -300,13 +383,15 @@ def what_if_replica(app, bs: str, codec: Codec, topic: str, name: str, async_ack
                 TopicSource.acknowledge = lambda self, txn: commit_async(self.consumer, self.tp, txn)
         if no_fsync:
             os.fsync = lambda fd: None
-        sink = ReplicaDir(str(app.root / name / "db/app") + "/", DB, app.root / name / "blob/app", topic=topic,
-                          group_commit=True)
+        sink = ReplicaDir(
+            str(app.root / name / "db/app") + "/", DB, app.root / name / "blob/app", topic=topic, group_commit=True
+        )
         source = TopicSource(bs, DB, codec, f"bench-{name}", sink.next_offset, once=True)
         split = {}
         t0 = time.perf_counter()
-        replicate(source, sink, on_applied=lambda txn: split.setdefault("t", time.perf_counter()) if txn.txn_id == 1
-                  else None)
+        replicate(
+            source, sink, on_applied=lambda txn: split.setdefault("t", time.perf_counter()) if txn.txn_id == 1 else None
+        )
         total = time.perf_counter() - t0
         source.close()
         sink.close()

@@ -32,14 +32,27 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    BENCH, agent_argv, bin_path, capture_pending, dir_bytes, env_with, kafka, log, mib, new_app, proc_status,
-    replica_argv, spawn, stop, table, workdir,
+    BENCH,
+    agent_argv,
+    bin_path,
+    capture_pending,
+    dir_bytes,
+    env_with,
+    kafka,
+    log,
+    mib,
+    new_app,
+    proc_status,
+    replica_argv,
+    spawn,
+    stop,
+    table,
+    workdir,
 )
+from kafka.structs import TopicPartition  # noqa: E402
 
 from connectors.kafka.client import committed_consumer
 from connectors.kafka.topics import last_commit, topic_for  # noqa: E402
-from kafka.structs import TopicPartition  # noqa: E402
-
 from pipeline.codec import COMMIT, Codec  # noqa: E402
 from schemas import load_schemas  # noqa: E402
 
@@ -151,8 +164,9 @@ def run_size(size_mib: int, args, bs: str, codec: Codec, base: Path) -> dict:
     t_agent = time.monotonic() - t
     wait_until(lambda: replica_txn(app) >= 1, f"{db}: the replica applying the snapshot", 900, (agent, replica))
     t_snap = time.monotonic() - t
-    log(f"{db}: snapshot published {t_agent:.1f} s after the agent started, applied by the replica after "
-        f"{t_snap:.1f} s")
+    log(
+        f"{db}: snapshot published {t_agent:.1f} s after the agent started, applied by the replica after {t_snap:.1f} s"
+    )
     for name, p in (("agent", agent), ("replica", replica)):
         baseline[name] = proc_status(p.pid, "VmHWM")
     sampler.phase = "workload"
@@ -171,6 +185,7 @@ def run_size(size_mib: int, args, bs: str, codec: Codec, base: Path) -> dict:
         ok = not pending and last == prev[0] and replica_txn(app) == last
         prev[0] = last
         return ok
+
     wait_until(settled, f"{db}: agent and replica to catch up", 300, (agent, replica))
     hwm = {name: proc_status(p.pid, "VmHWM") for name, p in (("agent", agent), ("replica", replica))}
     backlog = None
@@ -180,26 +195,55 @@ def run_size(size_mib: int, args, bs: str, codec: Codec, base: Path) -> dict:
         t = time.monotonic()
         app.workload(args.backlog, seed=6, blobs=True)
         jbytes = app.journal.stat().st_size
-        log(f"{db}: agent stopped; {args.backlog} txns left a {mib(jbytes):.1f} MiB journal backlog "
-            f"({time.monotonic() - t:.1f} s)")
+        log(
+            f"{db}: agent stopped; {args.backlog} txns left a {mib(jbytes):.1f} MiB journal backlog "
+            f"({time.monotonic() - t:.1f} s)"
+        )
         sampler.phase = "backlog"
         start_offset = end_offset(bs, topic_for(db))
         agent = spawn(agent_argv(app, "--database", db), cwd=app.root, env=env, log=root / "agent.log")
         sampler.pids["agent"] = agent.pid
         prev[0] = -1
         wait_until(settled, f"{db}: the restarted agent and the replica to catch up", 300, (agent, replica))
-        backlog = {"journal": jbytes, "agent": proc_status(agent.pid, "VmHWM"),
-                   "replica": proc_status(replica.pid, "VmHWM"),
-                   "txns": txn_sizes(bs, topic_for(db), start_offset, codec)}
+        backlog = {
+            "journal": jbytes,
+            "agent": proc_status(agent.pid, "VmHWM"),
+            "replica": proc_status(replica.pid, "VmHWM"),
+            "txns": txn_sizes(bs, topic_for(db), start_offset, codec),
+        }
     sampler.stop()
     for p in (agent, replica):
         stop(p)
-    r = subprocess.run([bin_path("verify"), "--pool", "db/app/", "--replica", "rpl/db/app/", "--blob", "blob/app/",
-                        "--replica-blob", "rpl/blob/app/"], cwd=app.root, capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            bin_path("verify"),
+            "--pool",
+            "db/app/",
+            "--replica",
+            "rpl/db/app/",
+            "--blob",
+            "blob/app/",
+            "--replica-blob",
+            "rpl/blob/app/",
+        ],
+        cwd=app.root,
+        capture_output=True,
+        text=True,
+    )
     verify = (r.stdout.strip().splitlines() or [r.stderr.strip()])[-1]
-    out = {"size": size_mib, "db": db, "pool": pool_bytes, "hwm": hwm, "hwm_after_snapshot": baseline,
-           "peaks": sampler.peaks, "t_agent": t_agent, "t_snap": t_snap, "verify": verify,
-           "txns": replica_txn(app), "backlog": backlog}
+    out = {
+        "size": size_mib,
+        "db": db,
+        "pool": pool_bytes,
+        "hwm": hwm,
+        "hwm_after_snapshot": baseline,
+        "peaks": sampler.peaks,
+        "t_agent": t_agent,
+        "t_snap": t_snap,
+        "verify": verify,
+        "txns": replica_txn(app),
+        "backlog": backlog,
+    }
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)
     return out
@@ -209,16 +253,19 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="32,1024", help="pool sizes in MiB, comma-separated")
     ap.add_argument("--workload", type=int, default=3000, help="txns committed after the snapshot")
-    ap.add_argument("--backlog", type=int, default=3000,
-                    help="then stop the agent, commit this many txns, restart it (0: skip)")
+    ap.add_argument(
+        "--backlog", type=int, default=3000, help="then stop the agent, commit this many txns, restart it (0: skip)"
+    )
     ap.add_argument("--base", default="/tmp", help="parent directory for the data")
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     free = shutil.disk_usage(args.base).free
     need = sum(sizes) * 3.5 * (1 << 20)
-    print(f"disk: {mib(free) / 1024:.1f} GiB free under {args.base}; this run needs about {need / (1 << 30):.1f} GiB",
-          file=sys.stderr)
+    print(
+        f"disk: {mib(free) / 1024:.1f} GiB free under {args.base}; this run needs about {need / (1 << 30):.1f} GiB",
+        file=sys.stderr,
+    )
     if free < need + (2 << 30):
         raise SystemExit("not enough free disk space")
 
@@ -233,35 +280,76 @@ def main() -> int:
     rows = []
     for r in results:
         for name in ("agent", "replica"):
-            rows.append([f"{name} @ {mib(r['pool']):.0f} MiB pool", mib(r["hwm"][name] or 0),
-                         mib(r["hwm_after_snapshot"][name] or 0),
-                         mib(r["peaks"].get((name, "snapshot"), 0)), mib(r["peaks"].get((name, "workload"), 0)),
-                         "yes" if (r["hwm"][name] or 0) < 200 * (1 << 20) else "NO"])
+            rows.append(
+                [
+                    f"{name} @ {mib(r['pool']):.0f} MiB pool",
+                    mib(r["hwm"][name] or 0),
+                    mib(r["hwm_after_snapshot"][name] or 0),
+                    mib(r["peaks"].get((name, "snapshot"), 0)),
+                    mib(r["peaks"].get((name, "workload"), 0)),
+                    "yes" if (r["hwm"][name] or 0) < 200 * (1 << 20) else "NO",
+                ]
+            )
     print()
-    print(table(["process", "VmHWM MiB (end)", "VmHWM after snapshot", "peak VmRSS snapshot",
-                 "peak VmRSS workload", "< 200 MiB"], rows,
-                title="Peak RSS (VmHWM from /proc/<pid>/status; VmRSS sampled every 0.2 s)"))
-    brows = [[f"{mib(r['pool']):.0f} MiB pool", mib(r["backlog"]["journal"]),
-              max((t[1] for t in r["backlog"]["txns"]), default=0),
-              mib(max((t[2] for t in r["backlog"]["txns"]), default=0)), mib(r["backlog"]["agent"] or 0),
-              mib(r["peaks"].get(("agent", "backlog"), 0)), mib(r["backlog"]["replica"] or 0)]
-             for r in results if r.get("backlog")]
+    print(
+        table(
+            [
+                "process",
+                "VmHWM MiB (end)",
+                "VmHWM after snapshot",
+                "peak VmRSS snapshot",
+                "peak VmRSS workload",
+                "< 200 MiB",
+            ],
+            rows,
+            title="Peak RSS (VmHWM from /proc/<pid>/status; VmRSS sampled every 0.2 s)",
+        )
+    )
+    brows = [
+        [
+            f"{mib(r['pool']):.0f} MiB pool",
+            mib(r["backlog"]["journal"]),
+            max((t[1] for t in r["backlog"]["txns"]), default=0),
+            mib(max((t[2] for t in r["backlog"]["txns"]), default=0)),
+            mib(r["backlog"]["agent"] or 0),
+            mib(r["peaks"].get(("agent", "backlog"), 0)),
+            mib(r["backlog"]["replica"] or 0),
+        ]
+        for r in results
+        if r.get("backlog")
+    ]
     if brows:
         print()
-        print(table(["restarted agent", "journal backlog MiB", "biggest txn records", "biggest txn MiB",
-                     "agent VmHWM MiB", "agent peak VmRSS", "replica VmHWM MiB (whole run)"], brows,
-                    title="Agent restarted on a journal backlog (one capture round takes it all)"))
+        print(
+            table(
+                [
+                    "restarted agent",
+                    "journal backlog MiB",
+                    "biggest txn records",
+                    "biggest txn MiB",
+                    "agent VmHWM MiB",
+                    "agent peak VmRSS",
+                    "replica VmHWM MiB (whole run)",
+                ],
+                brows,
+                title="Agent restarted on a journal backlog (one capture round takes it all)",
+            )
+        )
     print()
     for r in results:
-        print(f"{r['db']}: pool {mib(r['pool']):.0f} MiB; snapshot published in {r['t_agent']:.1f} s incl. agent start "
-              f"({mib(r['pool']) / r['t_agent']:.1f} MiB/s), applied by the replica after {r['t_snap']:.1f} s; "
-              f"{r['txns']} capture txns; {r['verify']}")
+        print(
+            f"{r['db']}: pool {mib(r['pool']):.0f} MiB; snapshot published in {r['t_agent']:.1f} s incl. agent start "
+            f"({mib(r['pool']) / r['t_agent']:.1f} MiB/s), applied by the replica after {r['t_snap']:.1f} s; "
+            f"{r['txns']} capture txns; {r['verify']}"
+        )
     if len(results) >= 2:
         a, b = results[0], results[-1]
         for name in ("agent", "replica"):
             ha, hb = a["hwm"][name] or 0, b["hwm"][name] or 0
-            print(f"{name}: VmHWM {mib(ha):.0f} MiB -> {mib(hb):.0f} MiB ({mib(hb - ha):+.0f} MiB) for a "
-                  f"{mib(b['pool']) / mib(a['pool']):.0f}x bigger pool")
+            print(
+                f"{name}: VmHWM {mib(ha):.0f} MiB -> {mib(hb):.0f} MiB ({mib(hb - ha):+.0f} MiB) for a "
+                f"{mib(b['pool']) / mib(a['pool']):.0f}x bigger pool"
+            )
     return 0
 
 

@@ -41,7 +41,8 @@ Measured per system and workload:
            after) bytes: that sample time is the transfer's cutoff (for a drop to 0, the journal's last
            growth). replica.l writes the pool only when it replays a whole transfer, and that replay
            ends before ssl's next lock, so a transfer is visible at the newest replica pool-file
-           mtime between its cutoff and the next transfer's. Resolution: the 1 ms sampling and the kernel's coarse mtime clock (a few ms),
+           mtime between its cutoff and the next transfer's. Resolution: the 1 ms sampling and the kernel's
+            coarse mtime clock (a few ms),
            small against ssl's whole-second polling. Blobs ship after the journal in the same ssl
            round; their arrival is not part of this lag.
   cpu      per role, children included: each role runs in its own cgroup (v2 cpu.stat usage_usec, or
@@ -79,7 +80,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lag as lagmod  # noqa: E402
 from _common import (  # noqa: E402
-    BENCH, bin_path, env_with, kafka, log, mib, new_app, on_exit, percentile, spawn, stop, workdir,
+    BENCH,
+    bin_path,
+    env_with,
+    kafka,
+    log,
+    mib,
+    new_app,
+    on_exit,
+    percentile,
+    spawn,
+    stop,
+    workdir,
 )
 
 from connectors.kafka.topics import last_commit  # noqa: E402
@@ -100,6 +112,7 @@ class SetupError(Exception):
 
 
 # --- cgroups: one per role ------------------------------------------------------------------------
+
 
 class Role:
     """A cgroup for one role. Processes spawned into it (and their children, daemons included) stay in it."""
@@ -153,6 +166,7 @@ class Role:
         def fn() -> None:
             with open(procs, "w") as f:
                 f.write(str(os.getpid()))
+
         return fn
 
     def rss(self) -> int:
@@ -211,6 +225,7 @@ class RssSampler:
 
 # --- helpers ------------------------------------------------------------------------------------
 
+
 def tail(path: Path, n: int = 2000) -> str:
     try:
         return path.read_bytes()[-n:].decode(errors="replace")
@@ -224,14 +239,20 @@ def wait_port(port: int, what: str, proc_log: Path, timeout: float = 20, proc: s
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
             return
         if proc is not None and proc.poll() is not None:
-            hint = " (replica.l exits silently when its key file is missing or its pool is locked)" \
-                if what == "replica.l" else ""
-            raise SetupError(f"{what}{hint} (pid {proc.pid}, {' '.join(map(str, proc.args))}) exited with code "
-                             f"{proc.returncode} before listening on 127.0.0.1:{port}; log {proc_log}:\n"
-                             f"{tail(proc_log) or '(empty)'}")
+            hint = (
+                " (replica.l exits silently when its key file is missing or its pool is locked)"
+                if what == "replica.l"
+                else ""
+            )
+            raise SetupError(
+                f"{what}{hint} (pid {proc.pid}, {' '.join(map(str, proc.args))}) exited with code "
+                f"{proc.returncode} before listening on 127.0.0.1:{port}; log {proc_log}:\n"
+                f"{tail(proc_log) or '(empty)'}"
+            )
         time.sleep(0.1)
-    raise SetupError(f"{what} is not listening on 127.0.0.1:{port} after {timeout} s; log {proc_log}:\n"
-                     f"{tail(proc_log) or '(empty)'}")
+    raise SetupError(
+        f"{what} is not listening on 127.0.0.1:{port} after {timeout} s; log {proc_log}:\n{tail(proc_log) or '(empty)'}"
+    )
 
 
 def md5s(prefix: Path) -> dict[str, str]:
@@ -269,8 +290,13 @@ def compare(app) -> dict:
     missing = [k for k in sb if k not in rb]
     differ = [k for k in sb if k in rb and sb[k].read_bytes() != rb[k].read_bytes()]
     extra = [k for k in rb if k not in sb]
-    return {"db_equal": db_equal, "blobs": len(sb), "blob_missing": len(missing), "blob_differ": len(differ),
-            "blob_extra": len(extra)}
+    return {
+        "db_equal": db_equal,
+        "blobs": len(sb),
+        "blob_missing": len(missing),
+        "blob_differ": len(differ),
+        "blob_extra": len(extra),
+    }
 
 
 def pending_markers(app) -> int:
@@ -297,6 +323,7 @@ def wait_equal(app, timeout: float, pending=lambda: False) -> float | None:
 
 # --- the two systems ------------------------------------------------------------------------------
 
+
 class SslChain:
     """bin/ssl -> httpGate -> @lib/replica.l for one app, every process in its role's cgroup."""
 
@@ -309,25 +336,49 @@ class SslChain:
         rpl_db, rpl_blob = app.root / "rpl/db", app.root / "rpl/blob"
         rpl_db.mkdir(parents=True, exist_ok=True)
         rpl_blob.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(app.db_dir, rpl_db / "app")          # the replica starts as a byte copy
+        shutil.copytree(app.db_dir, rpl_db / "app")  # the replica starts as a byte copy
         shutil.copytree(app.blob_dir, rpl_blob / "app", symlinks=True)
-        argv = ["picolisp", str(PIL_LIB / "lib.l"), "@lib/replica.l", str(REPLICA_PORT), str(self.key), "",
-                "rpl/db/app/", "rpl/blob/app/", *DBS]
-        self.replica = spawn(argv, cwd=app.root, log=self.logs["replica.l"],
-                             preexec_fn=self.roles["replica.l"].preexec())
+        argv = [
+            "picolisp",
+            str(PIL_LIB / "lib.l"),
+            "@lib/replica.l",
+            str(REPLICA_PORT),
+            str(self.key),
+            "",
+            "rpl/db/app/",
+            "rpl/blob/app/",
+            *DBS,
+        ]
+        self.replica = spawn(
+            argv, cwd=app.root, log=self.logs["replica.l"], preexec_fn=self.roles["replica.l"].preexec()
+        )
         wait_port(REPLICA_PORT, "replica.l", self.logs["replica.l"], proc=self.replica)
-        self.gate = spawn([str(GATE_BIN), str(GATE_PORT), str(GATE_DFLT), str(self.pem)], cwd=self.root,
-                          log=self.logs["httpGate"], preexec_fn=self.roles["httpGate"].preexec())
+        self.gate = spawn(
+            [str(GATE_BIN), str(GATE_PORT), str(GATE_DFLT), str(self.pem)],
+            cwd=self.root,
+            log=self.logs["httpGate"],
+            preexec_fn=self.roles["httpGate"].preexec(),
+        )
         wait_port(GATE_PORT, "httpGate", self.logs["httpGate"])
 
     def start_shipper(self) -> None:
-        argv = [str(SSL_BIN), "127.0.0.1", f"-{GATE_PORT}", f"{REPLICA_PORT}/!replica", str(self.key), "fifo/app",
-                "blob/app/", str(self.sec), "+"]
+        argv = [
+            str(SSL_BIN),
+            "127.0.0.1",
+            f"-{GATE_PORT}",
+            f"{REPLICA_PORT}/!replica",
+            str(self.key),
+            "fifo/app",
+            "blob/app/",
+            str(self.sec),
+            "+",
+        ]
         self.ssl = spawn(argv, cwd=self.app.root, log=self.logs["ssl"], preexec_fn=self.roles["ssl"].preexec())
         time.sleep(0.2)
         if self.ssl.poll() is not None:
-            raise SetupError(f"ssl exited {self.ssl.returncode} at start; log {self.logs['ssl']}:\n"
-                             f"{tail(self.logs['ssl'])}")
+            raise SetupError(
+                f"ssl exited {self.ssl.returncode} at start; log {self.logs['ssl']}:\n{tail(self.logs['ssl'])}"
+            )
 
     def check_alive(self) -> None:
         for name, proc in (("ssl", getattr(self, "ssl", None)), ("replica.l", self.replica)):
@@ -351,8 +402,9 @@ class SslChain:
 
 
 class Pipeline:
-    def __init__(self, app, root: Path, roles: dict[str, Role], bs: str, database: str, codec: Codec,
-                 poll_interval: float) -> None:
+    def __init__(
+        self, app, root: Path, roles: dict[str, Role], bs: str, database: str, codec: Codec, poll_interval: float
+    ) -> None:
         self.app, self.root, self.roles, self.bs, self.db, self.codec = app, root, roles, bs, database, codec
         self.env = env_with(bs)
         self.poll = poll_interval
@@ -361,14 +413,31 @@ class Pipeline:
 
     def start_receiver(self) -> None:
         argv = [bin_path("replica"), "--database", self.db, "--target", "rpl/db/app/", "--blob", "rpl/blob/app/"]
-        self.replica = spawn(argv, cwd=self.app.root, env=self.env, log=self.logs["replica"],
-                             preexec_fn=self.roles["replica"].preexec())
+        self.replica = spawn(
+            argv, cwd=self.app.root, env=self.env, log=self.logs["replica"], preexec_fn=self.roles["replica"].preexec()
+        )
 
     def start_shipper(self) -> None:
-        argv = [bin_path("capture-agent"), "--pool", "db/app/", "--journal", "fifo/app", "--blob", "blob/app/",
-                "--database", self.db, "--poll-interval", str(self.poll)]
-        self.agent = spawn(argv, cwd=self.app.root, env=self.env, log=self.logs["capture-agent"],
-                           preexec_fn=self.roles["capture-agent"].preexec())
+        argv = [
+            bin_path("capture-agent"),
+            "--pool",
+            "db/app/",
+            "--journal",
+            "fifo/app",
+            "--blob",
+            "blob/app/",
+            "--database",
+            self.db,
+            "--poll-interval",
+            str(self.poll),
+        ]
+        self.agent = spawn(
+            argv,
+            cwd=self.app.root,
+            env=self.env,
+            log=self.logs["capture-agent"],
+            preexec_fn=self.roles["capture-agent"].preexec(),
+        )
 
     def stop_shipper(self) -> None:
         if self.agent is not None:
@@ -382,6 +451,7 @@ class Pipeline:
 
     def pending(self) -> bool:
         from _common import capture_pending
+
         return bool(capture_pending(self.app))
 
     def wait_caught_up(self, timeout: float = 120) -> int:
@@ -398,8 +468,10 @@ class Pipeline:
             if last is not None and pos is not None and pos["txn_id"] == last.position.txn_id:
                 return pos["txn_id"]
             time.sleep(0.2)
-        raise SetupError(f"pool-pipeline did not catch up within {timeout} s; agent log:\n"
-                         f"{tail(self.logs['capture-agent'])}\nreplica log:\n{tail(self.logs['replica'])}")
+        raise SetupError(
+            f"pool-pipeline did not catch up within {timeout} s; agent log:\n"
+            f"{tail(self.logs['capture-agent'])}\nreplica log:\n{tail(self.logs['replica'])}"
+        )
 
     def stop(self) -> None:
         self.stop_shipper()
@@ -408,6 +480,7 @@ class Pipeline:
 
 
 # --- ssl visibility sampler -----------------------------------------------------------------------
+
 
 class SslSampler:
     """Every `every` s: (time, source journal size, newest mtime of the replica's pool files)."""
@@ -491,8 +564,9 @@ def ssl_lags(commits: list[float], sampler: SslSampler) -> tuple[list[float], in
     return lags, unmatched
 
 
-def pipeline_lags(commits: list[float], poller, bs: str, database: str, codec: Codec, start_txn: int
-                  ) -> tuple[list[float], int]:
+def pipeline_lags(
+    commits: list[float], poller, bs: str, database: str, codec: Codec, start_txn: int
+) -> tuple[list[float], int]:
     lagmod.DB = database  # topic_begins reads the module's database name
     begins = lagmod.topic_begins(bs, codec)
     seen = poller.seen
@@ -519,8 +593,9 @@ SHIP = {"ssl": ["ssl"], "pool-pipeline": ["capture-agent"]}
 RECV = {"ssl": ["httpGate", "replica.l"], "pool-pipeline": ["replica"]}
 
 
-def run_one(system: str, workload: str, k: int, base: Path, root: Path, roles: dict[str, Role], args,
-            bs: str, codec: Codec) -> dict:
+def run_one(
+    system: str, workload: str, k: int, base: Path, root: Path, roles: dict[str, Role], args, bs: str, codec: Codec
+) -> dict:
     from tests.picolisp_fixtures import PicoApp
 
     run_root = root / f"{k:02d}-{workload}-{system}"
@@ -542,8 +617,10 @@ def run_one(system: str, workload: str, k: int, base: Path, root: Path, roles: d
         app.run("workload.l", 1, 99, 0, 0, 0)
         if wait_equal(app, 20 + 2 * args.ssl_sec, sysobj.pending) is None:
             sysobj.check_alive()
-            raise SetupError(f"{system}: a probe commit did not reach the replica within {20 + 2 * args.ssl_sec} s;"
-                             + "".join(f"\nlog {lp}:\n{tail(lp) or '(empty)'}" for lp in sysobj.logs.values()))
+            raise SetupError(
+                f"{system}: a probe commit did not reach the replica within {20 + 2 * args.ssl_sec} s;"
+                + "".join(f"\nlog {lp}:\n{tail(lp) or '(empty)'}" for lp in sysobj.logs.values())
+            )
         if system == "pool-pipeline":
             start_txn = sysobj.wait_caught_up()
         if workload == "backlog":
@@ -591,8 +668,9 @@ def run_one(system: str, workload: str, k: int, base: Path, root: Path, roles: d
             if system == "ssl":
                 res["lags"], res["unmatched"] = ssl_lags(commits, vis)
                 if args.keep:  # the raw material of the ssl lag, for a look afterwards
-                    (run_root / "ssl-lag.json").write_text(json.dumps(
-                        {"commits": commits, "transfers": vis.transfers(), "samples": vis.samples}))
+                    (run_root / "ssl-lag.json").write_text(
+                        json.dumps({"commits": commits, "transfers": vis.transfers(), "samples": vis.samples})
+                    )
             else:
                 res["lags"], res["unmatched"] = pipeline_lags(commits, vis, bs, sysobj.db, codec, start_txn)
         sampler.stop()
@@ -615,15 +693,19 @@ def run_one(system: str, workload: str, k: int, base: Path, root: Path, roles: d
 
 # --- report -------------------------------------------------------------------------------------
 
+
 def ms(v: float) -> str:
     return "-" if v != v else (f"{v:,.0f}" if v >= 100 else f"{v:.1f}")
 
 
 def report(results: list[dict], args, load: str) -> str:
-    lines = [f"Machine load while running: {load}", "",
-             "| workload | system | lag p50 ms | lag p99 ms | shipping CPU s (% core) | receiving CPU s (% core) "
-             "| Kafka broker CPU s | peak RSS ship / recv MiB | MiB/s | replica equal |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Machine load while running: {load}",
+        "",
+        "| workload | system | lag p50 ms | lag p99 ms | shipping CPU s (% core) | receiving CPU s (% core) "
+        "| Kafka broker CPU s | peak RSS ship / recv MiB | MiB/s | replica equal |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         s, w = r["system"], r["workload"]
         wall = r.get("wall", float("nan"))
@@ -640,31 +722,49 @@ def report(results: list[dict], args, load: str) -> str:
             d = r.get("drain_s", float("nan"))
             rate = f"{mib(r.get('journal_bytes', 0)) / d:.1f} ({d:.1f} s)" if d == d else "did not drain"
         eq = r.get("equal", {})
-        eqs = ("md5 " + ("equal" if eq.get("db_equal") else "DIFFER")
-               + f"; blobs {eq.get('blobs', 0) - eq.get('blob_missing', 0) - eq.get('blob_differ', 0)}"
-               f"/{eq.get('blobs', 0)}" + (f" (+{eq['blob_extra']} deleted on source)" if eq.get("blob_extra") else "")
-               ) if eq else "-"
+        eqs = (
+            (
+                "md5 "
+                + ("equal" if eq.get("db_equal") else "DIFFER")
+                + f"; blobs {eq.get('blobs', 0) - eq.get('blob_missing', 0) - eq.get('blob_differ', 0)}"
+                f"/{eq.get('blobs', 0)}" + (f" (+{eq['blob_extra']} deleted on source)" if eq.get("blob_extra") else "")
+            )
+            if eq
+            else "-"
+        )
         wl = w if w not in ("idle",) else f"idle {args.idle:.0f} s"
         if w.startswith("steady"):
             wl += f" ({r['commits']} commits at {r['rate']:.0f}/s" + (
-                f", {r['unmatched']} unmatched)" if r["unmatched"] else ")")
+                f", {r['unmatched']} unmatched)" if r["unmatched"] else ")"
+            )
         lines.append(
             f"| {wl} | {s} | {ms(p50)} | {ms(p99)} | {ship:.2f} ({ship / wall:.0%}) {ship_names} | "
             f"{recv:.2f} ({recv / wall:.0%}) {recv_names} | "
             f"{kafka_cpu:.2f}{'' if s == 'pool-pipeline' else ' (idle broker)'} | "
-            f"{mib(rs):.0f} / {mib(rr):.0f} | {rate or '-'} | {eqs} |")
+            f"{mib(rs):.0f} / {mib(rr):.0f} | {rate or '-'} | {eqs} |"
+        )
     return "\n".join(lines)
 
 
 # --- main ---------------------------------------------------------------------------------------
+
 
 def reexec_in_netns() -> int:
     if os.geteuid() != 0:
         raise SystemExit("vs_ssl.py needs root: unshare -n (private network namespace) and cgroups")
     if not shutil.which("unshare") or not shutil.which("ip"):
         raise SystemExit("vs_ssl.py needs unshare(1) and ip(8)")
-    cmd = ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", sys.executable,
-           str(Path(__file__).resolve()), *sys.argv[1:]]
+    cmd = [
+        "unshare",
+        "-n",
+        "sh",
+        "-c",
+        'ip link set lo up && exec "$@"',
+        "sh",
+        sys.executable,
+        str(Path(__file__).resolve()),
+        *sys.argv[1:],
+    ]
     env = dict(os.environ, **{NETNS_ENV: "1"})
     proc = subprocess.Popen(cmd, env=env)
     try:
@@ -676,8 +776,26 @@ def reexec_in_netns() -> int:
 
 def make_cert(root: Path) -> Path:
     key, crt, pem = root / "gate.key", root / "gate.crt", root / "gate.pem"
-    r = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
-                        str(crt), "-days", "2", "-subj", "/CN=localhost"], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(crt),
+            "-days",
+            "2",
+            "-subj",
+            "/CN=localhost",
+        ],
+        capture_output=True,
+        text=True,
+    )
     if r.returncode != 0:
         raise SetupError(f"openssl req failed: {r.stderr[-1000:]}")
     pem.write_bytes(key.read_bytes() + crt.read_bytes())
@@ -745,12 +863,16 @@ def run(args, workloads: list[str]) -> int:
                 log(f"run {k}: {w} with {system}")
                 res = run_one(system, w, k, app.root, root, roles, args, bs, codec)
                 lag = [v * 1000 for v in res["lags"]]
-                log(f"run {k}: {w}/{system}: lag p50 {percentile(lag, 50):.1f} ms p99 {percentile(lag, 99):.1f} ms, "
-                    f"cpu {json.dumps({n: round(v, 2) for n, v in res['cpu'].items()})}, equal {res['equal']}")
+                log(
+                    f"run {k}: {w}/{system}: lag p50 {percentile(lag, 50):.1f} ms p99 {percentile(lag, 99):.1f} ms, "
+                    f"cpu {json.dumps({n: round(v, 2) for n, v in res['cpu'].items()})}, equal {res['equal']}"
+                )
                 results.append(res)
     load1 = os.getloadavg()
-    load = (f"load average {load0[0]:.1f} at start, {load1[0]:.1f} at end ({os.cpu_count()} cores, shared "
-            "with other users' jobs)")
+    load = (
+        f"load average {load0[0]:.1f} at start, {load1[0]:.1f} at end ({os.cpu_count()} cores, shared "
+        "with other users' jobs)"
+    )
     print(report(results, args, load))
     return 0
 

@@ -6,7 +6,8 @@ import errno
 import socket
 import threading
 import time
-from typing import Callable, NamedTuple, TypeVar
+from collections.abc import Callable
+from typing import NamedTuple, TypeVar
 
 from pipeline.errors import PipelineError
 
@@ -51,8 +52,20 @@ _S3_PERMANENT: dict[str, str] = {
     "InvalidBucketName": "fix --bucket",
     "KMS.NotFoundException": "fix the KMS key id",
 }
-_S3_RETRIABLE = {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout", "RequestTimeTooSkewed",
-                 "Throttling", "ThrottlingException", "OperationAborted", "500", "502", "503", "504"}
+_S3_RETRIABLE = {
+    "SlowDown",
+    "InternalError",
+    "ServiceUnavailable",
+    "RequestTimeout",
+    "RequestTimeTooSkewed",
+    "Throttling",
+    "ThrottlingException",
+    "OperationAborted",
+    "500",
+    "502",
+    "503",
+    "504",
+}
 
 
 def classify(exc: BaseException) -> tuple[bool, str]:
@@ -79,11 +92,24 @@ def classify(exc: BaseException) -> tuple[bool, str]:
             return True, ""
         if "KafkaConnectionError" in names or "NodeNotReadyError" in names:
             return True, ""
-        if names[0] in ("UnknownTopicOrPartitionError", "NotLeaderForPartitionError", "KafkaTimeoutError",
-                        "TransactionAbortedError", "OutOfOrderSequenceNumberError", "UnknownProducerIdError",
-                        "InvalidTxnStateError", "ConcurrentTransactionsError", "BrokerNotAvailableError",
-                        "KafkaStorageError", "NotEnoughReplicasError", "NotEnoughReplicasAfterAppendError",
-                        "CommitFailedError", "RebalanceInProgressError", "IllegalStateError", "Cancelled"):
+        if names[0] in (
+            "UnknownTopicOrPartitionError",
+            "NotLeaderForPartitionError",
+            "KafkaTimeoutError",
+            "TransactionAbortedError",
+            "OutOfOrderSequenceNumberError",
+            "UnknownProducerIdError",
+            "InvalidTxnStateError",
+            "ConcurrentTransactionsError",
+            "BrokerNotAvailableError",
+            "KafkaStorageError",
+            "NotEnoughReplicasError",
+            "NotEnoughReplicasAfterAppendError",
+            "CommitFailedError",
+            "RebalanceInProgressError",
+            "IllegalStateError",
+            "Cancelled",
+        ):
             return True, ""  # the producer or consumer is rebuilt and the step retried
         return False, ""
     if isinstance(exc, (ConnectionError, TimeoutError, socket.timeout)):
@@ -144,8 +170,15 @@ class Backoff:
         return delay
 
 
-def retry(what: str, fn: Callable[[], T], log: Callable[[str], None], *, backoff: Backoff | None = None,
-          stop: threading.Event | None = None, explain: Callable[[], str] | None = None) -> T:
+def retry(
+    what: str,
+    fn: Callable[[], T],
+    log: Callable[[str], None],
+    *,
+    backoff: Backoff | None = None,
+    stop: threading.Event | None = None,
+    explain: Callable[[], str] | None = None,
+) -> T:
     """Run `fn` until it succeeds; after a retriable PipelineError log one line and wait (capped backoff).
 
     A permanent error is raised at once. `explain` adds what the wait is about (e.g. which brokers are

@@ -25,7 +25,7 @@ def write_synced(path: str | Path, data: bytes | None = None) -> None:
         if data is not None:
             view = memoryview(data)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
         os.fsync(fd)
     except OSError as exc:
         raise OSError(exc.errno, exc.strerror, str(path)) from None

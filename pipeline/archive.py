@@ -1,12 +1,13 @@
-"""The S3 archive's rules without the I/O: object keys, segment files, record-time rotation, restore plans, retention."""
+"""The S3 archive's rules without I/O: object keys, segment files, rotation, restore plans, retention."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import IO, Iterator
+from typing import IO
 
 import fastavro
 import fastavro.write
@@ -40,7 +41,8 @@ SEGMENT_LEVEL = 1
 _SEGMENT = re.compile(
     r"^p(?P<partition>\d+)/(?P<first_offset>\d{20})(?:-(?P<last_offset>\d{20}))?"
     r"_txn(?P<first_txn>\d{12})-(?P<last_txn>\d{12})_ms(?P<first_ms>\d{13})-(?P<last_ms>\d{13})"
-    r"(?P<snap>_snap)?\.avro$")
+    r"(?P<snap>_snap)?\.avro$"
+)
 _SNAPSHOT = re.compile(r"^(?P<txn>\d{12})_ms(?P<ms>\d{13})/(?P<rest>.+)$")
 
 
@@ -67,19 +69,29 @@ class Segment:
 
     def key(self, root: str) -> str:
         legacy = "" if self.legacy_last_offset is None else f"-{self.legacy_last_offset:020d}"
-        return (f"{root}/segments/p{self.partition}/{self.first_offset:020d}{legacy}"
-                f"_txn{self.first_txn:012d}-{self.last_txn:012d}_ms{self.first_ms:013d}-{self.last_ms:013d}"
-                f"{'_snap' if self.starts_with_snapshot else ''}.avro")
+        return (
+            f"{root}/segments/p{self.partition}/{self.first_offset:020d}{legacy}"
+            f"_txn{self.first_txn:012d}-{self.last_txn:012d}_ms{self.first_ms:013d}-{self.last_ms:013d}"
+            f"{'_snap' if self.starts_with_snapshot else ''}.avro"
+        )
 
     @classmethod
-    def parse(cls, root: str, key: str, size: int = 0) -> "Segment | None":
+    def parse(cls, root: str, key: str, size: int = 0) -> Segment | None:
         base = f"{root}/segments/"
-        m = _SEGMENT.match(key[len(base):]) if key.startswith(base) else None
+        m = _SEGMENT.match(key[len(base) :]) if key.startswith(base) else None
         if m is None:
             return None
-        return cls(int(m["first_txn"]), int(m["last_txn"]), int(m["first_offset"]), int(m["first_ms"]),
-                   int(m["last_ms"]), int(m["partition"]), bool(m["snap"]), size,
-                   int(m["last_offset"]) if m["last_offset"] else None)
+        return cls(
+            int(m["first_txn"]),
+            int(m["last_txn"]),
+            int(m["first_offset"]),
+            int(m["first_ms"]),
+            int(m["last_ms"]),
+            int(m["partition"]),
+            bool(m["snap"]),
+            size,
+            int(m["last_offset"]) if m["last_offset"] else None,
+        )
 
     @property
     def txns(self) -> int:
@@ -100,10 +112,10 @@ class Snapshot:
         return self.prefix(root) + "manifest.json"
 
     @classmethod
-    def parse(cls, root: str, key: str, *, manifest: bool = True) -> "Snapshot | None":
+    def parse(cls, root: str, key: str, *, manifest: bool = True) -> Snapshot | None:
         """The snapshot a manifest key names (or, with manifest=False, any of its files' keys)."""
         base = f"{root}/snapshots/"
-        m = _SNAPSHOT.match(key[len(base):]) if key.startswith(base) else None
+        m = _SNAPSHOT.match(key[len(base) :]) if key.startswith(base) else None
         if m is None or (manifest and m["rest"] != "manifest.json"):
             return None
         return cls(int(m["txn"]), int(m["ms"]))
@@ -122,18 +134,34 @@ class Manifest:
     blobs: dict[str, int]  # path -> size
 
     def to_json(self) -> bytes:
-        return json.dumps({
-            "format": 1, "database": self.database, "txn_id": self.txn_id, "checksum": self.checksum,
-            "next_offset": self.next_offset, "source_time_ms": self.source_time_ms,
-            "files": [f.__dict__ for f in self.files], "blobs": self.blobs,
-        }, indent=1, sort_keys=True).encode()
+        return json.dumps(
+            {
+                "format": 1,
+                "database": self.database,
+                "txn_id": self.txn_id,
+                "checksum": self.checksum,
+                "next_offset": self.next_offset,
+                "source_time_ms": self.source_time_ms,
+                "files": [f.__dict__ for f in self.files],
+                "blobs": self.blobs,
+            },
+            indent=1,
+            sort_keys=True,
+        ).encode()
 
     @classmethod
-    def from_json(cls, data: bytes, where: str) -> "Manifest":
+    def from_json(cls, data: bytes, where: str) -> Manifest:
         try:
             m = json.loads(data)
-            return cls(m["database"], m["txn_id"], m["checksum"], m["next_offset"], m["source_time_ms"],
-                       [FileLayout(**f) for f in m["files"]], dict(m["blobs"]))
+            return cls(
+                m["database"],
+                m["txn_id"],
+                m["checksum"],
+                m["next_offset"],
+                m["source_time_ms"],
+                [FileLayout(**f) for f in m["files"]],
+                dict(m["blobs"]),
+            )
         except (ValueError, KeyError, TypeError) as exc:
             raise PipelineError(f"snapshot manifest {where} is unreadable: {exc}") from exc
 
@@ -171,8 +199,10 @@ class SnapshotPolicy:
     every_bytes: int = 1024 * 1024 * 1024
 
     def due(self, txns_since: int, bytes_since: int) -> bool:
-        return bool((self.every_txns and txns_since >= self.every_txns)
-                    or (self.every_bytes and bytes_since >= self.every_bytes))
+        return bool(
+            (self.every_txns and txns_since >= self.every_txns)
+            or (self.every_bytes and bytes_since >= self.every_bytes)
+        )
 
 
 # --- framing --------------------------------------------------------------------------------
@@ -204,8 +234,17 @@ class Framer:
             return None
         frame = self.framer.begin(value, rec)
         if self.position is not None:
-            check_continues(self.position, Transaction(self.database, frame.txn_id, _unsigned(frame.checksum_before),
-                                                       frame.time_ms, snapshot=frame.snapshot, offset=rec.offset))
+            check_continues(
+                self.position,
+                Transaction(
+                    self.database,
+                    frame.txn_id,
+                    _unsigned(frame.checksum_before),
+                    frame.time_ms,
+                    snapshot=frame.snapshot,
+                    offset=rec.offset,
+                ),
+            )
         return frame
 
     def record(self, rec: Record) -> Transaction | None:
@@ -219,10 +258,17 @@ class Framer:
             self.framer.marker(value["phase"], rec)
             return None
         txn = self.framer.commit(value, rec)
-        done = Transaction(self.database, txn.txn_id, _unsigned(value["checksum_before"]), txn.time_ms,
-                           snapshot=txn.snapshot, checksum_after=_unsigned(value["checksum_after"]),
-                           files=[FileLayout(**f) for f in value["files"]],
-                           offset=txn.offset, end_offset=rec.offset)
+        done = Transaction(
+            self.database,
+            txn.txn_id,
+            _unsigned(value["checksum_before"]),
+            txn.time_ms,
+            snapshot=txn.snapshot,
+            checksum_after=_unsigned(value["checksum_after"]),
+            files=[FileLayout(**f) for f in value["files"]],
+            offset=txn.offset,
+            end_offset=rec.offset,
+        )
         self.position = done.after
         return done
 
@@ -246,13 +292,17 @@ class SegmentWriter:
             "pool.pipeline.record_schemas": json.dumps(codec.schemas, sort_keys=True),
         }
         self._writer = fastavro.write.Writer(
-            fo, _PARSED_SEGMENT_SCHEMA, codec=SEGMENT_CODEC, compression_level=SEGMENT_LEVEL,
-            sync_marker=_sync_marker(database, partition, first_offset), metadata=metadata)
+            fo,
+            _PARSED_SEGMENT_SCHEMA,
+            codec=SEGMENT_CODEC,
+            compression_level=SEGMENT_LEVEL,
+            sync_marker=_sync_marker(database, partition, first_offset),
+            metadata=metadata,
+        )
         self.bytes = 0  # key + value bytes written: the rotation measure, independent of compression
 
     def write(self, rec: Record) -> None:
-        self._writer.write({"offset": rec.offset, "timestamp_ms": rec.timestamp, "key": rec.key,
-                            "value": rec.value})
+        self._writer.write({"offset": rec.offset, "timestamp_ms": rec.timestamp, "key": rec.key, "value": rec.value})
         self.bytes += len(rec.value or b"") + len(rec.key or b"")
 
     def close(self) -> None:
@@ -265,16 +315,16 @@ def read_segment(fo: IO[bytes], database: str, topic: str, where: str) -> Iterat
         reader = fastavro.reader(fo)
         owner = reader.metadata.get("pool.pipeline.database")
         if owner != database:
-            raise PipelineError(f"archive object {where} belongs to database {owner!r}, not {database!r}",
-                                database=database)
+            raise PipelineError(
+                f"archive object {where} belongs to database {owner!r}, not {database!r}", database=database
+            )
         partition = int(reader.metadata.get("pool.pipeline.partition", "0"))
         for r in reader:
             yield StreamRecord(topic, partition, r["offset"], r["key"], r["value"], r["timestamp_ms"])
     except PipelineError:
         raise
     except Exception as exc:  # fastavro raises many types on a damaged file
-        raise PipelineError(f"archive object {where} is not a readable Avro segment: {exc}",
-                            database=database) from exc
+        raise PipelineError(f"archive object {where} is not a readable Avro segment: {exc}", database=database) from exc
 
 
 # --- catalog, restore plans, retention -----------------------------------------------------
@@ -326,7 +376,8 @@ class Catalog:
                     f"archive of {self.database!r} holds overlapping segments "
                     f"({_fmt_txns(runs[-1][-1].first_txn, runs[-1][-1].last_txn)} and "
                     f"{_fmt_txns(seg.first_txn, seg.last_txn)}): two archivers wrote to the same prefix?",
-                    database=self.database)
+                    database=self.database,
+                )
             else:
                 runs.append([seg])
         return runs
@@ -376,10 +427,15 @@ class Catalog:
             if time_ms is not None and i + 1 < len(runs) and run[-1].last_ms <= time_ms:
                 raise PipelineError(
                     f"time {time_ms} ms of database {self.database!r} falls in a gap of the archive after "
-                    f"txn {run[-1].last_txn}; {self.describe_points()}", database=self.database)
+                    f"txn {run[-1].last_txn}; {self.describe_points()}",
+                    database=self.database,
+                )
             segs = [s for s in run if reached(s.first_txn, s.first_ms)]
-            snaps = [s for s in self.snapshots if reached(s.txn, s.time_ms) and
-                     run[0].first_txn - 1 <= s.txn <= run[-1].last_txn]
+            snaps = [
+                s
+                for s in self.snapshots
+                if reached(s.txn, s.time_ms) and run[0].first_txn - 1 <= s.txn <= run[-1].last_txn
+            ]
             seg_start = max((s.first_txn for s in segs if s.starts_with_snapshot), default=None)
             if snaps and (seg_start is None or snaps[-1].txn >= seg_start):
                 plans.append(RestorePlan(snaps[-1], [s for s in segs if s.last_txn > snaps[-1].txn], txn, time_ms))
@@ -389,8 +445,11 @@ class Catalog:
             plans = [RestorePlan(s, [], txn, None) for s in self.snapshots if s.txn == txn]
         if not plans:
             what = f"txn {txn}" if txn is not None else f"time {time_ms} ms"
-            raise PipelineError(f"{what} of database {self.database!r} is not archived; {self.describe_points()}",
-                                database=self.database, txn_id=txn)
+            raise PipelineError(
+                f"{what} of database {self.database!r} is not archived; {self.describe_points()}",
+                database=self.database,
+                txn_id=txn,
+            )
         return plans[-1]
 
 
@@ -401,8 +460,9 @@ class RetentionPlan:
     delete_segments: list[Segment]
 
 
-def retention_plan(catalog: Catalog, *, keep_snapshots: int | None = None, keep_ms: int | None = None,
-                   now_ms: int = 0) -> RetentionPlan:
+def retention_plan(
+    catalog: Catalog, *, keep_snapshots: int | None = None, keep_ms: int | None = None, now_ms: int = 0
+) -> RetentionPlan:
     """What a retention policy deletes: everything strictly before the oldest snapshot that must stay.
 
     `keep_snapshots` keeps the newest K snapshots; `keep_ms` keeps every point in the last window
@@ -424,9 +484,12 @@ def retention_plan(catalog: Catalog, *, keep_snapshots: int | None = None, keep_
             return RetentionPlan(None, [], [])
         bounds.append(old[-1])
     if not bounds:
-        raise PipelineError("give a retention policy: --keep-snapshots K and/or --keep-days D",
-                            database=catalog.database)
+        raise PipelineError(
+            "give a retention policy: --keep-snapshots K and/or --keep-days D", database=catalog.database
+        )
     keep = min(bounds)
-    return RetentionPlan(keep, [s for s in catalog.snapshots if s.txn < keep.txn],
-                         [s for s in catalog.segments if s.last_txn <= keep.txn])
-
+    return RetentionPlan(
+        keep,
+        [s for s in catalog.snapshots if s.txn < keep.txn],
+        [s for s in catalog.segments if s.last_txn <= keep.txn],
+    )

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import struct
 from array import array
+from collections.abc import Iterable
 from hashlib import blake2b
-from typing import Iterable
 
 _PREFIX = struct.Struct("<HQ")
 

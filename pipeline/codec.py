@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
 
 import fastavro
 
 try:  # fastavro's compiled record reader: schemaless_reader re-parses the schema on every call, a fifth of decoding
-    from fastavro._read import CYTHON_MODULE as _COMPILED, read_record as _read_record
+    from fastavro._read import CYTHON_MODULE as _COMPILED
+    from fastavro._read import read_record as _read_record
 except ImportError:  # the pure-Python build takes a decoder, not a file: use the public API
     _COMPILED, _read_record = 0, None
 
@@ -36,8 +37,13 @@ BLOB_DELETE = "pool.pipeline.BlobDelete"
 BATCH_BYTES = 256 * 1024
 
 # What fastavro.schemaless_reader passes its reader by default.
-_READ_OPTIONS = {"return_record_name": False, "return_record_name_override": False, "handle_unicode_errors": "strict",
-                 "return_named_type": False, "return_named_type_override": False}
+_READ_OPTIONS = {
+    "return_record_name": False,
+    "return_record_name_override": False,
+    "handle_unicode_errors": "strict",
+    "return_named_type": False,
+    "return_named_type_override": False,
+}
 
 
 def _signed(value: int) -> int:
@@ -124,16 +130,17 @@ class Codec:
         except Exception as exc:  # fastavro raises many types on a bad body
             raise PipelineError(f"cannot decode {name} body: {exc}", topic=topic, offset=offset) from exc
         if buf.tell() != len(data):
-            raise PipelineError(f"{name} record has {len(data) - buf.tell()} trailing bytes", topic=topic, offset=offset)
+            raise PipelineError(
+                f"{name} record has {len(data) - buf.tell()} trailing bytes", topic=topic, offset=offset
+            )
         return name, record
 
-    def _schema_of(self, value: bytes | bytearray | memoryview | None, topic: str | None,
-                   offset: int | None) -> tuple[tuple[str, dict, dict | None, dict | None], bytes]:
+    def _schema_of(
+        self, value: bytes | bytearray | memoryview | None, topic: str | None, offset: int | None
+    ) -> tuple[tuple[str, dict, dict | None, dict | None], bytes]:
         """(its _readers entry, the record as bytes), or the PipelineError that says why it has no schema."""
         if value is None or len(value) < 10 or value[:2] != MAGIC:
-            raise PipelineError(
-                "not an Avro single-object record (missing C3 01 marker)", topic=topic, offset=offset
-            )
+            raise PipelineError("not an Avro single-object record (missing C3 01 marker)", topic=topic, offset=offset)
         fingerprint = bytes(value[2:10])
         known = self._readers.get(fingerprint)
         if known is None:
@@ -145,8 +152,7 @@ class Codec:
             )
         return known, bytes(value)
 
-    def peek(self, value: bytes | None, *, topic: str | None = None,
-             offset: int | None = None) -> tuple[str, str, int]:
+    def peek(self, value: bytes | None, *, topic: str | None = None, offset: int | None = None) -> tuple[str, str, int]:
         """(record name, database, txn id) without decoding the body: every record starts with them.
 
         Lets a consumer that only frames transactions (the archiver) skip parsing block images.
@@ -154,7 +160,7 @@ class Codec:
         (name, *_), data = self._schema_of(value if value is None or len(value) >= 12 else None, topic, offset)
         try:
             length, pos = _varint(data, 10)
-            database = data[pos:pos + length].decode()
+            database = data[pos : pos + length].decode()
             txn_id, _ = _varint(data, pos + length)
         except (IndexError, UnicodeDecodeError) as exc:
             raise PipelineError(f"cannot decode {name} header: {exc}", topic=topic, offset=offset) from exc
@@ -170,10 +176,18 @@ class Codec:
         record_count counts change records, so framing can be checked without decoding bodies.
         """
         head = {"database": txn.database, "txn_id": txn.txn_id}
-        yield TXN_KEY, self.encode(BEGIN, {
-            **head, "checksum_before": _signed(txn.checksum_before),
-            "source_time_ms": txn.source_time_ms, "snapshot": txn.snapshot,
-        })
+        yield (
+            TXN_KEY,
+            self.encode(
+                BEGIN,
+                {
+                    **head,
+                    "checksum_before": _signed(txn.checksum_before),
+                    "source_time_ms": txn.source_time_ms,
+                    "snapshot": txn.snapshot,
+                },
+            ),
+        )
         if txn.snapshot:
             yield b"snapshot", self.encode(SNAPSHOT, {**head, "phase": "START", "files": [], "reason": ""})
         records = changes = 0
@@ -190,30 +204,58 @@ class Codec:
         files = [{"file": f.file, "block_size": f.block_size, "blocks": f.blocks} for f in txn.files]
         if txn.snapshot:
             yield b"snapshot", self.encode(SNAPSHOT, {**head, "phase": "END", "files": files, "reason": ""})
-        yield TXN_KEY, self.encode(COMMIT, {
-            **head, "record_count": records,
-            "checksum_before": _signed(txn.checksum_before), "checksum_after": _signed(txn.checksum_after),
-            "source_time_ms": txn.source_time_ms, "files": files,
-        })
+        yield (
+            TXN_KEY,
+            self.encode(
+                COMMIT,
+                {
+                    **head,
+                    "record_count": records,
+                    "checksum_before": _signed(txn.checksum_before),
+                    "checksum_after": _signed(txn.checksum_after),
+                    "source_time_ms": txn.source_time_ms,
+                    "files": files,
+                },
+            ),
+        )
 
     def _batch_record(self, head: dict, blocks: list[BlockWrite]) -> tuple[bytes, bytes]:
         first = blocks[0]
-        return b"b/%d/%d+%d" % (first.file, first.index, len(blocks)), self.encode(BLOCK_BATCH, {
-            **head, "file": first.file, "block_size": len(first.data),
-            "block_indexes": [b.index for b in blocks], "data": b"".join(b.data for b in blocks),
-        })
+        return b"b/%d/%d+%d" % (first.file, first.index, len(blocks)), self.encode(
+            BLOCK_BATCH,
+            {
+                **head,
+                "file": first.file,
+                "block_size": len(first.data),
+                "block_indexes": [b.index for b in blocks],
+                "data": b"".join(b.data for b in blocks),
+            },
+        )
 
     def encode_change(self, head: dict, change: BlobChunk | BlobDelete) -> bytes:
         if isinstance(change, BlobChunk):
             return self.encode(
                 BLOB_CHUNK,
-                {**head, "path": change.path, "size": change.size, "sha256": change.sha256,
-                 "chunk_index": change.index, "chunk_count": change.count, "data": change.data},
+                {
+                    **head,
+                    "path": change.path,
+                    "size": change.size,
+                    "sha256": change.sha256,
+                    "chunk_index": change.index,
+                    "chunk_count": change.count,
+                    "data": change.data,
+                },
             )
         return self.encode(BLOB_DELETE, {**head, "path": change.path})
 
-    def read_transactions(self, records: Iterable[Record], database: str, *, batches: bool = False,
-                          kind: Callable[..., Transaction] = Transaction) -> Iterator[Transaction]:
+    def read_transactions(
+        self,
+        records: Iterable[Record],
+        database: str,
+        *,
+        batches: bool = False,
+        kind: Callable[..., Transaction] = Transaction,
+    ) -> Iterator[Transaction]:
         """Group a committed record stream into transactions, checking framing as it goes.
 
         Each yielded transaction's `changes` pull lazily from `records`; anything left
@@ -229,7 +271,7 @@ class Codec:
             try:
                 name, value = self.decode(rec.value, topic=rec.topic, offset=rec.offset)
             except PipelineError as exc:
-                raise exc.with_context(database=database)
+                raise exc.with_context(database=database) from None
             if name != BEGIN:
                 framer.record(name, value.get("database"), value.get("txn_id"), rec)  # raises: outside a txn
             framer.begin(value, rec)
@@ -247,21 +289,28 @@ class Codec:
                 for _ in txn.changes:
                     pass
 
-    def _changes(self, it: Iterator[Record], txn: Transaction, framer: TxnFramer,
-                 batches: bool) -> Iterator[Change | BlockBatch]:
+    def _changes(
+        self, it: Iterator[Record], txn: Transaction, framer: TxnFramer, batches: bool
+    ) -> Iterator[Change | BlockBatch]:
         changes = 0
         decode, record, txn_id = self.decode, framer.record, txn.txn_id  # locals: this loop runs per record
         for rec in it:
             try:
                 name, value = decode(rec.value)
             except PipelineError as exc:
-                raise exc.with_context(database=txn.database, txn_id=txn_id, topic=rec.topic, offset=rec.offset)
+                raise exc.with_context(
+                    database=txn.database, txn_id=txn_id, topic=rec.topic, offset=rec.offset
+                ) from None
             record(name, value["database"], value["txn_id"], rec)
             if name == BLOCK_BATCH:  # the most frequent record first
                 size, indexes, data = value["block_size"], value["block_indexes"], value["data"]
                 if not indexes or size < 1 or size * len(indexes) != len(data):
-                    raise framer.error(f"block batch of file {value['file']} says {len(indexes)} blocks of {size} "
-                                       f"bytes but carries {len(data)}", rec, txn_id)
+                    raise framer.error(
+                        f"block batch of file {value['file']} says {len(indexes)} blocks of {size} "
+                        f"bytes but carries {len(data)}",
+                        rec,
+                        txn_id,
+                    )
                 changes += len(indexes)
                 if batches:
                     yield BlockBatch(value["file"], size, indexes, data)
@@ -279,14 +328,24 @@ class Codec:
                 framer.marker(value["phase"], rec)
             elif name == BLOCK:
                 if value["block_size"] != len(value["data"]):
-                    raise framer.error(f"block {value['file']}:{value['block_index']} says {value['block_size']} "
-                                       f"bytes but carries {len(value['data'])}", rec, txn_id)
+                    raise framer.error(
+                        f"block {value['file']}:{value['block_index']} says {value['block_size']} "
+                        f"bytes but carries {len(value['data'])}",
+                        rec,
+                        txn_id,
+                    )
                 changes += 1
                 yield BlockWrite(value["file"], value["block_index"], value["data"])
             elif name == BLOB_CHUNK:
                 changes += 1
-                yield BlobChunk(value["path"], value["size"], value["sha256"],
-                                value["chunk_index"], value["chunk_count"], value["data"])
+                yield BlobChunk(
+                    value["path"],
+                    value["size"],
+                    value["sha256"],
+                    value["chunk_index"],
+                    value["chunk_count"],
+                    value["data"],
+                )
             elif name == BLOB_DELETE:
                 changes += 1
                 yield BlobDelete(value["path"])
@@ -306,8 +365,11 @@ def _batched(changes: Iterable[Change]) -> Iterator[list[BlockWrite] | BlobChunk
                 batch, size = [], 0
             yield change
             continue
-        if batch and (change.file != batch[0].file or len(change.data) != len(batch[0].data)
-                      or size + len(change.data) > BATCH_BYTES):
+        if batch and (
+            change.file != batch[0].file
+            or len(change.data) != len(batch[0].data)
+            or size + len(change.data) > BATCH_BYTES
+        ):
             yield batch
             batch, size = [], 0
         batch.append(change)

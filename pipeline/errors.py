@@ -42,7 +42,7 @@ class PipelineError(Exception):
         ]
         return f"{self.message} [{' '.join(ctx)}]" if ctx else self.message
 
-    def with_context(self, **ctx: object) -> "PipelineError":
+    def with_context(self, **ctx: object) -> PipelineError:
         """Fill in context fields that are still unknown (the caller knows more than the raiser)."""
         for key, value in ctx.items():
             if getattr(self, key, None) is None and value is not None:

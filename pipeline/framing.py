@@ -77,8 +77,9 @@ class TxnFramer:
             raise self._foreign(value["database"], value["txn_id"], rec)
         if self.open is not None:
             raise self._begin_inside(rec)
-        self.open = TxnFrame(value["txn_id"], rec.offset, value["source_time_ms"], value["snapshot"],
-                             value["checksum_before"])
+        self.open = TxnFrame(
+            value["txn_id"], rec.offset, value["source_time_ms"], value["snapshot"], value["checksum_before"]
+        )
         return self.open
 
     def record(self, name: str, database: str | None, txn_id: int | None, rec: Record) -> TxnFrame:
@@ -107,8 +108,11 @@ class TxnFramer:
         """A decoded TxnCommit (after `record()`): checks the count and closes the transaction."""
         frame = self.open
         if value["record_count"] != frame.records:
-            raise self.error(f"transaction has {frame.records} change records, commit says {value['record_count']}",
-                             rec, frame.txn_id)
+            raise self.error(
+                f"transaction has {frame.records} change records, commit says {value['record_count']}",
+                rec,
+                frame.txn_id,
+            )
         if value["checksum_before"] != frame.checksum_before:
             raise self.error("commit's checksum_before differs from begin's", rec, frame.txn_id)
         if frame.snapshot and frame.phase != "END":
@@ -119,5 +123,10 @@ class TxnFramer:
     def end(self) -> None:
         """The stream ended: an open transaction there is an error (retriable: the rest may still come)."""
         if self.open is not None:
-            raise PipelineError("stream ended inside a transaction (no TxnCommit)", database=self.database,
-                                txn_id=self.open.txn_id, offset=self.open.offset, retriable=True)
+            raise PipelineError(
+                "stream ended inside a transaction (no TxnCommit)",
+                database=self.database,
+                txn_id=self.open.txn_id,
+                offset=self.open.offset,
+                retriable=True,
+            )

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import posixpath
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
 
 from pipeline.errors import PipelineError
 
@@ -24,8 +24,6 @@ class Position:
 
     def __str__(self) -> str:
         return f"txn {self.txn_id} (checksum {self.checksum:016x})"
-
-
 
 
 # The change classes and FileLayout are not frozen: a reader builds one per record, and a frozen
@@ -59,7 +57,7 @@ class BlockBatch:
     def blocks(self) -> Iterator[BlockWrite]:
         size, file = self.block_size, self.file
         for k, index in enumerate(self.indexes):
-            yield BlockWrite(file, index, self.data[k * size:(k + 1) * size])
+            yield BlockWrite(file, index, self.data[k * size : (k + 1) * size])
 
 
 @dataclass(slots=True)

@@ -8,7 +8,8 @@ flushes only when the source has nothing more at hand, so a batch never waits fo
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Protocol
+from collections.abc import Callable, Iterator
+from typing import Protocol
 
 from pipeline.errors import PipelineError
 from pipeline.model import Position, Transaction
@@ -39,8 +40,7 @@ class Sink(Protocol):
     position, so after flush() it is the last applied txn's.
     """
 
-    def position(self) -> Position:
-        ...
+    def position(self) -> Position: ...
 
     def apply(self, txn: Transaction) -> None:
         """Stage `txn.changes`, verify `txn.checksum_after`, then make it visible all at once.
@@ -59,9 +59,7 @@ def check_continues(position: Position, txn: Transaction) -> None:
     if txn.snapshot and txn.txn_id > position.txn_id:
         return
     if txn.txn_id != position.txn_id + 1:
-        raise txn.error(
-            f"txn id gap: replica is at txn {position.txn_id}, next record is txn {txn.txn_id}"
-        )
+        raise txn.error(f"txn id gap: replica is at txn {position.txn_id}, next record is txn {txn.txn_id}")
     if txn.checksum_before != position.checksum:
         raise txn.error(
             f"diverged: replica checksum at txn {position.txn_id} is {position.checksum:016x}, "
@@ -106,7 +104,9 @@ def replicate(
         elif applied != last.after:
             raise PipelineError(
                 f"sink reports {applied} after applying txn {last.txn_id}, expected {last.after}",
-                database=last.database, txn_id=last.txn_id, offset=last.offset,
+                database=last.database,
+                txn_id=last.txn_id,
+                offset=last.offset,
             )
         else:
             done = list(pending)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from itertools import chain
-from typing import Iterable
 
 from pipeline.errors import PipelineError
 from pipeline.model import BlobChunk, BlobDelete, BlockBatch, BlockWrite, Transaction
@@ -97,11 +97,19 @@ def summarize(txn: Transaction, publish_time_ms: int | None = None) -> TxnSummar
         publish_time_ms = txn.publish_time_ms or txn.source_time_ms
     by_file = sorted(files.items())
     return TxnSummary(
-        database=txn.database, txn_id=txn.txn_id, source_time_ms=txn.source_time_ms,
-        publish_time_ms=publish_time_ms, offset=txn.offset, end_offset=txn.end_offset, snapshot=txn.snapshot,
+        database=txn.database,
+        txn_id=txn.txn_id,
+        source_time_ms=txn.source_time_ms,
+        publish_time_ms=publish_time_ms,
+        offset=txn.offset,
+        end_offset=txn.end_offset,
+        snapshot=txn.snapshot,
         file_blocks=tuple([(f, n, b) for f, (n, b, _) in by_file]),
         blocks=tuple([(f, tuple(indexes)) for f, (_, _, indexes) in by_file if indexes]),
-        blob_bytes=blob_bytes, blob_chunks=blob_chunks, blobs_written=blobs_written, blob_deletes=blob_deletes,
+        blob_bytes=blob_bytes,
+        blob_chunks=blob_chunks,
+        blobs_written=blobs_written,
+        blob_deletes=blob_deletes,
     )
 
 
@@ -170,7 +178,7 @@ class WindowStats:
         return rec
 
     @classmethod
-    def from_record(cls, rec: dict) -> "WindowStats":
+    def from_record(cls, rec: dict) -> WindowStats:
         rec = dict(rec)
         rec["files"] = tuple(FileWrites(**f) for f in rec["files"])
         rec["hottest_blocks"] = tuple(HotBlock(**h) for h in rec["hottest_blocks"])
@@ -273,11 +281,19 @@ class Windows:
 
     def add(self, s: TxnSummary) -> WindowStats | None:
         if s.database != self.database:
-            raise PipelineError(f"transaction of database {s.database!r} in the windows of {self.database!r}",
-                                database=self.database, txn_id=s.txn_id, offset=s.offset)
+            raise PipelineError(
+                f"transaction of database {s.database!r} in the windows of {self.database!r}",
+                database=self.database,
+                txn_id=s.txn_id,
+                offset=s.offset,
+            )
         if self.open is not None and s.txn_id <= self.open.last.txn_id:
-            raise PipelineError(f"txn {s.txn_id} after txn {self.open.last.txn_id}: the stream went backwards",
-                                database=self.database, txn_id=s.txn_id, offset=s.offset)
+            raise PipelineError(
+                f"txn {s.txn_id} after txn {self.open.last.txn_id}: the stream went backwards",
+                database=self.database,
+                txn_id=s.txn_id,
+                offset=s.offset,
+            )
         start = self.window_of(s.source_time_ms)
         closed = None
         if self.open is not None and start > self.open.start_ms:
@@ -296,17 +312,30 @@ class Windows:
         blocks = sum(n for n, _ in w.files.values())
         block_bytes = sum(b for _, b in w.files.values())
         return WindowStats(
-            database=self.database, window_start_ms=w.start_ms, window_ms=self.window_ms,
-            first_txn=w.first.txn_id, last_txn=w.last.txn_id, first_offset=w.first.offset,
-            end_offset=w.last.end_offset, last_source_time_ms=w.last.source_time_ms,
-            txns=w.txns, snapshots=w.snapshots, blocks=blocks, block_bytes=block_bytes,
+            database=self.database,
+            window_start_ms=w.start_ms,
+            window_ms=self.window_ms,
+            first_txn=w.first.txn_id,
+            last_txn=w.last.txn_id,
+            first_offset=w.first.offset,
+            end_offset=w.last.end_offset,
+            last_source_time_ms=w.last.source_time_ms,
+            txns=w.txns,
+            snapshots=w.snapshots,
+            blocks=blocks,
+            block_bytes=block_bytes,
             files=tuple(FileWrites(f, n, b) for f, (n, b) in sorted(w.files.items())),
-            blob_bytes=w.blob_bytes, blob_chunks=w.blob_chunks, blobs_written=w.blobs_written,
-            blob_deletes=w.blob_deletes, bytes=block_bytes + w.blob_bytes,
-            txn_bytes_p50=percentile(w.sizes, 50), txn_bytes_p99=percentile(w.sizes, 99),
+            blob_bytes=w.blob_bytes,
+            blob_chunks=w.blob_chunks,
+            blobs_written=w.blobs_written,
+            blob_deletes=w.blob_deletes,
+            bytes=block_bytes + w.blob_bytes,
+            txn_bytes_p50=percentile(w.sizes, 50),
+            txn_bytes_p99=percentile(w.sizes, 99),
             txn_bytes_max=max(w.sizes),
             hottest_blocks=hottest,
-            capture_lag_ms_p50=percentile(w.lags, 50), capture_lag_ms_p99=percentile(w.lags, 99),
+            capture_lag_ms_p50=percentile(w.lags, 50),
+            capture_lag_ms_p99=percentile(w.lags, 99),
             capture_lag_ms_max=max(w.lags),
         )
 
@@ -316,7 +345,7 @@ class Windows:
         if not counts or not self.top_blocks:
             return ()
         least = counts[min(self.top_blocks, len(counts)) - 1]  # only blocks written this often can make the list
-        top = sorted((-n, f, i) for f, c in hits.items() for i, n in c.items() if n >= least)[:self.top_blocks]
+        top = sorted((-n, f, i) for f, c in hits.items() for i, n in c.items() if n >= least)[: self.top_blocks]
         return tuple(HotBlock(f, i, -negative) for negative, f, i in top)
 
 

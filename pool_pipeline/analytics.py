@@ -1,11 +1,11 @@
-"""The built-in analytics consumer: per-window statistics of change streams, written exactly once to Kafka and/or SQLite."""
+"""The built-in analytics consumer: per-window statistics of change streams, exactly once to Kafka or SQLite."""
 
 from __future__ import annotations
 
 import json
 import sqlite3
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from connectors.kafka.topics import topic_for
 from pipeline.errors import PipelineError
@@ -41,11 +41,19 @@ class Analytics:
     every window is written exactly once, identical on every replay.
     """
 
-    def __init__(self, stream: ChangeStream, *, window_ms: int = DEFAULT_WINDOW_MS,
-                 top_blocks: int = DEFAULT_TOP_BLOCKS, to_kafka: bool = True,
-                 stats_topic_template: str = "{topic}" + STATS_SUFFIX, sqlite_path: str | None = None,
-                 transactional_prefix: str = TRANSACTIONAL_PREFIX, commit_interval_s: float = 0.5,
-                 log: Callable[[str], None] = print) -> None:
+    def __init__(
+        self,
+        stream: ChangeStream,
+        *,
+        window_ms: int = DEFAULT_WINDOW_MS,
+        top_blocks: int = DEFAULT_TOP_BLOCKS,
+        to_kafka: bool = True,
+        stats_topic_template: str = "{topic}" + STATS_SUFFIX,
+        sqlite_path: str | None = None,
+        transactional_prefix: str = TRANSACTIONAL_PREFIX,
+        commit_interval_s: float = 0.5,
+        log: Callable[[str], None] = print,
+    ) -> None:
         if not to_kafka and not sqlite_path:
             raise PipelineError("analytics needs an output: the stats topic, a SQLite file, or both")
         stats_topic(topic_for("x"), stats_topic_template, "x")  # reject a bad template before reading anything
@@ -67,12 +75,16 @@ class Analytics:
         self._last_log = 0.0
         stream.listen(self)  # first, so a moved database's open window is dropped before outputs re-init
         stream.on_idle(self.flush)
-        self.kafka = KafkaTransactions(stream, transactional_prefix,
-                                       topics=lambda db: [self.stats_topic(db)]) if to_kafka else None
+        self.kafka = (
+            KafkaTransactions(stream, transactional_prefix, topics=lambda db: [self.stats_topic(db)])
+            if to_kafka
+            else None
+        )
         self.sqlite = SqliteOutput(stream, sqlite_path, commit_group=not to_kafka) if sqlite_path else None
         if self.sqlite is not None:
             self.sqlite.conn.execute(
-                f"CREATE TABLE IF NOT EXISTS window_stats ({_QUOTED}, PRIMARY KEY (\"database\", window_start_ms))")
+                f'CREATE TABLE IF NOT EXISTS window_stats ({_QUOTED}, PRIMARY KEY ("database", window_start_ms))'
+            )
 
     # StreamListener: a database given to or taken from this member.
     def assigned(self, database: str) -> None:
@@ -108,8 +120,10 @@ class Analytics:
         self.flush()
         for database, windows in sorted(self.windows.items()):
             if windows.open is not None:
-                self.log(f"analytics {database}: {self.written.get(database, 0)} windows written; the open window "
-                         f"(txns {windows.open.first.txn_id}..{windows.open.last.txn_id}) is written once it closes")
+                self.log(
+                    f"analytics {database}: {self.written.get(database, 0)} windows written; the open window "
+                    f"(txns {windows.open.first.txn_id}..{windows.open.last.txn_id}) is written once it closes"
+                )
         return sum(self.written.values())
 
     def flush(self) -> None:
@@ -133,8 +147,10 @@ class Analytics:
                 todo = [w for w in batch if not self.sqlite.done(_checkpoint(w))]
                 if todo:
                     with self.sqlite.transaction(cp) as db:
-                        db.executemany(f"INSERT INTO window_stats VALUES ({', '.join('?' * len(_COLUMNS))})",
-                                       [_row(w) for w in todo])
+                        db.executemany(
+                            f"INSERT INTO window_stats VALUES ({', '.join('?' * len(_COLUMNS))})",
+                            [_row(w) for w in todo],
+                        )
         except PipelineError as exc:
             if not exc.retriable:
                 raise
@@ -146,8 +162,10 @@ class Analytics:
         now = time.monotonic()
         if now - self._last_log >= 2:
             self._last_log = now
-            self.log(f"analytics {database}: windows up to {batch[-1].window_start_ms} (txn {batch[-1].last_txn}) "
-                     f"written; {sum(self.written.values())} windows, {self.txns} txns this run")
+            self.log(
+                f"analytics {database}: windows up to {batch[-1].window_start_ms} (txn {batch[-1].last_txn}) "
+                f"written; {sum(self.written.values())} windows, {self.txns} txns this run"
+            )
 
     def close(self) -> None:
         if self.kafka is not None:

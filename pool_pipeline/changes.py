@@ -1,4 +1,4 @@
-"""The public change-stream API: committed transactions from a consumer group, with exactly-once outputs to Kafka or SQLite.
+"""The public change-stream API: committed transactions from a consumer group, exactly-once outputs.
 
     from pool_pipeline.changes import ChangeStream, KafkaTransactions
 
@@ -18,8 +18,9 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Protocol, Sequence, cast
+from typing import Protocol, cast
 
 from kafka import KafkaProducer
 from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
@@ -74,7 +75,7 @@ class Checkpoint:
         return self.end_offset + 1
 
     @classmethod
-    def of(cls, upto: "Checkpoint | Transaction") -> "Checkpoint":
+    def of(cls, upto: Checkpoint | Transaction) -> Checkpoint:
         if isinstance(upto, Checkpoint):
             return upto
         if upto.end_offset is None:
@@ -115,10 +116,21 @@ class ChangeStream(GroupMember):
     cheaper for consumers that count or copy blocks.
     """
 
-    def __init__(self, kafka: Kafka, group: str, *, databases: Sequence[str] | None = None,
-                 pattern: str | None = None, codec: Codec | None = None, once: bool = False,
-                 poll_timeout_ms: int = 200, max_records: int = POLL_RECORDS, session_timeout_ms: int = 10_000,
-                 instance_id: str | None = None, batches: bool = False) -> None:
+    def __init__(
+        self,
+        kafka: Kafka,
+        group: str,
+        *,
+        databases: Sequence[str] | None = None,
+        pattern: str | None = None,
+        codec: Codec | None = None,
+        once: bool = False,
+        poll_timeout_ms: int = 200,
+        max_records: int = POLL_RECORDS,
+        session_timeout_ms: int = 10_000,
+        instance_id: str | None = None,
+        batches: bool = False,
+    ) -> None:
         if (databases is None) == (pattern is None):
             raise PipelineError("give either databases or a pattern to a ChangeStream")
         self.kafka = KafkaSettings.of(kafka)
@@ -139,9 +151,15 @@ class ChangeStream(GroupMember):
         # instance_id: the newer one fences the older.
         static = {"group_instance_id": instance_id} if instance_id else {}
         self.consumer = committed_consumer(
-            self.kafka, group, session_timeout_ms=session_timeout_ms, heartbeat_interval_ms=2_000,
-            max_poll_interval_ms=600_000, metadata_max_age_ms=5_000,  # pick up new database topics soon
-            partition_assignment_strategy=(CooperativeStickyAssignor,), **static)
+            self.kafka,
+            group,
+            session_timeout_ms=session_timeout_ms,
+            heartbeat_interval_ms=2_000,
+            max_poll_interval_ms=600_000,
+            metadata_max_age_ms=5_000,  # pick up new database topics soon
+            partition_assignment_strategy=(CooperativeStickyAssignor,),
+            **static,
+        )
         self.offsets = OffsetCommitter(self.consumer)
         self._buffers: dict[TopicPartition, deque] = {}
         self._epochs: dict[TopicPartition, int] = {}  # bumped when a partition is revoked or restarted
@@ -168,8 +186,11 @@ class ChangeStream(GroupMember):
             if self.databases and self.once:
                 missing = [d for d in self.databases if topic_for(d) not in self.consumer.topics()]
                 if missing:
-                    raise PipelineError(f"no topic for database(s) {', '.join(missing)}: is a capture-agent "
-                                        "running for them?", database=missing[0], retriable=True)
+                    raise PipelineError(
+                        f"no topic for database(s) {', '.join(missing)}: is a capture-agent running for them?",
+                        database=missing[0],
+                        retriable=True,
+                    )
             self._join(self.pattern, [topic_for(d) for d in self.databases])
         except KafkaError as exc:
             raise broker_error(f"cannot subscribe group {self.group}", exc) from exc
@@ -230,8 +251,9 @@ class ChangeStream(GroupMember):
         try:
             return self.consumer.committed(tp)
         except KafkaError as exc:
-            raise broker_error(f"cannot read the committed offset of group {self.group}", exc,
-                                database=database_for(tp.topic)) from exc
+            raise broker_error(
+                f"cannot read the committed offset of group {self.group}", exc, database=database_for(tp.topic)
+            ) from exc
 
     def _position_new(self) -> None:
         """Tell the listeners, then seek each newly assigned partition to the earliest start any of them needs.
@@ -244,8 +266,9 @@ class ChangeStream(GroupMember):
         for tp in sorted(self._new):
             if tp in assignment:
                 database = database_for(tp.topic)
-                wanted[tp] = [s for s in (listener.assigned(database) for listener in self.listeners)
-                              if s is not None] or [COMMITTED]
+                wanted[tp] = [
+                    s for s in (listener.assigned(database) for listener in self.listeners) if s is not None
+                ] or [COMMITTED]
         for tp, starts in wanted.items():
             if COMMITTED in starts:
                 committed = self._committed[tp] = self._fetch_committed(tp)
@@ -255,7 +278,9 @@ class ChangeStream(GroupMember):
                 if self.once:
                     self._ends[tp] = self.consumer.end_offsets([tp])[tp]
             except KafkaError as exc:
-                raise broker_error(f"cannot read the offsets of {tp.topic}", exc, database=database_for(tp.topic)) from exc
+                raise broker_error(
+                    f"cannot read the offsets of {tp.topic}", exc, database=database_for(tp.topic)
+                ) from exc
             self.consumer.seek(tp, max(begin, min(starts)))
             self._buffers[tp] = deque()
         self._new.clear()
@@ -309,14 +334,17 @@ class ChangeStream(GroupMember):
         if not assignment or self._new:
             return False
         try:
-            return all(tp in self._ends and not self._buffers.get(tp) and self.consumer.position(tp) >= self._ends[tp]
-                       for tp in assignment)
+            return all(
+                tp in self._ends and not self._buffers.get(tp) and self.consumer.position(tp) >= self._ends[tp]
+                for tp in assignment
+            )
         except KafkaError as exc:
             raise broker_error(f"consumer group {self.group} cannot read its positions", exc) from exc
 
     def _transactions(self, tp: TopicPartition) -> Iterator[ChangeTransaction]:
-        txns = self.codec.read_transactions(self._records(tp), database_for(tp.topic), batches=self.batches,
-                                            kind=ChangeTransaction)
+        txns = self.codec.read_transactions(
+            self._records(tp), database_for(tp.topic), batches=self.batches, kind=ChangeTransaction
+        )
         return cast(Iterator[ChangeTransaction], txns)
 
     def _records(self, tp: TopicPartition) -> Iterator[Record]:
@@ -329,8 +357,12 @@ class ChangeStream(GroupMember):
             with self._only(tp):
                 self._poll(100)
             if self._epochs.get(tp, 0) != epoch or self._buffers.get(tp) is not buf:
-                raise Rebalanced(f"{database_for(tp.topic)} was reassigned while its transaction was read; "
-                                 "nothing of it may be used", database=database_for(tp.topic), retriable=True)
+                raise Rebalanced(
+                    f"{database_for(tp.topic)} was reassigned while its transaction was read; "
+                    "nothing of it may be used",
+                    database=database_for(tp.topic),
+                    retriable=True,
+                )
             return True
 
         return self._txn_records(buf, more)
@@ -344,7 +376,7 @@ class ChangeStream(GroupMember):
         tp = TopicPartition(topic_for(cp.database), PARTITION)
         self.offsets.applied(tp, cp)  # type: ignore[arg-type]  # duck-typed: txn_id, source_time_ms, end_offset
 
-    def __enter__(self) -> "ChangeStream":
+    def __enter__(self) -> ChangeStream:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -363,8 +395,15 @@ class KafkaTransactions:
     and their metadata loaded at assignment, so the first transaction waits for neither.
     """
 
-    def __init__(self, stream: ChangeStream, transactional_prefix: str, *, transaction_timeout_ms: int = 30_000,
-                 topics: Callable[[str], Sequence[str]] | None = None, timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        stream: ChangeStream,
+        transactional_prefix: str,
+        *,
+        transaction_timeout_ms: int = 30_000,
+        topics: Callable[[str], Sequence[str]] | None = None,
+        timeout_s: float = 30.0,
+    ) -> None:
         self.stream = stream
         self.timeout_s = timeout_s
         self.prefix = transactional_prefix
@@ -384,13 +423,21 @@ class KafkaTransactions:
         try:
             producer = self.stream.kafka.producer(
                 client_id=f"pool-pipeline-{tid}",
-                transactional_id=tid, enable_idempotence=True, acks="all", linger_ms=5,
-                max_request_size=4 * 1024 * 1024, transaction_timeout_ms=self.transaction_timeout_ms,
+                transactional_id=tid,
+                enable_idempotence=True,
+                acks="all",
+                linger_ms=5,
+                max_request_size=4 * 1024 * 1024,
+                transaction_timeout_ms=self.transaction_timeout_ms,
                 # kafka-python's sender re-checks in-flight transactional requests at this interval, so
                 # it paces every round trip of a transaction: the first send_offsets_to_transaction took
                 # 33 ms at 10, 23 ms at 5, 15 ms at 2 (one broker on loopback). Retries are rare here.
-                retry_backoff_ms=2, allow_auto_create_topics=False, max_block_ms=int(self.timeout_s * 1000),
-                request_timeout_ms=int(self.timeout_s * 1000), delivery_timeout_ms=int(self.timeout_s * 2000))
+                retry_backoff_ms=2,
+                allow_auto_create_topics=False,
+                max_block_ms=int(self.timeout_s * 1000),
+                request_timeout_ms=int(self.timeout_s * 1000),
+                delivery_timeout_ms=int(self.timeout_s * 2000),
+            )
             producer.init_transactions()
         except KafkaError as exc:
             raise broker_error(f"cannot start the transactional producer {tid}", exc, database=database) from exc
@@ -434,16 +481,23 @@ class KafkaTransactions:
             return False
         producer = self.producers.get(cp.database)
         if producer is None:
-            raise PipelineError(f"database {cp.database} is not assigned to this member of group {self.stream.group}",
-                                database=cp.database, txn_id=cp.txn_id, offset=cp.end_offset, retriable=True)
+            raise PipelineError(
+                f"database {cp.database} is not assigned to this member of group {self.stream.group}",
+                database=cp.database,
+                txn_id=cp.txn_id,
+                offset=cp.end_offset,
+                retriable=True,
+            )
         tp = TopicPartition(topic_for(cp.database), PARTITION)
         failed: list[BaseException] = []
         try:
             producer.begin_transaction()
             for topic, key, value in records:
                 producer.send(topic, key=key, value=value, partition=PARTITION).add_errback(failed.append)
-            producer.send_offsets_to_transaction({tp: OffsetAndMetadata(cp.next_offset, offset_metadata(cp.txn_id, cp.source_time_ms), -1)},
-                                                 self.stream.consumer.group_metadata())
+            producer.send_offsets_to_transaction(
+                {tp: OffsetAndMetadata(cp.next_offset, offset_metadata(cp.txn_id, cp.source_time_ms), -1)},
+                self.stream.consumer.group_metadata(),
+            )
             flush_checked(producer, failed, self.timeout_s)
             end_transaction(producer, commit=True, timeout_s=self.timeout_s)
         except KafkaError as exc:
@@ -452,14 +506,23 @@ class KafkaTransactions:
                 end_transaction(producer, commit=False, timeout_s=self.timeout_s)
             self.stream.restart(cp.database)  # drops state and re-reads from the committed offset
             if fenced:
-                raise PipelineError(f"fenced: another member of group {self.stream.group} now writes database "
-                                    f"{cp.database!r} (transactional.id {self.transactional_id(cp.database)})",
-                                    database=cp.database, txn_id=cp.txn_id, offset=cp.end_offset) from exc
+                raise PipelineError(
+                    f"fenced: another member of group {self.stream.group} now writes database "
+                    f"{cp.database!r} (transactional.id {self.transactional_id(cp.database)})",
+                    database=cp.database,
+                    txn_id=cp.txn_id,
+                    offset=cp.end_offset,
+                ) from exc
             # A producer that failed may be in any state: the next owner (or this member, at the next
             # assignment) starts a new one, whose init_transactions settles what this one left open.
             self._close(cp.database)
-            raise broker_error("exactly-once output to Kafka failed and was aborted", exc, database=cp.database,
-                                txn_id=cp.txn_id, offset=cp.end_offset) from exc
+            raise broker_error(
+                "exactly-once output to Kafka failed and was aborted",
+                exc,
+                database=cp.database,
+                txn_id=cp.txn_id,
+                offset=cp.end_offset,
+            ) from exc
         self.next_offsets[cp.database] = cp.next_offset
         return True
 
@@ -485,14 +548,18 @@ class SqliteOutput:
         self.conn = sqlite3.connect(path, isolation_level=None)  # autocommit; transactions are explicit
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=FULL")  # a commit survives power loss, not only kill -9
-        self.conn.execute("CREATE TABLE IF NOT EXISTS pool_pipeline_offsets (grp TEXT NOT NULL, topic TEXT NOT NULL, "
-                          "next_offset INTEGER NOT NULL, txn_id INTEGER NOT NULL, source_time_ms INTEGER NOT NULL, "
-                          "PRIMARY KEY (grp, topic))")
+        self.conn.execute(
+            "CREATE TABLE IF NOT EXISTS pool_pipeline_offsets (grp TEXT NOT NULL, topic TEXT NOT NULL, "
+            "next_offset INTEGER NOT NULL, txn_id INTEGER NOT NULL, source_time_ms INTEGER NOT NULL, "
+            "PRIMARY KEY (grp, topic))"
+        )
         stream.listen(self)
 
     def offset(self, database: str) -> int | None:
-        row = self.conn.execute("SELECT next_offset FROM pool_pipeline_offsets WHERE grp = ? AND topic = ?",
-                                (self.stream.group, topic_for(database))).fetchone()
+        row = self.conn.execute(
+            "SELECT next_offset FROM pool_pipeline_offsets WHERE grp = ? AND topic = ?",
+            (self.stream.group, topic_for(database)),
+        ).fetchone()
         return row[0] if row else None
 
     def assigned(self, database: str) -> int:
@@ -518,9 +585,11 @@ class SqliteOutput:
             yield self.conn
             cur = self.conn.execute(
                 "INSERT INTO pool_pipeline_offsets VALUES (?, ?, ?, ?, ?) ON CONFLICT (grp, topic) DO UPDATE SET "
-                "next_offset = excluded.next_offset, txn_id = excluded.txn_id, source_time_ms = excluded.source_time_ms "
+                "next_offset = excluded.next_offset, txn_id = excluded.txn_id, "
+                "source_time_ms = excluded.source_time_ms "
                 "WHERE excluded.next_offset > pool_pipeline_offsets.next_offset",
-                (self.stream.group, topic_for(cp.database), cp.next_offset, cp.txn_id, cp.source_time_ms))
+                (self.stream.group, topic_for(cp.database), cp.next_offset, cp.txn_id, cp.source_time_ms),
+            )
             if cur.rowcount == 0:
                 raise _AlreadyDone()
             self.conn.execute("COMMIT")
@@ -530,8 +599,13 @@ class SqliteOutput:
         except BaseException as exc:
             self.conn.execute("ROLLBACK")
             if isinstance(exc, sqlite3.Error):
-                raise PipelineError(f"SQLite output {self.path}: {exc}", database=cp.database, txn_id=cp.txn_id,
-                                    offset=cp.end_offset, retriable=isinstance(exc, sqlite3.OperationalError)) from exc
+                raise PipelineError(
+                    f"SQLite output {self.path}: {exc}",
+                    database=cp.database,
+                    txn_id=cp.txn_id,
+                    offset=cp.end_offset,
+                    retriable=isinstance(exc, sqlite3.OperationalError),
+                ) from exc
             raise
         if self.commit_group:
             self.stream.commit(cp)

@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -257,7 +257,7 @@ def _spawn(argv: Sequence[str], log_path: Path, cwd: Path, detach: bool) -> subp
     if not detach and setpriv and sys.platform.startswith("linux"):
         prefix = [setpriv, "--pdeathsig", "KILL", "--"]
     with log_path.open("ab") as log:
-        log.write(f"\n==== {datetime.now(timezone.utc).isoformat()} starting: {shlex.join(argv)}\n".encode())
+        log.write(f"\n==== {datetime.now(UTC).isoformat()} starting: {shlex.join(argv)}\n".encode())
         log.flush()
         return subprocess.Popen(
             [*prefix, *argv],
@@ -559,8 +559,10 @@ def _wait_kafka_ready(
             try:
                 remaining_ms = int(max(1.0, min(10.0, deadline - time.monotonic())) * 1000)
                 admin = KafkaSettings(cluster.bootstrap_servers).admin(
-                    client_id="pool-pipeline-devstack", request_timeout_ms=remaining_ms,
-                    bootstrap_timeout_ms=remaining_ms)
+                    client_id="pool-pipeline-devstack",
+                    request_timeout_ms=remaining_ms,
+                    bootstrap_timeout_ms=remaining_ms,
+                )
                 try:
                     brokers = admin.describe_cluster()["brokers"]
                     seen = {b["broker_id"] for b in brokers if not b.get("is_fenced", False)}
@@ -663,8 +665,12 @@ def start_kafka(
         cmd = [java, *STORAGE_TOOL_JVM_FLAGS, f"-Dlog4j2.configurationFile={log4j_file}", "-cp", classpath,
                "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)]  # fmt: skip
         formatting.append(
-            (props, subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True))  # fmt: skip
+            (
+                props,
+                subprocess.Popen(
+                    cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+                ),
+            )  # fmt: skip
         )
     for props, proc in formatting:
         try:
@@ -1009,7 +1015,9 @@ def dev_status(state_dir: Path) -> dict[str, Any]:
         })  # fmt: skip
         if p["name"].startswith("kafka-"):
             node_id = int(p.get("node_id") or p["name"].removeprefix("kafka-"))
-            result["brokers"].append({"node_id": node_id, "port": p["port"], "pid": p["pid"], "state": procs[-1]["state"]})
+            result["brokers"].append(
+                {"node_id": node_id, "port": p["port"], "pid": p["pid"], "state": procs[-1]["state"]}
+            )
         elif p["name"] == "s3":
             result["s3"] = {"port": p["port"], "pid": p["pid"], "state": procs[-1]["state"]}
     result["processes"] = procs
@@ -1170,7 +1178,7 @@ def dev_up(
         "s3_log": str(s3.log_file),
         "state_dir": str(state_dir),
         "processes": processes,
-        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     _write_json_atomic(state_dir / STATE_FILE, info)
     progress(f"local stack up in {time.monotonic() - t0:.1f} s; state in {state_dir / STATE_FILE}")
@@ -1265,7 +1273,10 @@ def dev_broker_start(
         raise StackError(f"could not run broker {node}'s recorded command {shlex.join(argv)}: {e}") from e
     # Record the pid before waiting, so `dev down` stops it even if this command is interrupted.
     p["pid"] = proc.pid
-    kafka = sorted((q for q in info["processes"] if q["name"].startswith("kafka-")), key=lambda q: int(q["name"].removeprefix("kafka-")))
+    kafka = sorted(
+        (q for q in info["processes"] if q["name"].startswith("kafka-")),
+        key=lambda q: int(q["name"].removeprefix("kafka-")),
+    )
     info["kafka_pids"] = [int(q["pid"]) for q in kafka]
     info["pids"] = [int(q["pid"]) for q in info["processes"]]
     _write_json_atomic(state_dir / STATE_FILE, info)

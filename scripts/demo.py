@@ -1,4 +1,4 @@
-"""The end-to-end demo: local stack, a PicoLisp app committing, capture-agent + replica + archiver live, verify, point-in-time restore."""
+"""The end-to-end demo: local stack, a PicoLisp app, capture-agent + replica + archiver live, verify, restore."""
 
 from __future__ import annotations
 
@@ -83,8 +83,21 @@ def main() -> int:
     procs: list[subprocess.Popen] = []
     try:
         say("1. Start the local stack: Kafka (KRaft) and SeaweedFS S3, as plain processes")
-        run(["pipeline", "dev", "up", "--state-dir", str(stack), "--kafka-port", str(free_port()),
-             "--s3-port", str(free_port(with_grpc_offset=True))], work, env)
+        run(
+            [
+                "pipeline",
+                "dev",
+                "up",
+                "--state-dir",
+                str(stack),
+                "--kafka-port",
+                str(free_port()),
+                "--s3-port",
+                str(free_port(with_grpc_offset=True)),
+            ],
+            work,
+            env,
+        )
         exports = run(["pipeline", "dev", "env", "--state-dir", str(stack)], work, env).stdout
         for line in exports.splitlines():
             key, _, value = line.removeprefix("export ").partition("=")
@@ -93,14 +106,49 @@ def main() -> int:
         say("2. A PicoLisp app creates its journaled pool: 5 DB files, 64 to 4096-byte blocks, blobs")
         run(pil("create.l", "db/app/", "fifo/app"), app, env)
 
-        say("3. capture-agent publishes the pool to topic pool.app; a replica consumer group follows it,\n"
-            "   and an archiver writes it to S3 (Avro segments of whole txns, plus base snapshots)")
-        procs.append(background(["capture-agent", "--pool", "db/app/", "--journal", "fifo/app",
-                                 "--blob", "blob/app/"], app, env, "capture-agent"))
-        procs.append(background(["replica", "--database", "app", "--target", "rpl/db/app/",
-                                 "--blob", "rpl/blob/app/", "--group", "replica-1"], app, env, "replica"))
-        archive_cmd = ["archive", "--database", "app", "--bucket", f"s3://{env['POOL_PIPELINE_BUCKET']}/archive",
-                       "--work-dir", "archive-work", "--segment-txns", "250", "--snapshot-every-txns", "1000"]
+        say(
+            "3. capture-agent publishes the pool to topic pool.app; a replica consumer group follows it,\n"
+            "   and an archiver writes it to S3 (Avro segments of whole txns, plus base snapshots)"
+        )
+        procs.append(
+            background(
+                ["capture-agent", "--pool", "db/app/", "--journal", "fifo/app", "--blob", "blob/app/"],
+                app,
+                env,
+                "capture-agent",
+            )
+        )
+        procs.append(
+            background(
+                [
+                    "replica",
+                    "--database",
+                    "app",
+                    "--target",
+                    "rpl/db/app/",
+                    "--blob",
+                    "rpl/blob/app/",
+                    "--group",
+                    "replica-1",
+                ],
+                app,
+                env,
+                "replica",
+            )
+        )
+        archive_cmd = [
+            "archive",
+            "--database",
+            "app",
+            "--bucket",
+            f"s3://{env['POOL_PIPELINE_BUCKET']}/archive",
+            "--work-dir",
+            "archive-work",
+            "--segment-txns",
+            "250",
+            "--snapshot-every-txns",
+            "1000",
+        ]
         procs.append(background(archive_cmd, app, env, "archive"))
 
         from connectors.kafka.topics import last_commit
@@ -118,10 +166,12 @@ def main() -> int:
             deadline, stable_since, seen = time.monotonic() + 180, 0.0, -1
             while time.monotonic() < deadline:
                 n = topic_txn()
-                idle = ((app / "fifo/app").stat().st_size == 0
-                        and not (app / "fifo/app.agent/journal.spool").exists()
-                        and not any(p.name.startswith("=") for p in (app / "blob/app").iterdir())
-                        and not any((app / "blob/app/.pool-pipeline-inflight").glob("*")))
+                idle = (
+                    (app / "fifo/app").stat().st_size == 0
+                    and not (app / "fifo/app.agent/journal.spool").exists()
+                    and not any(p.name.startswith("=") for p in (app / "blob/app").iterdir())
+                    and not any((app / "blob/app/.pool-pipeline-inflight").glob("*"))
+                )
                 if idle and replica_txn(app) == n > 0:
                     if n != seen:
                         seen, stable_since = n, time.monotonic()
@@ -136,12 +186,15 @@ def main() -> int:
             started = time.monotonic()
             cmd = pil("workload.l", txns, seed, 1, args.sleep_ms, 0)
             show(cmd)
-            workload = subprocess.Popen(cmd, cwd=app, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                        text=True)
+            workload = subprocess.Popen(
+                cmd, cwd=app, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+            )
             while workload.poll() is None:
                 time.sleep(1)
-                print(f"  [demo] app committing… replica at txn {replica_txn(app)} "
-                      f"({time.monotonic() - started:.0f} s)", flush=True)
+                print(
+                    f"  [demo] app committing… replica at txn {replica_txn(app)} ({time.monotonic() - started:.0f} s)",
+                    flush=True,
+                )
             if workload.returncode != 0:
                 raise SystemExit(f"demo: the PicoLisp workload failed: {workload.stderr.read()[-2000:]}")
             print(f"  [demo] the app committed {txns} txns in {time.monotonic() - started:.1f} s", flush=True)
@@ -168,22 +221,64 @@ def main() -> int:
         procs.clear()
 
         say("7. verify: the replica is byte-identical to the source (md5 per file, every blob)")
-        result = run(["verify", "--pool", "db/app/", "--replica", "rpl/db/app/", "--blob", "blob/app/",
-                      "--replica-blob", "rpl/blob/app/"], app, env, check=False)
+        result = run(
+            [
+                "verify",
+                "--pool",
+                "db/app/",
+                "--replica",
+                "rpl/db/app/",
+                "--blob",
+                "blob/app/",
+                "--replica-blob",
+                "rpl/blob/app/",
+            ],
+            app,
+            env,
+            check=False,
+        )
         if result.returncode != 0:
             return result.returncode
 
         say("8. The archiver, stopped while following, archives the rest (--once) and lists what S3 holds")
         run(archive_cmd + ["--once"], app, env)
-        run(["archive", "ls", "--database", "app", "--bucket", f"s3://{env['POOL_PIPELINE_BUCKET']}/archive"],
-            app, env)
+        run(["archive", "ls", "--database", "app", "--bucket", f"s3://{env['POOL_PIPELINE_BUCKET']}/archive"], app, env)
 
-        say(f"9. Point-in-time restore of txn {earlier} (of {latest}) from S3, then verify it against the copy "
-            "of the source taken at that txn")
-        run(["restore", "--database", "app", "--bucket", f"s3://{env['POOL_PIPELINE_BUCKET']}/archive",
-             "--txn", str(earlier), "--target", "restored"], app, env)
-        result = run(["verify", "--pool", f"{checkpoint}/db/", "--replica", "restored/db/",
-                      "--blob", f"{checkpoint}/blob/", "--replica-blob", "restored/blob/"], app, env, check=False)
+        say(
+            f"9. Point-in-time restore of txn {earlier} (of {latest}) from S3, then verify it against the copy "
+            "of the source taken at that txn"
+        )
+        run(
+            [
+                "restore",
+                "--database",
+                "app",
+                "--bucket",
+                f"s3://{env['POOL_PIPELINE_BUCKET']}/archive",
+                "--txn",
+                str(earlier),
+                "--target",
+                "restored",
+            ],
+            app,
+            env,
+        )
+        result = run(
+            [
+                "verify",
+                "--pool",
+                f"{checkpoint}/db/",
+                "--replica",
+                "restored/db/",
+                "--blob",
+                f"{checkpoint}/blob/",
+                "--replica-blob",
+                "restored/blob/",
+            ],
+            app,
+            env,
+            check=False,
+        )
         return result.returncode
     finally:
         for proc in procs:

@@ -66,8 +66,18 @@ def main() -> int:
         while time.monotonic() < deadline:
             kind = rng.choice(("leader", "leader+coordinator", "two"))
             victims = victims_for(kind, cluster, cli.database, rng)
-            recovered = bounce_round(cluster, cli, app, agent, replica, victims, down_s=rng.uniform(lo, hi),
-                                     workload_txns=args.txns, seed=rng.randrange(1 << 30), log=print)
+            recovered = bounce_round(
+                cluster,
+                cli,
+                app,
+                agent,
+                replica,
+                victims,
+                down_s=rng.uniform(lo, hi),
+                workload_txns=args.txns,
+                seed=rng.randrange(1 << 30),
+                log=print,
+            )
             stats.recoveries.append(recovered)
             stats.rounds += 1
             stats.brokers_killed += len(victims)
@@ -77,8 +87,11 @@ def main() -> int:
         agent.stop()
         replica.stop()
         txns = check_caught_up(cli, app)
-        print(f"PASSED: {stats.summary()}; faults by kind {kinds}; {len(txns)} txns in the topic, lost 0, "
-              f"duplicated 0, replica md5-equal (seed {seed})", flush=True)
+        print(
+            f"PASSED: {stats.summary()}; faults by kind {kinds}; {len(txns)} txns in the topic, lost 0, "
+            f"duplicated 0, replica md5-equal (seed {seed})",
+            flush=True,
+        )
         ok = True
     except AssertionError as exc:
         import traceback

@@ -69,14 +69,27 @@ def main() -> int:
         done = 0
         while done < args.iterations:
             n = min(args.check_every, args.iterations - done)
-            stats = crash_kill(cli, app, n, rng, min_sleep=args.min_sleep, max_sleep=args.max_sleep,
-                               log=print if args.verbose else None)
+            stats = crash_kill(
+                cli,
+                app,
+                n,
+                rng,
+                min_sleep=args.min_sleep,
+                max_sleep=args.max_sleep,
+                log=print if args.verbose else None,
+            )
             txns = check_caught_up(cli, app)
             snapshots = [t.txn_id for t in txns if t.snapshot]
             assert snapshots == [1], f"restarts should resume from the spool, but txns {snapshots} are snapshots"
             done += n
-            for name in ("iterations", "agent_kills", "replica_kills", "workload_runs", "workload_txns",
-                         "boundary_checks"):
+            for name in (
+                "iterations",
+                "agent_kills",
+                "replica_kills",
+                "workload_runs",
+                "workload_txns",
+                "boundary_checks",
+            ):
                 setattr(total, name, getattr(total, name) + getattr(stats, name))
             total.txns = len(txns)
             total.seconds = time.monotonic() - started
@@ -86,8 +99,11 @@ def main() -> int:
         import traceback
 
         traceback.print_exc()
-        print(f"FAILED after {total.iterations} verified iterations (seed {seed}, work dir {work}):\n{exc}",
-              file=sys.stderr, flush=True)
+        print(
+            f"FAILED after {total.iterations} verified iterations (seed {seed}, work dir {work}):\n{exc}",
+            file=sys.stderr,
+            flush=True,
+        )
     finally:
         cli.stop_all()
         if cluster is not None:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from tests.pipeline_helpers import Cli, Proc, replica_txn
 
@@ -80,9 +80,11 @@ class FaultStats:
         rec = sorted(self.recoveries)
         p50 = rec[len(rec) // 2] if rec else 0.0
         p99 = rec[min(len(rec) - 1, int(len(rec) * 0.99))] if rec else 0.0
-        return (f"{self.rounds} rounds, {self.brokers_killed} brokers killed, {self.workload_txns} PicoLisp commits; "
-                f"recovery (last broker restarted -> replica md5-equal) p50 {p50:.1f} s, p99 {p99:.1f} s, "
-                f"max {max(rec, default=0.0):.1f} s")
+        return (
+            f"{self.rounds} rounds, {self.brokers_killed} brokers killed, {self.workload_txns} PicoLisp commits; "
+            f"recovery (last broker restarted -> replica md5-equal) p50 {p50:.1f} s, p99 {p99:.1f} s, "
+            f"max {max(rec, default=0.0):.1f} s"
+        )
 
 
 def victims_for(kind: str, cluster, database: str, rng: random.Random) -> list[int]:
@@ -101,9 +103,20 @@ def victims_for(kind: str, cluster, database: str, rng: random.Random) -> list[i
     raise ValueError(kind)
 
 
-def bounce_round(cluster, cli: Cli, app, agent: Proc, replica: Proc, victims: list[int], *, down_s: float,
-                 workload_txns: int, seed: int, recover_timeout: float = 120,
-                 log: Callable[[str], None] = lambda line: None) -> float:
+def bounce_round(
+    cluster,
+    cli: Cli,
+    app,
+    agent: Proc,
+    replica: Proc,
+    victims: list[int],
+    *,
+    down_s: float,
+    workload_txns: int,
+    seed: int,
+    recover_timeout: float = 120,
+    log: Callable[[str], None] = lambda line: None,
+) -> float:
     """One fault: returns the seconds from restarting the killed brokers to an md5-equal replica."""
     wl = app.workload_proc(workload_txns, seed=seed, sleep_ms=5)
     try:
@@ -126,11 +139,15 @@ def bounce_round(cluster, cli: Cli, app, agent: Proc, replica: Proc, victims: li
         for proc in (agent, replica):
             assert proc.alive(), f"{proc.name} exited after the outage ({proc.popen.returncode})\n{proc.output()}"
         if time.monotonic() > deadline:
-            raise AssertionError(f"the replica is not md5-equal {recover_timeout:.0f} s after brokers "
-                                 f"{[i + 1 for i in victims]} came back: {cli.differences()[:5]}\n"
-                                 f"{agent.output()}\n{replica.output()}")
+            raise AssertionError(
+                f"the replica is not md5-equal {recover_timeout:.0f} s after brokers "
+                f"{[i + 1 for i in victims]} came back: {cli.differences()[:5]}\n"
+                f"{agent.output()}\n{replica.output()}"
+            )
         time.sleep(0.2)
     recovered = time.monotonic() - started
-    log(f"brokers {[i + 1 for i in victims]} back; replica md5-equal after {recovered:.1f} s "
-        f"(txn {replica_txn(cli.root / 'rpl/db/app/')})")
+    log(
+        f"brokers {[i + 1 for i in victims]} back; replica md5-equal after {recovered:.1f} s "
+        f"(txn {replica_txn(cli.root / 'rpl/db/app/')})"
+    )
     return recovered

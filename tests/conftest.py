@@ -112,9 +112,7 @@ def _minio_container(bucket: str) -> tuple[Any, S3Endpoint]:
         .with_exposed_ports(9000)
     )
     container.start()
-    endpoint = S3Endpoint(
-        f"http://127.0.0.1:{container.get_exposed_port(9000)}", key, secret, "us-east-1", bucket
-    )
+    endpoint = S3Endpoint(f"http://127.0.0.1:{container.get_exposed_port(9000)}", key, secret, "us-east-1", bucket)
     client = _s3_client(endpoint.endpoint_url, key, secret, endpoint.region)
     deadline = time.monotonic() + 60
     while True:

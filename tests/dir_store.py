@@ -7,8 +7,9 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Callable, Iterator
+from typing import IO
 
 from pipeline.archive import Catalog, Segment, Snapshot, database_root
 from pipeline.errors import PipelineError
@@ -66,10 +67,14 @@ class DirStore:
 
     def catalog(self) -> Catalog:
         self._count("catalog")
-        segments = [s for key, size in self.list(f"{self.root}/segments/")
-                    if (s := Segment.parse(self.root, key, size)) is not None]
-        snapshots = [s for key, _ in self.list(f"{self.root}/snapshots/")
-                     if (s := Snapshot.parse(self.root, key)) is not None]
+        segments = [
+            s
+            for key, size in self.list(f"{self.root}/segments/")
+            if (s := Segment.parse(self.root, key, size)) is not None
+        ]
+        snapshots = [
+            s for key, _ in self.list(f"{self.root}/snapshots/") if (s := Snapshot.parse(self.root, key)) is not None
+        ]
         return Catalog(self.database, segments, snapshots)
 
     def get(self, key: str) -> bytes:
@@ -115,8 +120,10 @@ class DirStore:
             while chunk := ours.read(_CHUNK):
                 mine.update(chunk)
         if mine.digest() != hashlib.md5(self.path(key).read_bytes()).digest():
-            raise PipelineError(f"{key} already exists with different content: is another archiver writing "
-                                f"to {self.url}?", database=self.database)
+            raise PipelineError(
+                f"{key} already exists with different content: is another archiver writing to {self.url}?",
+                database=self.database,
+            )
 
     def put_new(self, key: str, body: IO[bytes] | bytes) -> None:
         """Create `key` unless it exists; an existing object must hold the same bytes."""
@@ -179,8 +186,9 @@ class DirStore:
         parts = [d / f"part-{n:05d}" for n in range(1, len(etags) + 1)]
         for part, etag in zip(parts, etags):
             if not part.exists() or json.dumps(hashlib.md5(part.read_bytes()).hexdigest()) != etag:
-                raise PipelineError(f"part {part.name} of {key} does not match its ETag (InvalidPart)",
-                                    database=self.database)
+                raise PipelineError(
+                    f"part {part.name} of {key} does not match its ETag (InvalidPart)", database=self.database
+                )
 
         def write(f: IO[bytes]) -> None:
             for part in parts:
@@ -211,4 +219,3 @@ class DirStore:
 
     def objects(self, under: str = "") -> dict[str, bytes]:
         return {key: self.path(key).read_bytes() for key, _ in self.list(under or f"{self.root}/")}
-

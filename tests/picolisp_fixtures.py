@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import pytest
 
@@ -87,7 +87,9 @@ class PicoApp:
         # app.l first (classes, *Dbs, openApp), then the script, which must consume its args with (opt).
         return [self.pil, str(LISP_DIR / "app.l"), str(self._script_path(script)), *map(str, args), "-bye"]
 
-    def run(self, script: str | Path, *args: object, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
+    def run(
+        self, script: str | Path, *args: object, timeout: float = 120, check: bool = True
+    ) -> subprocess.CompletedProcess:
         """Run a program (a file name in tests/lisp/, a Path, or inline Lisp text) with app.l loaded.
 
         Inline text can open the app's pool with `(openApp "db/app/" "fifo/app" "blob/app/")`.

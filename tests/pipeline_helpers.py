@@ -14,14 +14,14 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
 
 from connectors.picolisp.blobs import compare_blob_trees
 from connectors.picolisp.format import compare_pools
-from pipeline.codec import Codec, Record
 from pipeline.checksum import RollingChecksum
+from pipeline.codec import Codec, Record
 from pipeline.model import BlockWrite, FileLayout, Transaction
 
 __all__ = [
@@ -58,7 +58,9 @@ def unique_name(prefix: str) -> str:
 
 def ok(result: subprocess.CompletedProcess, what: str) -> subprocess.CompletedProcess:
     """Assert a CLI run succeeded, showing its output tails if not."""
-    assert result.returncode == 0, f"{what} exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    assert result.returncode == 0, (
+        f"{what} exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    )
     return result
 
 
@@ -125,7 +127,9 @@ class Proc:
         return self.err_path.read_text(errors="replace") if self.err_path.exists() else ""
 
     def output(self) -> str:
-        return f"--- {self.name} (pid {self.pid}) stdout:\n{self.stdout()[-3000:]}\n--- stderr:\n{self.stderr()[-3000:]}"
+        return (
+            f"--- {self.name} (pid {self.pid}) stdout:\n{self.stdout()[-3000:]}\n--- stderr:\n{self.stderr()[-3000:]}"
+        )
 
 
 @dataclass
@@ -145,23 +149,45 @@ class Cli:
     blob: str = "blob/app/"
 
     def env(self) -> dict[str, str]:
-        return dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=self.bootstrap_servers, PYTHONUNBUFFERED="1",
-                    **self.extra_env)
+        return dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=self.bootstrap_servers, PYTHONUNBUFFERED="1", **self.extra_env)
 
     def agent_args(self, *extra: str, database: str | None = None) -> list[str]:
-        return [str(BIN / "capture-agent"), "--pool", self.pool, "--journal", self.journal, "--blob", self.blob,
-                "--database", database or self.database, *extra]
+        return [
+            str(BIN / "capture-agent"),
+            "--pool",
+            self.pool,
+            "--journal",
+            self.journal,
+            "--blob",
+            self.blob,
+            "--database",
+            database or self.database,
+            *extra,
+        ]
 
-    def replica_args(self, target: str = "rpl/db/app/", blob: str | None = "rpl/blob/app/", group: str = "replica",
-                     *extra: str, database: str | None = None) -> list[str]:
+    def replica_args(
+        self,
+        target: str = "rpl/db/app/",
+        blob: str | None = "rpl/blob/app/",
+        group: str = "replica",
+        *extra: str,
+        database: str | None = None,
+    ) -> list[str]:
         args = [str(BIN / "replica"), "--database", database or self.database, "--target", target, "--group", group]
         if blob is not None:
             args += ["--blob", blob]
         return args + list(extra)
 
     def run(self, args: Sequence[str], timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run(list(args), cwd=self.root, env=self.env(), stdin=subprocess.DEVNULL,
-                              capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            list(args),
+            cwd=self.root,
+            env=self.env(),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     def start(self, name: str, args: Sequence[str]) -> Proc:
         self._n += 1
@@ -169,8 +195,9 @@ class Cli:
         logs.mkdir(exist_ok=True)
         out, err = logs / f"{self._n:04d}-{name}.out", logs / f"{self._n:04d}-{name}.err"
         with open(out, "wb") as o, open(err, "wb") as e:
-            popen = subprocess.Popen(list(args), cwd=self.root, env=self.env(), stdin=subprocess.DEVNULL,
-                                     stdout=o, stderr=e)
+            popen = subprocess.Popen(
+                list(args), cwd=self.root, env=self.env(), stdin=subprocess.DEVNULL, stdout=o, stderr=e
+            )
         proc = Proc(name, popen, out, err)
         self.procs.append(proc)
         return proc
@@ -182,22 +209,48 @@ class Cli:
     def start_agent(self, *extra: str, name: str = "agent") -> Proc:
         return self.start(name, self.agent_args(*extra))
 
-    def replica_once(self, target: str = "rpl/db/app/", blob: str | None = "rpl/blob/app/", group: str = "replica",
-                     *extra: str, database: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    def replica_once(
+        self,
+        target: str = "rpl/db/app/",
+        blob: str | None = "rpl/blob/app/",
+        group: str = "replica",
+        *extra: str,
+        database: str | None = None,
+        timeout: float = 120,
+    ) -> subprocess.CompletedProcess:
         return self.run(self.replica_args(target, blob, group, "--once", *extra, database=database), timeout)
 
-    def start_replica(self, target: str = "rpl/db/app/", blob: str | None = "rpl/blob/app/", group: str = "replica",
-                      *extra: str, name: str = "replica") -> Proc:
+    def start_replica(
+        self,
+        target: str = "rpl/db/app/",
+        blob: str | None = "rpl/blob/app/",
+        group: str = "replica",
+        *extra: str,
+        name: str = "replica",
+    ) -> Proc:
         return self.start(name, self.replica_args(target, blob, group, *extra))
 
     def verify(self, target: str = "rpl/db/app/", blob: str = "rpl/blob/app/") -> subprocess.CompletedProcess:
-        return self.run([str(BIN / "verify"), "--pool", self.pool, "--replica", target, "--blob", self.blob,
-                         "--replica-blob", blob], timeout=120)
+        return self.run(
+            [
+                str(BIN / "verify"),
+                "--pool",
+                self.pool,
+                "--replica",
+                target,
+                "--blob",
+                self.blob,
+                "--replica-blob",
+                blob,
+            ],
+            timeout=120,
+        )
 
     def differences(self, target: str = "rpl/db/app/", blob: str = "rpl/blob/app/") -> list[str]:
         """The same comparison verify makes, in-process, for assertion messages."""
         return compare_pools(self.root / self.pool, self.root / target) + compare_blob_trees(
-            self.root / self.blob, self.root / blob)
+            self.root / self.blob, self.root / blob
+        )
 
     def stop_all(self) -> None:
         """Stop every process this Cli started (each by its own pid)."""
@@ -226,9 +279,15 @@ def replica_txn(target: Path) -> int:
 def _consumer(bootstrap_servers: str, isolation_level: str = "read_committed"):
     from kafka import KafkaConsumer
 
-    return KafkaConsumer(bootstrap_servers=bootstrap_servers, group_id=None, enable_auto_commit=False,
-                         isolation_level=isolation_level, auto_offset_reset="earliest",
-                         max_partition_fetch_bytes=8 * 1024 * 1024, fetch_max_bytes=32 * 1024 * 1024)
+    return KafkaConsumer(
+        bootstrap_servers=bootstrap_servers,
+        group_id=None,
+        enable_auto_commit=False,
+        isolation_level=isolation_level,
+        auto_offset_reset="earliest",
+        max_partition_fetch_bytes=8 * 1024 * 1024,
+        fetch_max_bytes=32 * 1024 * 1024,
+    )
 
 
 def end_offset(bootstrap_servers: str, database: str, isolation_level: str = "read_uncommitted") -> int:
@@ -296,9 +355,21 @@ def committed_transactions(bootstrap_servers: str, database: str) -> list[TopicT
         for change in txn.changes:
             kinds[type(change)] += 1
         assert txn.end_offset is not None
-        out.append(TopicTxn(txn.txn_id, txn.snapshot, txn.checksum_before, txn.checksum_after, txn.change_count,
-                            txn.offset or 0, txn.end_offset, kinds[BlockWrite], kinds[BlobChunk],
-                            kinds[BlobDelete], txn.source_time_ms))
+        out.append(
+            TopicTxn(
+                txn.txn_id,
+                txn.snapshot,
+                txn.checksum_before,
+                txn.checksum_after,
+                txn.change_count,
+                txn.offset or 0,
+                txn.end_offset,
+                kinds[BlockWrite],
+                kinds[BlobChunk],
+                kinds[BlobDelete],
+                txn.source_time_ms,
+            )
+        )
     return out
 
 
@@ -310,8 +381,9 @@ def create_topic(bootstrap_servers: str, topic: str, timeout: float = 30) -> boo
     from kafka.admin import NewTopic
     from kafka.errors import TopicAlreadyExistsError
 
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers, client_id="pool-pipeline-tests",
-                             request_timeout_ms=int(timeout * 1000))
+    admin = KafkaAdminClient(
+        bootstrap_servers=bootstrap_servers, client_id="pool-pipeline-tests", request_timeout_ms=int(timeout * 1000)
+    )
     try:
         if topic in admin.list_topics():
             return False
@@ -327,15 +399,20 @@ def create_topic(bootstrap_servers: str, topic: str, timeout: float = 30) -> boo
         admin.close()
 
 
-def produce_transactional(bootstrap_servers: str, database: str, records: Iterable[tuple[bytes, bytes]],
-                          transactional_id: str | None = None) -> None:
+def produce_transactional(
+    bootstrap_servers: str, database: str, records: Iterable[tuple[bytes, bytes]], transactional_id: str | None = None
+) -> None:
     """Publish (key, value) records into the database topic as one committed Kafka transaction,
     creating the topic first if no capture-agent has."""
     from kafka import KafkaProducer
 
     create_topic(bootstrap_servers, TOPIC_PREFIX + database)
-    producer = KafkaProducer(bootstrap_servers=bootstrap_servers, enable_idempotence=True, acks="all",
-                             transactional_id=transactional_id or f"test-{uuid.uuid4().hex}")
+    producer = KafkaProducer(
+        bootstrap_servers=bootstrap_servers,
+        enable_idempotence=True,
+        acks="all",
+        transactional_id=transactional_id or f"test-{uuid.uuid4().hex}",
+    )
     try:
         producer.init_transactions()
         producer.begin_transaction()
@@ -395,15 +472,28 @@ class CrashStats:
     seconds: float = 0.0
 
     def summary(self) -> str:
-        return (f"{self.iterations} iterations in {self.seconds:.1f} s: {self.agent_kills} agent kills, "
-                f"{self.replica_kills} replica kills, {self.workload_txns} PicoLisp commits in "
-                f"{self.workload_runs} workload runs, {self.txns} pipeline txns, "
-                f"{self.boundary_checks} replica boundary checks after kill -9")
+        return (
+            f"{self.iterations} iterations in {self.seconds:.1f} s: {self.agent_kills} agent kills, "
+            f"{self.replica_kills} replica kills, {self.workload_txns} PicoLisp commits in "
+            f"{self.workload_runs} workload runs, {self.txns} pipeline txns, "
+            f"{self.boundary_checks} replica boundary checks after kill -9"
+        )
 
 
-def crash_kill(cli: Cli, app, iterations: int, rng, *, min_sleep: float = 0.05, max_sleep: float = 1.0,
-               target: str = "rpl/db/app/", blob: str = "rpl/blob/app/", workload_txns: int = 300,
-               workload_sleep_ms: int = 2, log: Callable[[str], None] | None = None) -> CrashStats:
+def crash_kill(
+    cli: Cli,
+    app,
+    iterations: int,
+    rng,
+    *,
+    min_sleep: float = 0.05,
+    max_sleep: float = 1.0,
+    target: str = "rpl/db/app/",
+    blob: str = "rpl/blob/app/",
+    workload_txns: int = 300,
+    workload_sleep_ms: int = 2,
+    log: Callable[[str], None] | None = None,
+) -> CrashStats:
     """kill -9 the agent and/or the replica (follow mode) at random points while PicoLisp commits.
 
     Each iteration starts whatever is not running, sleeps a random time, then SIGKILLs the
@@ -456,13 +546,13 @@ def crash_kill(cli: Cli, app, iterations: int, rng, *, min_sleep: float = 0.05, 
                 stats.replica_kills += 1
                 problem = replica_at_boundary(cli.root / target)
                 if problem:
-                    raise AssertionError(f"iteration {i}: after kill -9 the replica is not at a txn boundary: "
-                                         f"{problem}")
+                    raise AssertionError(
+                        f"iteration {i}: after kill -9 the replica is not at a txn boundary: {problem}"
+                    )
                 stats.boundary_checks += 1
             stats.iterations += 1
             if log is not None:
-                log(f"iteration {i + 1}/{iterations}: killed {victim}; replica at txn "
-                    f"{replica_txn(cli.root / target)}")
+                log(f"iteration {i + 1}/{iterations}: killed {victim}; replica at txn {replica_txn(cli.root / target)}")
         if wl is not None:
             finish_workload(wl)
             wl = None
@@ -501,8 +591,9 @@ def check_caught_up(cli: Cli, app, target: str = "rpl/db/app/", blob: str = "rpl
     if source != replica:
         import difflib
 
-        diff = list(difflib.unified_diff(source.splitlines(), replica.splitlines(), "source", "replica",
-                                         lineterm="", n=0))
+        diff = list(
+            difflib.unified_diff(source.splitlines(), replica.splitlines(), "source", "replica", lineterm="", n=0)
+        )
         raise AssertionError("the PicoLisp query prints different text on the replica:\n" + "\n".join(diff[:30]))
     return txns
 
@@ -550,5 +641,13 @@ def synthetic_stream(database: str, pool_blocks: int, txns: int, per_txn: int, s
             data = synthetic_block(rng)
             rolling.set_block(0, i, data)
             changes.append(BlockWrite(0, i, data))
-        yield Transaction(database, n, before, 1_700_000_000_000 + n * 10, changes, checksum_after=rolling.value,
-                          files=layout, change_count=per_txn)
+        yield Transaction(
+            database,
+            n,
+            before,
+            1_700_000_000_000 + n * 10,
+            changes,
+            checksum_after=rolling.value,
+            files=layout,
+            change_count=per_txn,
+        )

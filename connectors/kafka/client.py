@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Union
+from typing import Any, Union
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.errors import (
@@ -47,8 +48,9 @@ def broker_error(what: str, exc: Exception, **ctx: object) -> PipelineError:
     return as_pipeline_error(what, exc, **ctx)
 
 
-_CLIENT_KEYS = set(KafkaProducer.DEFAULT_CONFIG) | set(KafkaConsumer.DEFAULT_CONFIG) | set(
-    KafkaAdminClient.DEFAULT_CONFIG)
+_CLIENT_KEYS = (
+    set(KafkaProducer.DEFAULT_CONFIG) | set(KafkaConsumer.DEFAULT_CONFIG) | set(KafkaAdminClient.DEFAULT_CONFIG)
+)
 
 
 @dataclass(frozen=True)
@@ -64,11 +66,13 @@ class KafkaSettings:
     def __post_init__(self) -> None:
         unknown = sorted(set(self.options) - _CLIENT_KEYS)
         if unknown:
-            raise PipelineError(f"unknown Kafka client option(s) {', '.join(unknown)} (kafka-python names, e.g. "
-                                "security_protocol, request_timeout_ms)")
+            raise PipelineError(
+                f"unknown Kafka client option(s) {', '.join(unknown)} (kafka-python names, e.g. "
+                "security_protocol, request_timeout_ms)"
+            )
 
     @staticmethod
-    def of(kafka: "Kafka") -> "KafkaSettings":
+    def of(kafka: Kafka) -> KafkaSettings:
         """A bootstrap-servers string means: those servers, default options (API convenience)."""
         return kafka if isinstance(kafka, KafkaSettings) else KafkaSettings(kafka)
 

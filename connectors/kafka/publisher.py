@@ -1,4 +1,4 @@
-"""The capture side: each pipeline transaction as one Kafka transaction, committed only when every record is acknowledged."""
+"""The capture side: each pipeline transaction as one Kafka transaction, committed once every record is acked."""
 
 from __future__ import annotations
 
@@ -36,8 +36,10 @@ def end_transaction(producer: KafkaProducer, *, commit: bool, timeout_s: float) 
     result = manager.begin_commit() if commit else manager.begin_abort()
     sender.wakeup()
     if not result.wait(timeout_ms=int(timeout_s * 1000)):
-        raise KafkaTimeoutError(f"no answer from the transaction coordinator within {timeout_s:.0f} s "
-                                f"to {'commit' if commit else 'abort'} the transaction")
+        raise KafkaTimeoutError(
+            f"no answer from the transaction coordinator within {timeout_s:.0f} s "
+            f"to {'commit' if commit else 'abort'} the transaction"
+        )
 
 
 def flush_checked(producer: KafkaProducer, failed: list[BaseException], timeout_s: float) -> None:
@@ -68,8 +70,16 @@ class TopicSink:
     publishing again.
     """
 
-    def __init__(self, kafka: Kafka, database: str, codec: Codec, position: Position | None = None,
-                 *, transaction_timeout_ms: int = 600_000, timeout_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        kafka: Kafka,
+        database: str,
+        codec: Codec,
+        position: Position | None = None,
+        *,
+        transaction_timeout_ms: int = 600_000,
+        timeout_s: float = 10.0,
+    ) -> None:
         self.database = database
         self.topic = topic_for(database)
         self.codec = codec
@@ -110,7 +120,8 @@ class TopicSink:
         return PipelineError(
             f"fenced: another capture-agent now publishes database {self.database!r} "
             f"(transactional.id pool-pipeline.capture.{self.database}); this one stops ({type(exc).__name__})",
-            database=self.database, txn_id=self._position.txn_id + 1,
+            database=self.database,
+            txn_id=self._position.txn_id + 1,
         )
 
     def set_position(self, position: Position) -> None:
@@ -151,8 +162,9 @@ class TopicSink:
                 self._abandon(abort=False)
                 raise self._fenced(exc) from exc
             self._abandon()
-            raise broker_error("publishing failed, the transaction was not committed", exc,
-                                database=txn.database, txn_id=txn.txn_id) from exc
+            raise broker_error(
+                "publishing failed, the transaction was not committed", exc, database=txn.database, txn_id=txn.txn_id
+            ) from exc
         self._position = txn.after
 
     def _end(self, *, commit: bool) -> None:

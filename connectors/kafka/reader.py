@@ -1,4 +1,4 @@
-"""The committed-stream readers: one database from an offset (TopicSource), or many in a consumer group (GroupReader)."""
+"""The committed-stream readers: one database from an offset (TopicSource), or many in a group (GroupReader)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import re
 import time
 from collections import deque
-from typing import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer
 from kafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
@@ -27,7 +27,7 @@ from pipeline.stats import STATS_SUFFIX
 
 
 def offset_metadata(txn_id: int, source_time_ms: int | None) -> str:
-    """The metadata of every pool-pipeline group's offsets, JSON {"txn", "source_time_ms"}: `pipeline status` shows it."""
+    """The metadata of every pool-pipeline group's offsets, JSON {"txn", "source_time_ms"}, shown by status."""
     meta = {"txn": txn_id}
     if source_time_ms:
         meta["source_time_ms"] = source_time_ms
@@ -106,8 +106,17 @@ class TopicSource:
     after each applied transaction only so that lag is visible to operators.
     """
 
-    def __init__(self, kafka: Kafka, database: str, codec: Codec, group: str, start_offset: int,
-                 *, once: bool = False, idle: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        kafka: Kafka,
+        database: str,
+        codec: Codec,
+        group: str,
+        start_offset: int,
+        *,
+        once: bool = False,
+        idle: Callable[[], None] | None = None,
+    ) -> None:
         self.database = database
         self.topic = topic_for(database)
         self.codec = codec
@@ -118,14 +127,20 @@ class TopicSource:
         self.offsets = OffsetCommitter(self.consumer)
         try:
             if self.topic not in self.consumer.topics():
-                raise PipelineError(f"topic {self.topic} does not exist: is a capture-agent running for "
-                                    f"{database!r}?", database=database, retriable=True)
+                raise PipelineError(
+                    f"topic {self.topic} does not exist: is a capture-agent running for {database!r}?",
+                    database=database,
+                    retriable=True,
+                )
             self.consumer.assign([self.tp])
             begin = self.consumer.beginning_offsets([self.tp])[self.tp]
             if start_offset < begin:
                 raise PipelineError(
                     f"the replica needs offset {start_offset} but topic {self.topic} starts at {begin} "
-                    "(retention removed it); start a fresh replica", database=database, offset=start_offset)
+                    "(retention removed it); start a fresh replica",
+                    database=database,
+                    offset=start_offset,
+                )
             self.consumer.seek(self.tp, start_offset)
             self.end_at_start = self.consumer.end_offsets([self.tp])[self.tp]
         except KafkaError as exc:
@@ -186,8 +201,11 @@ class GroupMember:
 
     def _join(self, pattern: str | None, topics: Sequence[str] = ()) -> None:
         """Subscribe to the database topics `pattern` matches (see topic_regex), or else to `topics`."""
-        self.consumer.subscribe(topics=topics if pattern is None else (), listener=_Rebalance(self),
-                                pattern=None if pattern is None else topic_regex(pattern))
+        self.consumer.subscribe(
+            topics=topics if pattern is None else (),
+            listener=_Rebalance(self),
+            pattern=None if pattern is None else topic_regex(pattern),
+        )
 
     def _on_revoked(self, tps: Iterable[TopicPartition]) -> None:
         self.offsets.flush()  # before the partitions change hands
@@ -242,10 +260,18 @@ class GroupReader(GroupMember):
     replicate() loop per database can run in turn without buffering whole transactions.
     """
 
-    def __init__(self, kafka: Kafka, group: str, pattern: str, codec: Codec,
-                 start_offset: Callable[[str], int], *, once: bool = False,
-                 on_revoked: Callable[[str], None] = lambda database: None,
-                 log: Callable[[str], None] = print) -> None:
+    def __init__(
+        self,
+        kafka: Kafka,
+        group: str,
+        pattern: str,
+        codec: Codec,
+        start_offset: Callable[[str], int],
+        *,
+        once: bool = False,
+        on_revoked: Callable[[str], None] = lambda database: None,
+        log: Callable[[str], None] = print,
+    ) -> None:
         self.codec = codec
         self.once = once
         self.start_offset = start_offset
@@ -255,9 +281,13 @@ class GroupReader(GroupMember):
         # topics have one partition each, so the default range assignor would give all to one member;
         # sticky spreads them and moves as few as possible on a rebalance.
         self.consumer = committed_consumer(
-            kafka, group, max_poll_interval_ms=600_000, session_timeout_ms=10_000,
+            kafka,
+            group,
+            max_poll_interval_ms=600_000,
+            session_timeout_ms=10_000,
             heartbeat_interval_ms=2_000,
-            partition_assignment_strategy=(StickyPartitionAssignor, RoundRobinPartitionAssignor))
+            partition_assignment_strategy=(StickyPartitionAssignor, RoundRobinPartitionAssignor),
+        )
         self._new: set[TopicPartition] = set()
         self.failed: set[str] = set()  # databases stopped by a non-retriable error; never read again
         self.offsets = OffsetCommitter(self.consumer)
@@ -297,7 +327,7 @@ class GroupReader(GroupMember):
             self.consumer.resume(tp)
             self._new.discard(tp)
 
-    def sources(self) -> Iterator["PartitionSource"]:
+    def sources(self) -> Iterator[PartitionSource]:
         """Sources for databases with records waiting, round robin; ends when idle in --once mode."""
         while True:
             batch = self._poll_group(200, 1)
@@ -330,8 +360,9 @@ class GroupReader(GroupMember):
     def _caught_up(self) -> bool:
         assignment = list(self.consumer.assignment())
         ends = self.consumer.end_offsets(assignment)
-        return all(self.consumer.position(tp) >= ends[tp] for tp in assignment
-                   if database_for(tp.topic) not in self.failed)
+        return all(
+            self.consumer.position(tp) >= ends[tp] for tp in assignment if database_for(tp.topic) not in self.failed
+        )
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -372,9 +403,12 @@ class PartitionSource:
 
     def _more(self, inside: bool) -> bool:
         if self.tp not in self.reader.consumer.assignment():
-            raise PipelineError(f"partition of {self.database} was reassigned to another group member "
-                                "mid-transaction; nothing of it was applied here",
-                                database=self.database, retriable=True)
+            raise PipelineError(
+                f"partition of {self.database} was reassigned to another group member "
+                "mid-transaction; nothing of it was applied here",
+                database=self.database,
+                retriable=True,
+            )
         self._buf.extend(self.reader._poll_group(100, POLL_RECORDS).get(self.tp, []))
         return bool(self._buf) or inside
 

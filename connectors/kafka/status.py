@@ -26,8 +26,9 @@ from connectors.kafka.topics import (
 from pipeline.codec import Codec
 
 
-def status(kafka: Kafka, codec: Codec, databases: list[str] | None = None,
-           byte_cap: int = 64 * 1024 * 1024) -> list[dict]:
+def status(
+    kafka: Kafka, codec: Codec, databases: list[str] | None = None, byte_cap: int = 64 * 1024 * 1024
+) -> list[dict]:
     """Per database: the last captured txn, and per consumer group its applied txn and lag.
 
     Lag in bytes is the size of the records a group has yet to read, counted up to `byte_cap`.
@@ -37,8 +38,10 @@ def status(kafka: Kafka, codec: Codec, databases: list[str] | None = None,
     try:
         topics = sorted(t for t in consumer.topics() if t.startswith(TOPIC_PREFIX) and not t.endswith(".stats"))
         wanted = {topic_for(d) for d in databases} if databases else None
-        groups = [g if isinstance(g, str) else (g.get("group_id") if isinstance(g, dict) else g[0])
-                  for g in admin.list_groups()]
+        groups = [
+            g if isinstance(g, str) else (g.get("group_id") if isinstance(g, dict) else g[0])
+            for g in admin.list_groups()
+        ]
         offsets = {g: admin.list_group_offsets({g: None}).get(g, {}) for g in groups}
         rows = []
         for topic in topics:
@@ -48,21 +51,34 @@ def status(kafka: Kafka, codec: Codec, databases: list[str] | None = None,
             tp = TopicPartition(topic, PARTITION)
             last = last_commit(kafka, database, codec)
             end = consumer.end_offsets([tp])[tp]
-            row: dict = {"database": database, "topic": topic, "captured_txn": last[0].txn_id if last else 0,
-                         "captured_time_ms": last.source_time_ms if last else None, "end_offset": end, "groups": []}
+            row: dict = {
+                "database": database,
+                "topic": topic,
+                "captured_txn": last[0].txn_id if last else 0,
+                "captured_time_ms": last.source_time_ms if last else None,
+                "end_offset": end,
+                "groups": [],
+            }
             for group, committed in offsets.items():
                 meta = committed.get(tp)
                 if meta is None:
                     continue
                 applied, applied_time_ms = read_offset_metadata(meta.metadata)
                 lag_bytes = _bytes_between(consumer, tp, meta.offset, end, byte_cap)
-                row["groups"].append({
-                    "group": group, "applied_txn": applied, "offset": meta.offset,
-                    "lag_txns": (row["captured_txn"] - applied) if applied is not None else None,
-                    "lag_bytes": lag_bytes,
-                    "lag_seconds": ((row["captured_time_ms"] - applied_time_ms) / 1000
-                                    if last and applied_time_ms is not None else None),
-                })
+                row["groups"].append(
+                    {
+                        "group": group,
+                        "applied_txn": applied,
+                        "offset": meta.offset,
+                        "lag_txns": (row["captured_txn"] - applied) if applied is not None else None,
+                        "lag_bytes": lag_bytes,
+                        "lag_seconds": (
+                            (row["captured_time_ms"] - applied_time_ms) / 1000
+                            if last and applied_time_ms is not None
+                            else None
+                        ),
+                    }
+                )
             rows.append(row)
         return rows
     except KafkaError as exc:

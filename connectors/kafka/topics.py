@@ -1,9 +1,10 @@
-"""Database topics: names, creation and checks (only the agent creates them), and reading back the last commit or snapshot."""
+"""Database topics: names, creation and checks (only the agent creates them), reading back the last txn."""
 
 from __future__ import annotations
 
 import time
-from typing import Callable, Iterator, NamedTuple, TypeVar
+from collections.abc import Callable, Iterator
+from typing import NamedTuple, TypeVar
 
 from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.errors import (
@@ -40,7 +41,7 @@ def topic_for(database: str) -> str:
 def database_for(topic: str) -> str:
     if not topic.startswith(TOPIC_PREFIX) or topic.endswith(".stats"):
         raise PipelineError(f"topic {topic!r} is not a pool-pipeline database topic (pool.<database>)")
-    return topic[len(TOPIC_PREFIX):]
+    return topic[len(TOPIC_PREFIX) :]
 
 
 # What the agent needs of its topic, and whether a different existing setting is fatal.
@@ -48,8 +49,14 @@ _REQUIRED_CONFIGS = {"cleanup.policy": "delete"}
 
 
 def ensure_topic(
-    kafka: Kafka, topic: str, *, replication_factor: int = 1, min_insync_replicas: int = 1,
-    retention_ms: int = -1, timeout_s: float = 30, log: Callable[[str], None] = print,
+    kafka: Kafka,
+    topic: str,
+    *,
+    replication_factor: int = 1,
+    min_insync_replicas: int = 1,
+    retention_ms: int = -1,
+    timeout_s: float = 30,
+    log: Callable[[str], None] = print,
 ) -> bool:
     """Create the database topic if it is missing; True if this call created it.
 
@@ -79,7 +86,9 @@ def ensure_topic(
         deadline = time.monotonic() + timeout_s
         while topic not in admin.list_topics():
             if time.monotonic() > deadline:
-                raise PipelineError(f"topic {topic} was created but did not appear within {timeout_s:.0f} s", retriable=True)
+                raise PipelineError(
+                    f"topic {topic} was created but did not appear within {timeout_s:.0f} s", retriable=True
+                )
             time.sleep(0.1)
         return True
     except KafkaError as exc:
@@ -88,31 +97,42 @@ def ensure_topic(
         admin.close()
 
 
-def _check_topic(admin: KafkaAdminClient, topic: str, min_insync_replicas: int, retention_ms: int,
-                 log: Callable[[str], None]) -> None:
+def _check_topic(
+    admin: KafkaAdminClient, topic: str, min_insync_replicas: int, retention_ms: int, log: Callable[[str], None]
+) -> None:
     """Refuse an existing topic the pipeline cannot work with; warn about weaker settings."""
     from kafka.admin import ConfigResource, ConfigResourceType
 
     described = admin.describe_topics([topic])
     partitions = len(described[0].get("partitions") or []) if described else 1
     if partitions != 1:
-        raise PipelineError(f"topic {topic} has {partitions} partitions; a database topic needs exactly 1 (a total "
-                            "order of transactions): delete it or use another --database", topic=topic)
+        raise PipelineError(
+            f"topic {topic} has {partitions} partitions; a database topic needs exactly 1 (a total "
+            "order of transactions): delete it or use another --database",
+            topic=topic,
+        )
     result = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)], config_filter="all")
     configs = _config_values(result, topic)
     for key, wanted in _REQUIRED_CONFIGS.items():
         if key in configs and configs[key] != wanted:
-            raise PipelineError(f"topic {topic} has {key}={configs[key]}; the pipeline needs {key}={wanted} "
-                                f"(fix it with kafka-configs --alter --add-config {key}={wanted})", topic=topic)
+            raise PipelineError(
+                f"topic {topic} has {key}={configs[key]}; the pipeline needs {key}={wanted} "
+                f"(fix it with kafka-configs --alter --add-config {key}={wanted})",
+                topic=topic,
+            )
     isr = int(configs.get("min.insync.replicas", min_insync_replicas) or 0)
     if isr < min_insync_replicas:
-        log(f"warning: topic {topic} has min.insync.replicas={isr}, below the {min_insync_replicas} asked for: "
-            "a committed transaction may be lost with a single broker")
+        log(
+            f"warning: topic {topic} has min.insync.replicas={isr}, below the {min_insync_replicas} asked for: "
+            "a committed transaction may be lost with a single broker"
+        )
     retention = configs.get("retention.ms")
     if retention is not None and int(retention) != retention_ms:
         kept = "for ever" if int(retention) < 0 else f"for retention.ms={retention}"
-        log(f"warning: topic {topic} keeps records {kept}, not the retention.ms={retention_ms} asked for (an "
-            "existing topic is not changed; use kafka-configs --alter to change it)")
+        log(
+            f"warning: topic {topic} keeps records {kept}, not the retention.ms={retention_ms} asked for (an "
+            "existing topic is not changed; use kafka-configs --alter to change it)"
+        )
 
 
 def _config_values(result: dict, topic: str) -> dict[str, str]:
@@ -125,14 +145,25 @@ def reachability(kafka: Kafka) -> str:
     """One line on what the cluster looks like from here, for the retry log of an outage."""
     down, total = unreachable(KafkaSettings.of(kafka).bootstrap_servers)
     if down:
-        return (f"waiting for Kafka: {len(down)} of {total} brokers unreachable ({', '.join(down)}); "
-                "writes need min.insync.replicas of the topic's replicas up")
-    return (f"all {total} bootstrap brokers accept connections; waiting for partition leaders, in-sync "
-            "replicas or the transaction coordinator")
+        return (
+            f"waiting for Kafka: {len(down)} of {total} brokers unreachable ({', '.join(down)}); "
+            "writes need min.insync.replicas of the topic's replicas up"
+        )
+    return (
+        f"all {total} bootstrap brokers accept connections; waiting for partition leaders, in-sync "
+        "replicas or the transaction coordinator"
+    )
 
 
-def wait_for_topic(kafka: Kafka, database: str, *, once: bool, log: Callable[[str], None],
-                   interval: float = 0.25, stop: Callable[[], bool] = lambda: False) -> bool:
+def wait_for_topic(
+    kafka: Kafka,
+    database: str,
+    *,
+    once: bool,
+    log: Callable[[str], None],
+    interval: float = 0.25,
+    stop: Callable[[], bool] = lambda: False,
+) -> bool:
     """True once the database's topic exists. Only the capture-agent creates it, so a reader started
     first waits (logging once); with `once`, False at once."""
     topic = topic_for(database)
@@ -144,7 +175,9 @@ def wait_for_topic(kafka: Kafka, database: str, *, once: bool, log: Callable[[st
                 if topic in consumer.topics():
                     return True
             except KafkaError as exc:
-                raise broker_error(f"cannot list topics on {KafkaSettings.of(kafka).bootstrap_servers}", exc, database=database) from exc
+                raise broker_error(
+                    f"cannot list topics on {KafkaSettings.of(kafka).bootstrap_servers}", exc, database=database
+                ) from exc
             if once:
                 return False
             if not logged:
@@ -163,8 +196,15 @@ class LastCommit(NamedTuple):
     source_time_ms: int
 
 
-def _newest(kafka: Kafka, database: str, codec: Codec, pick: Callable[[Iterator[tuple[str, dict, int]]], T | None],
-            what: str, window: int, timeout_s: float) -> T | None:
+def _newest(
+    kafka: Kafka,
+    database: str,
+    codec: Codec,
+    pick: Callable[[Iterator[tuple[str, dict, int]]], T | None],
+    what: str,
+    window: int,
+    timeout_s: float,
+) -> T | None:
     """Search the topic backwards in growing windows: `pick` gets the decoded transaction markers
     (name, value, offset) of [start, end) in order and returns what it found there, or None."""
     topic = topic_for(database)
@@ -209,7 +249,9 @@ def last_commit(kafka: Kafka, database: str, codec: Codec, timeout_s: float = 30
                 found = LastCommit(
                     Position(value["txn_id"], value["checksum_after"] & 0xFFFFFFFFFFFFFFFF),
                     [FileLayout(f["file"], f["block_size"], f["blocks"]) for f in value["files"]],
-                    offset, value["source_time_ms"])
+                    offset,
+                    value["source_time_ms"],
+                )
         return found
 
     return _newest(kafka, database, codec, pick, "read the last transaction", 256, timeout_s)

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from connectors.picolisp.format import md5_file
 from pipeline.errors import PipelineError
 from pipeline.model import safe_blob_path
 
 
-def blob_markers(blob_dir: Path, refused: Callable[[str, str, PipelineError], None] | None = None
-                 ) -> list[tuple[str, str]]:
+def blob_markers(
+    blob_dir: Path, refused: Callable[[str, str, PipelineError], None] | None = None
+) -> list[tuple[str, str]]:
     """Pending blob transfers: ('=A1234.doc', 'A/1/234.doc') for each '=' symlink in blob_dir (§4.4), sorted.
 
     A marker whose target safe_blob_path refuses raises, or with `refused` is passed to it and left out.
@@ -91,7 +92,5 @@ def compare_blob_trees(a_dir: str | Path, b_dir: str | Path) -> list[str]:
     for p in sorted(a.keys() & b.keys()):
         ma, mb = md5_file(a[p]), md5_file(b[p])
         if ma != mb:
-            diffs.append(
-                f"blob {p}: md5 {ma} != {mb}, sizes {a[p].stat().st_size} and {b[p].stat().st_size}"
-            )
+            diffs.append(f"blob {p}: md5 {ma} != {mb}, sizes {a[p].stat().st_size} and {b[p].stat().st_size}")
     return diffs

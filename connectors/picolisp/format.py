@@ -1,12 +1,12 @@
-"""PicoLisp pool files: names, block sizes, the locks PicoLisp takes, reads, comparison (connectors/picolisp/FORMAT.md)."""
+"""PicoLisp pool files: names, block sizes, the locks PicoLisp takes, reads, comparison (FORMAT.md here)."""
 
 from __future__ import annotations
 
 import fcntl
 import hashlib
 import os
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 from pipeline.errors import PipelineError
 from pipeline.model import BlockWrite, FileLayout
@@ -124,7 +124,7 @@ def scan_blocks(fd_of: Callable[[int], int], layout: Iterable[FileLayout]) -> It
             n = min(step, f.blocks - first)
             buf = pread_all(fd, n * bs, first * bs)
             for k in range(n):
-                yield BlockWrite(f.file, first + k, buf[k * bs:(k + 1) * bs])
+                yield BlockWrite(f.file, first + k, buf[k * bs : (k + 1) * bs])
 
 
 def md5_file(path: str | Path) -> str:

@@ -1,4 +1,4 @@
-"""The PicoLisp journal: the one parser of its entries, and the consumer that takes it under its lock (FORMAT.md §2, §4)."""
+"""The PicoLisp journal: the one parser of its entries, and the consumer taking it under its lock (FORMAT.md §2, §4)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ import fcntl
 import os
 import stat
 import struct
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import TypeVar
 
 from connectors.picolisp.format import hax, pread_all, shift_of
 from pipeline.errors import PipelineError
@@ -82,8 +83,10 @@ def parse_journal(data: bytes, block_sizes: Sequence[int], *, base_offset: int =
     `base_offset` is added to byte offsets in error messages, for callers parsing from the middle.
     """
     view = memoryview(data)
-    return [JournalEntry(file, address, bytes(view[start:start + length]))
-            for start, file, address, length, _ in _walk(view, block_sizes, base_offset)]
+    return [
+        JournalEntry(file, address, bytes(view[start : start + length]))
+        for start, file, address, length, _ in _walk(view, block_sizes, base_offset)
+    ]
 
 
 def journal_blocks(data: bytes, block_sizes: Sequence[int], *, base_offset: int = 0) -> set[tuple[int, int]]:
@@ -111,7 +114,8 @@ def touched_blocks(entries: Iterable[JournalEntry], block_sizes: Sequence[int]) 
 
 
 class JournalConsumer:
-    """Consumes the journal exactly like bin/ssl (§4.2): whole-file F_WRLCK, read all, release; later re-lock, move the unconsumed tail to the front, ftruncate. Never renames/deletes the journal.
+    """Takes the journal like bin/ssl (§4.2): a whole-file F_WRLCK, read it all, release; the capture agent
+    empties it under the same lock. Never renames or deletes the journal.
 
     The one fd stays open for the consumer's life: closing any fd of the journal would drop this
     process's fcntl locks on it (§3.3). fcntl locks belong to the process, so two threads sharing
@@ -188,7 +192,7 @@ class JournalConsumer:
             os.close(self._fd)
             self._fd = None
 
-    def __enter__(self) -> "JournalConsumer":
+    def __enter__(self) -> JournalConsumer:
         return self
 
     def __exit__(self, *exc: object) -> None:

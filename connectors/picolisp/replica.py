@@ -114,16 +114,35 @@ class _Held(dict[str, bytes]):
     total = 0  # bytes
 
 
-def write_position(state: Path, database: str, topic: str | None, position: Position, next_offset: int,
-                   source_time_ms: int, files: list[FileLayout], batch: dict | None = None) -> None:
+def write_position(
+    state: Path,
+    database: str,
+    topic: str | None,
+    position: Position,
+    next_offset: int,
+    source_time_ms: int,
+    files: list[FileLayout],
+    batch: dict | None = None,
+) -> None:
     """The replica's position record (position.json, written atomically): the truth a replica resumes
     from. Also how a restore adopts files it downloaded from a base snapshot."""
-    write_atomic(state / "position.json", json.dumps({
-        "database": database, "topic": topic, "txn_id": position.txn_id,
-        "checksum": position.checksum, "next_offset": next_offset, "source_time_ms": source_time_ms,
-        "files": [f.__dict__ for f in files], "applied_at_ms": int(time.time() * 1000),
-        **({"batch": batch} if batch else {}),  # the group commit that wrote it: first txn, txns
-    }, indent=1).encode())
+    write_atomic(
+        state / "position.json",
+        json.dumps(
+            {
+                "database": database,
+                "topic": topic,
+                "txn_id": position.txn_id,
+                "checksum": position.checksum,
+                "next_offset": next_offset,
+                "source_time_ms": source_time_ms,
+                "files": [f.__dict__ for f in files],
+                "applied_at_ms": int(time.time() * 1000),
+                **({"batch": batch} if batch else {}),  # the group commit that wrote it: first txn, txns
+            },
+            indent=1,
+        ).encode(),
+    )
 
 
 @dataclass
@@ -131,7 +150,7 @@ class _BlobStage:
     chunk: BlobChunk
     tmp: Path
     fh: object
-    sha: "hashlib._Hash"
+    sha: hashlib._Hash
     written: int
     next_index: int
 
@@ -176,9 +195,17 @@ class ReplicaDir:
     pipeline.replicate() flushes whenever its source has nothing more already fetched.
     """
 
-    def __init__(self, target: str | Path, database: str, blob_dir: str | Path | None = None,
-                 *, topic: str | None = None, group_commit: bool = False, max_batch_bytes: int = MAX_BATCH_BYTES,
-                 max_batch_txns: int = MAX_BATCH_TXNS) -> None:
+    def __init__(
+        self,
+        target: str | Path,
+        database: str,
+        blob_dir: str | Path | None = None,
+        *,
+        topic: str | None = None,
+        group_commit: bool = False,
+        max_batch_bytes: int = MAX_BATCH_BYTES,
+        max_batch_txns: int = MAX_BATCH_TXNS,
+    ) -> None:
         self.group_commit = group_commit
         self.max_batch_bytes = max_batch_bytes
         self.max_batch_txns = max_batch_txns
@@ -228,8 +255,11 @@ class ReplicaDir:
             fcntl.lockf(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(lock_fd)
-            raise PipelineError(f"another replica process is applying to {self.prefix} (lock "
-                                f"{self.state / 'replica.lock'})", database=database, retriable=True) from None
+            raise PipelineError(
+                f"another replica process is applying to {self.prefix} (lock {self.state / 'replica.lock'})",
+                database=database,
+                retriable=True,
+            ) from None
         self._lock_fd = lock_fd
         self._load_position()
         self._recover()
@@ -239,10 +269,19 @@ class ReplicaDir:
                 f"replica files in {self.prefix} were changed outside pool-pipeline: their checksum is "
                 f"{self.checksum.value:016x}, the stored position says {self._position.checksum:016x}; "
                 "start a fresh replica directory",
-                database=database, txn_id=self._position.txn_id)
+                database=database,
+                txn_id=self._position.txn_id,
+            )
 
-    def _fault_error(self, exc: OSError, fault: DiskFault, default_path: Path, first_txn: int | None = None,
-                     last_txn: int | None = None, committed: bool = False) -> PipelineError:
+    def _fault_error(
+        self,
+        exc: OSError,
+        fault: DiskFault,
+        default_path: Path,
+        first_txn: int | None = None,
+        last_txn: int | None = None,
+        committed: bool = False,
+    ) -> PipelineError:
         """One line for a full or read-only target: what could not be written, the free space, where the
         replica stands and what is (not) applied, and what to do. Never retriable: waiting does not free space."""
         path = Path(exc.filename) if exc.filename else default_path
@@ -253,9 +292,12 @@ class ReplicaDir:
                 at += f", {txns} committed in {self._redo} and replayed at the next start"
             else:
                 at += f", nothing of {txns} applied"
-        return PipelineError(f"replica {self.database}: cannot write {path}: {fault.reason} "
-                             f"({free_space(path)}); {at}; {fault.remedy} and restart",
-                             database=self.database, txn_id=last_txn)
+        return PipelineError(
+            f"replica {self.database}: cannot write {path}: {fault.reason} "
+            f"({free_space(path)}); {at}; {fault.remedy} and restart",
+            database=self.database,
+            txn_id=last_txn,
+        )
 
     # --- position ---------------------------------------------------------------------------
 
@@ -268,7 +310,9 @@ class ReplicaDir:
             if state.get("database") != self.database:
                 raise PipelineError(
                     f"replica directory {self.prefix} holds database {state.get('database')!r}, "
-                    f"not {self.database!r}; refusing to mix them", database=self.database)
+                    f"not {self.database!r}; refusing to mix them",
+                    database=self.database,
+                )
             self._position = Position(state["txn_id"], state["checksum"])
             self.next_offset = state["next_offset"]
             self.source_time_ms = state.get("source_time_ms", 0)
@@ -276,7 +320,9 @@ class ReplicaDir:
         elif pool_files(self.prefix) and not self._redo.exists():  # a committed first batch: _recover replays it
             raise PipelineError(
                 f"{self.prefix} already holds pool files that pool-pipeline did not write (no "
-                f"{self._pos_file}); refusing to overwrite them", database=self.database)
+                f"{self._pos_file}); refusing to overwrite them",
+                database=self.database,
+            )
 
     def position(self) -> Position:
         """The last committed (durable, visible) position: what position.json says."""
@@ -286,8 +332,14 @@ class ReplicaDir:
         """How many applied txns are staged but not flushed yet (group commit)."""
         return self._batch.txns if self._batch is not None else 0
 
-    def _store_position(self, position: Position, next_offset: int, source_time_ms: int,
-                        files: list[FileLayout], batch: dict | None = None) -> None:
+    def _store_position(
+        self,
+        position: Position,
+        next_offset: int,
+        source_time_ms: int,
+        files: list[FileLayout],
+        batch: dict | None = None,
+    ) -> None:
         write_position(self.state, self.database, self.topic, position, next_offset, source_time_ms, files, batch)
         self._position, self.next_offset, self.source_time_ms, self.files = position, next_offset, source_time_ms, files
 
@@ -311,7 +363,10 @@ class ReplicaDir:
             if size != layout.blocks * layout.block_size:
                 raise PipelineError(
                     f"replica file {self._path(layout.file)} has {size} bytes, expected "
-                    f"{layout.blocks} x {layout.block_size}", database=self.database, txn_id=self._position.txn_id)
+                    f"{layout.blocks} x {layout.block_size}",
+                    database=self.database,
+                    txn_id=self._position.txn_id,
+                )
         for block in scan_blocks(self._fd, self.files):
             rolling.set_block(block.file, block.index, block.data)
         return rolling
@@ -333,8 +388,9 @@ class ReplicaDir:
                 existing = existing.parent
             real = existing.resolve()
             if not (real == self._blob_root or self._blob_root in real.parents):
-                raise PipelineError(f"blob path {path!r} resolves outside the blob directory {self.blob_dir}",
-                                    database=self.database)
+                raise PipelineError(
+                    f"blob path {path!r} resolves outside the blob directory {self.blob_dir}", database=self.database
+                )
             self._safe_dirs.add(parent)
         return dest
 
@@ -349,8 +405,12 @@ class ReplicaDir:
         (txns staged before it stay in the batch) and the stored position is unchanged.
         """
         if self._broken is not None:
-            raise PipelineError(f"an earlier apply failed after its commit point ({self._broken}); restart to "
-                                f"replay {self._redo}", database=self.database, txn_id=txn.txn_id, offset=txn.offset)
+            raise PipelineError(
+                f"an earlier apply failed after its commit point ({self._broken}); restart to replay {self._redo}",
+                database=self.database,
+                txn_id=txn.txn_id,
+                offset=txn.offset,
+            )
         if txn.snapshot and self._batch is not None:
             self.flush()  # a snapshot replaces the whole pool: it is a batch of its own
         first = self._batch.first_txn if self._batch is not None and self._batch.txns else txn.txn_id
@@ -377,10 +437,14 @@ class ReplicaDir:
         except BaseException as exc:
             self._drop_txn(batch, mark)
             if isinstance(exc, PipelineError):  # e.g. a blob path check: name the txn at fault
-                raise exc.with_context(database=txn.database, txn_id=txn.txn_id, offset=txn.offset)
+                raise exc.with_context(database=txn.database, txn_id=txn.txn_id, offset=txn.offset) from None
             raise
-        if (not self.group_commit or batch.snapshot or batch.size >= self.max_batch_bytes
-                or batch.txns >= self.max_batch_txns):
+        if (
+            not self.group_commit
+            or batch.snapshot
+            or batch.size >= self.max_batch_bytes
+            or batch.txns >= self.max_batch_txns
+        ):
             self.flush()
 
     def _drop_txn(self, batch: _Batch, mark: int) -> None:
@@ -408,10 +472,16 @@ class ReplicaDir:
             self._discard(batch)
             return
         plan = {
-            "txn_id": batch.position.txn_id, "checksum": batch.position.checksum, "snapshot": batch.snapshot,
-            "next_offset": batch.next_offset, "source_time_ms": batch.source_time_ms,
-            "files": [f.__dict__ for f in batch.files], "blobs": batch.blobs, "deletes": list(batch.deletes),
-            "first_txn": batch.first_txn, "txns": batch.txns,
+            "txn_id": batch.position.txn_id,
+            "checksum": batch.position.checksum,
+            "snapshot": batch.snapshot,
+            "next_offset": batch.next_offset,
+            "source_time_ms": batch.source_time_ms,
+            "files": [f.__dict__ for f in batch.files],
+            "blobs": batch.blobs,
+            "deletes": list(batch.deletes),
+            "first_txn": batch.first_txn,
+            "txns": batch.txns,
         }
         try:
             trailer = json.dumps(plan).encode()
@@ -440,8 +510,13 @@ class ReplicaDir:
             fault = disk_fault(exc)
             if fault is None:
                 raise
-            raise self._fault_error(exc, fault, self.state / "redo.tmp", batch.first_txn,  # type: ignore[arg-type]
-                                    batch.position.txn_id) from None
+            raise self._fault_error(
+                exc,
+                fault,
+                self.state / "redo.tmp",
+                batch.first_txn,  # type: ignore[arg-type]
+                batch.position.txn_id,
+            ) from None
         try:
             os.replace(self.state / "redo.tmp", self._redo)  # the commit point: from here on the batch is applied
             fsync_dir(self.state)
@@ -457,8 +532,9 @@ class ReplicaDir:
             self._broken = f"{type(exc).__name__}: {exc}"
             if fault is None:
                 raise
-            raise self._fault_error(exc, fault, Path(self.prefix), batch.first_txn, batch.position.txn_id,
-                                    committed=True) from None
+            raise self._fault_error(
+                exc, fault, Path(self.prefix), batch.first_txn, batch.position.txn_id, committed=True
+            ) from None
         if batch.fresh is not None:
             self.checksum = batch.fresh
         else:
@@ -532,8 +608,10 @@ class ReplicaDir:
                 count += 1
                 if type(change) is BlockWrite:
                     if blob is not None:
-                        raise txn.error(f"blob {blob.chunk.path} is incomplete: chunk {blob.next_index} of "
-                                        f"{blob.chunk.count} missing")
+                        raise txn.error(
+                            f"blob {blob.chunk.path} is incomplete: chunk {blob.next_index} of "
+                            f"{blob.chunk.count} missing"
+                        )
                     file, index, data = change.file, change.index, change.data
                     size = sizes.get(file)
                     if size is None:
@@ -596,7 +674,8 @@ class ReplicaDir:
         if value != txn.checksum_after:
             raise txn.error(
                 f"checksum mismatch: after applying, the replica would be {value:016x} but the source "
-                f"was {txn.checksum_after:016x}; the replica stays at txn {batch.position.txn_id}")
+                f"was {txn.checksum_after:016x}; the replica stays at txn {batch.position.txn_id}"
+            )
         # Verified: fold the txn into the batch.
         if fresh is not None:
             batch.snapshot, batch.fresh = True, fresh
@@ -622,8 +701,15 @@ class ReplicaDir:
         batch.source_time_ms = txn.source_time_ms
         batch.size = batch.redo.tell() + batch.held_bytes
 
-    def _stage_chunk(self, txn: Transaction, blob: _BlobStage | None, chunk: BlobChunk, batch: _Batch,
-                     ops: dict[str, str | None], held: _Held) -> _BlobStage | None:
+    def _stage_chunk(
+        self,
+        txn: Transaction,
+        blob: _BlobStage | None,
+        chunk: BlobChunk,
+        batch: _Batch,
+        ops: dict[str, str | None],
+        held: _Held,
+    ) -> _BlobStage | None:
         if self.blob_dir is None:
             raise txn.error("the stream carries blobs but this replica has no --blob directory")
         if blob is None:
@@ -632,12 +718,17 @@ class ReplicaDir:
                 raise txn.error(f"blob {chunk.path} starts at chunk {chunk.index}")
             name = f"{batch.blob_seq}.blob"
             batch.blob_seq += 1
-            if (chunk.count == 1 and not txn.snapshot
-                    and batch.held_bytes + held.total + len(chunk.data) <= MAX_HELD_BLOB_BYTES):
+            if (
+                chunk.count == 1
+                and not txn.snapshot
+                and batch.held_bytes + held.total + len(chunk.data) <= MAX_HELD_BLOB_BYTES
+            ):
                 if len(chunk.data) != chunk.size or hashlib.sha256(chunk.data).hexdigest() != chunk.sha256:
-                    raise txn.error(f"blob {chunk.path}: got {len(chunk.data)} bytes sha256 "
-                                    f"{hashlib.sha256(chunk.data).hexdigest()[:16]}…, expected {chunk.size} bytes "
-                                    f"sha256 {chunk.sha256[:16]}…")
+                    raise txn.error(
+                        f"blob {chunk.path}: got {len(chunk.data)} bytes sha256 "
+                        f"{hashlib.sha256(chunk.data).hexdigest()[:16]}…, expected {chunk.size} bytes "
+                        f"sha256 {chunk.sha256[:16]}…"
+                    )
                 held[name] = chunk.data  # written by flush() if no later txn of the batch replaces it
                 held.total += len(chunk.data)
                 ops[chunk.path] = name
@@ -645,8 +736,9 @@ class ReplicaDir:
             tmp = self.state / "stage" / name
             blob = _BlobStage(chunk, tmp, open(tmp, "wb"), hashlib.sha256(), 0, 0)
         elif chunk.path != blob.chunk.path or chunk.index != blob.next_index or chunk.count != blob.chunk.count:
-            raise txn.error(f"blob {blob.chunk.path}: expected chunk {blob.next_index}, got {chunk.path} "
-                            f"chunk {chunk.index}")
+            raise txn.error(
+                f"blob {blob.chunk.path}: expected chunk {blob.next_index}, got {chunk.path} chunk {chunk.index}"
+            )
         blob.fh.write(chunk.data)  # type: ignore[attr-defined]
         blob.sha.update(chunk.data)
         blob.written += len(chunk.data)
@@ -655,8 +747,10 @@ class ReplicaDir:
             return blob
         blob.fh.close()  # type: ignore[attr-defined]  # fsynced by flush(), once per batch, if still wanted
         if blob.written != chunk.size or blob.sha.hexdigest() != chunk.sha256:
-            raise txn.error(f"blob {chunk.path}: got {blob.written} bytes sha256 {blob.sha.hexdigest()[:16]}…, "
-                            f"expected {chunk.size} bytes sha256 {chunk.sha256[:16]}…")
+            raise txn.error(
+                f"blob {chunk.path}: got {blob.written} bytes sha256 {blob.sha.hexdigest()[:16]}…, "
+                f"expected {chunk.size} bytes sha256 {chunk.sha256[:16]}…"
+            )
         ops[chunk.path] = blob.tmp.name
         return None
 
@@ -693,7 +787,7 @@ class ReplicaDir:
                 for file in sorted(written):  # only what changed: fsync is most of an apply's cost
                     os.fsync(self._fd(file))
                 if plan["snapshot"]:
-                    for extra in pool_files(self.prefix)[len(files):]:
+                    for extra in pool_files(self.prefix)[len(files) :]:
                         os.unlink(extra)  # the snapshot's pool has fewer files than the replica had
                 self._apply_blobs(plan)
                 position = Position(plan["txn_id"], plan["checksum"])

@@ -9,8 +9,8 @@ import os
 import shutil
 import time
 from array import array
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 from connectors.files import write_atomic
 from connectors.picolisp.blobs import blob_files, blob_markers
@@ -61,8 +61,9 @@ def pool_missing(prefix: str, journal: Path) -> list[str]:
     return missing
 
 
-def wait_for_pool(prefix: str, journal: Path, database: str, *, once: bool, interval: float = 0.5,
-                  log: Callable[[str], None] = print) -> bool:
+def wait_for_pool(
+    prefix: str, journal: Path, database: str, *, once: bool, interval: float = 0.5, log: Callable[[str], None] = print
+) -> bool:
     """Wait, touching nothing, until the app has created its pool and journal, as PicoLisp's `ssl` does:
     an agent may be started before the app. True once both exist; False at once with `once`.
     Interruptible: SIGTERM raises KeyboardInterrupt out of the sleep."""
@@ -88,11 +89,15 @@ def layout_change(published: Sequence[FileLayout], current: Sequence[FileLayout]
     for old in published:
         new = now.get(old.file)
         if new is None:
-            return (f"pool file {hax(old.file)} is gone: the topic holds {len(published)} files, "
-                    f"the pool has {len(current)}")
+            return (
+                f"pool file {hax(old.file)} is gone: the topic holds {len(published)} files, "
+                f"the pool has {len(current)}"
+            )
         if new.block_size != old.block_size:
-            return (f"pool file {hax(old.file)} has {new.block_size}-byte blocks, the topic holds "
-                    f"{old.block_size}-byte ones")
+            return (
+                f"pool file {hax(old.file)} has {new.block_size}-byte blocks, the topic holds "
+                f"{old.block_size}-byte ones"
+            )
         if new.blocks < old.blocks:
             return f"pool file {hax(old.file)} has {new.blocks} blocks, fewer than the {old.blocks} published"
     return None
@@ -128,7 +133,8 @@ class AgentLock:
             os.close(fd)
             raise PipelineError(
                 f"another capture-agent (pid {holder}) is already running for this pool (lock {path})",
-                database=database) from None
+                database=database,
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         return fd
@@ -150,13 +156,15 @@ class _Pool:
         self.block_sizes: list[int] = []
         self.refresh()
         if not self.fds:
-            raise PipelineError(f"no pool at {prefix!r}: expected {prefix}@ (is --pool the prefix PicoLisp "
-                                "was given, e.g. db/app/?)", database=database)
+            raise PipelineError(
+                f"no pool at {prefix!r}: expected {prefix}@ (is --pool the prefix PicoLisp was given, e.g. db/app/?)",
+                database=database,
+            )
 
     def refresh(self) -> None:
         """Open files PicoLisp created since the last look (pools can gain files when *Dbs grows)."""
         paths = pool_files(self.prefix)
-        for path in paths[len(self.fds):]:
+        for path in paths[len(self.fds) :]:
             self.block_sizes.append(block_size_of(path))
             self.fds.append(os.open(path, os.O_RDONLY))
             self.paths.append(path)
@@ -179,8 +187,11 @@ class _Pool:
         for f, (fd, bs) in enumerate(zip(self.fds, self.block_sizes)):
             size = os.fstat(fd).st_size
             if size % bs:
-                raise PipelineError(f"pool file {self.prefix}{hax(f)} has {size} bytes, not a whole number of "
-                                    f"{bs}-byte blocks", database=self.database, retriable=True)
+                raise PipelineError(
+                    f"pool file {self.prefix}{hax(f)} has {size} bytes, not a whole number of {bs}-byte blocks",
+                    database=self.database,
+                    retriable=True,
+                )
             out.append(FileLayout(f, bs, size // bs))
         return out
 
@@ -195,6 +206,7 @@ class _Pool:
 # With inotify the agent sleeps until the app writes; it still runs a round this often, for blob
 # deletions (found by a scan) and anything a watch cannot see.
 IDLE_ROUND_S = 1.0
+
 
 class _Images:
     """A round's final block images, in `keys` order, back to back in the image spool (see
@@ -220,7 +232,7 @@ class _Images:
             off = 0
             for file, index in keys[i:j]:
                 bs = sizes[file]
-                yield BlockWrite(file, index, buf[off:off + bs])
+                yield BlockWrite(file, index, buf[off : off + bs])
                 off += bs
             pos += total
             i = j
@@ -237,10 +249,21 @@ class PoolSource:
     transaction, which is correct because images are final states.
     """
 
-    def __init__(self, prefix: str, journal: Path, blob_dir: Path | None, database: str, state_dir: Path,
-                 *, last_layout: list[FileLayout] | None = None, force_snapshot: bool = False,
-                 once: bool = False, poll_interval: float = 0.02, delete_scan_interval: float = 1.0,
-                 log: Callable[[str], None] = print) -> None:
+    def __init__(
+        self,
+        prefix: str,
+        journal: Path,
+        blob_dir: Path | None,
+        database: str,
+        state_dir: Path,
+        *,
+        last_layout: list[FileLayout] | None = None,
+        force_snapshot: bool = False,
+        once: bool = False,
+        poll_interval: float = 0.02,
+        delete_scan_interval: float = 1.0,
+        log: Callable[[str], None] = print,
+    ) -> None:
         self.database = database
         self.prefix = prefix
         self.state_dir = state_dir
@@ -280,8 +303,10 @@ class PoolSource:
             try:
                 want |= journal_blocks(chunk, self.pool.block_sizes)
             except PipelineError as exc:
-                raise PipelineError(f"{what} {path}: {exc.message}; nothing was published and the journal is "
-                                    "left intact", database=self.database) from None
+                raise PipelineError(
+                    f"{what} {path}: {exc.message}; nothing was published and the journal is left intact",
+                    database=self.database,
+                ) from None
         return want
 
     def _check_journal(self) -> None:
@@ -306,15 +331,21 @@ class PoolSource:
             layout = self.pool.layout()
             # Checked before parsing: the spool and journal of an older pool need not parse with these sizes.
             if delta and (reason := layout_change(self.published_layout, layout)):
-                raise PipelineError(f"the pool's layout changed ({reason}); a snapshot is needed",
-                                    database=self.database, retriable=True)
+                raise PipelineError(
+                    f"the pool's layout changed ({reason}); a snapshot is needed",
+                    database=self.database,
+                    retriable=True,
+                )
             want = self._touched(spooled, data)
             for f in layout:
                 want.update((f.file, b) for b in range(self.published.get(f.file, 0), f.blocks))
             for file, index in want:
                 if index >= layout[file].blocks:
-                    raise PipelineError(f"journal writes block {index} of file {hax(file)}, beyond its end "
-                                        f"({layout[file].blocks} blocks)", database=self.database)
+                    raise PipelineError(
+                        f"journal writes block {index} of file {hax(file)}, beyond its end "
+                        f"({layout[file].blocks} blocks)",
+                        database=self.database,
+                    )
             images = self._copy_images(sorted(want))
             if data:
                 with open(self.spool_path, "ab") as spool:
@@ -425,8 +456,9 @@ class PoolSource:
     def _unpublishable(self, rel: str, exc: PipelineError) -> None:
         """A name that is not UTF-8 or that safe_blob_path refuses would otherwise fail every round, and stay
         in known-blobs after the file is gone: warn once, and let the pool's replication go on without it."""
-        self._warn_once(rel, f"skipping blob {os.fsencode(rel)!r} in {self.blob_dir}: it cannot be "
-                             f"replicated ({exc.message})")
+        self._warn_once(
+            rel, f"skipping blob {os.fsencode(rel)!r} in {self.blob_dir}: it cannot be replicated ({exc.message})"
+        )
 
     def _blob_paths(self) -> list[str]:
         """Every publishable blob file, sorted."""
@@ -474,17 +506,31 @@ class PoolSource:
     def _refused_marker(self, name: str, target: str, exc: PipelineError) -> None:
         """A marker leading outside the blob dir (or naming no UTF-8 path) is left in place, unsent: warned
         about once, so that it does not stop the rest of the pool's replication."""
-        self._warn_once(name, f"skipping blob marker {os.fsencode(name)!r} in {self.blob_dir}, left in place: "
-                              f"{exc.message}")
+        self._warn_once(
+            name, f"skipping blob marker {os.fsencode(name)!r} in {self.blob_dir}, left in place: {exc.message}"
+        )
 
     # --- transactions -------------------------------------------------------------------------
 
-    def _transaction(self, after: Position, blocks: _Images, layout: list[FileLayout],
-                     puts: list, deletes: list[str], markers: list[str], *, snapshot: bool) -> Transaction:
+    def _transaction(
+        self,
+        after: Position,
+        blocks: _Images,
+        layout: list[FileLayout],
+        puts: list,
+        deletes: list[str],
+        markers: list[str],
+        *,
+        snapshot: bool,
+    ) -> Transaction:
         blob_records = sum(max(1, -(-size // MAX_BLOB_CHUNK)) for _, _, size, _ in puts)
         txn = Transaction(
-            database=self.database, txn_id=after.txn_id + 1, checksum_before=after.checksum,
-            source_time_ms=int(time.time() * 1000), snapshot=snapshot, files=layout,
+            database=self.database,
+            txn_id=after.txn_id + 1,
+            checksum_before=after.checksum,
+            source_time_ms=int(time.time() * 1000),
+            snapshot=snapshot,
+            files=layout,
             change_count=len(blocks) + blob_records + len(deletes),
         )
 
@@ -511,8 +557,12 @@ class PoolSource:
 
     def _record_txn(self, txn_id: int, checksum_before: int | None, checksum_after: int) -> None:
         """Note, before it is committed, which txn this state dir publishes (see _continues)."""
-        write_atomic(self.last_txn_path, json.dumps({"txn_id": txn_id, "checksum_before": checksum_before,
-                                                     "checksum_after": checksum_after}).encode())
+        write_atomic(
+            self.last_txn_path,
+            json.dumps(
+                {"txn_id": txn_id, "checksum_before": checksum_before, "checksum_after": checksum_after}
+            ).encode(),
+        )
 
     def _continues(self, after: Position) -> bool:
         """True if this state dir published the topic's last txn (`after`) or was about to publish the next:
@@ -521,8 +571,9 @@ class PoolSource:
             last = json.loads(self.last_txn_path.read_text())
         except (FileNotFoundError, ValueError):
             return False
-        return ((last["txn_id"] == after.txn_id and last["checksum_after"] == after.checksum)
-                or (last["txn_id"] == after.txn_id + 1 and last["checksum_before"] == after.checksum))
+        return (last["txn_id"] == after.txn_id and last["checksum_after"] == after.checksum) or (
+            last["txn_id"] == after.txn_id + 1 and last["checksum_before"] == after.checksum
+        )
 
     def _write_known_blobs(self) -> None:
         write_atomic(self.known_blobs_path, json.dumps(sorted(self._known_blobs)).encode())
@@ -536,8 +587,9 @@ class PoolSource:
             self._known_blobs |= new
             self._write_known_blobs()
 
-    def _acknowledger(self, layout: list[FileLayout], puts: list, deletes: list[str], markers: list[str],
-                      *, snapshot: bool) -> Callable[[], None]:
+    def _acknowledger(
+        self, layout: list[FileLayout], puts: list, deletes: list[str], markers: list[str], *, snapshot: bool
+    ) -> Callable[[], None]:
         """What to forget once the transaction is committed in Kafka: spool, markers, staged blobs."""
 
         def acknowledge() -> None:
@@ -565,8 +617,13 @@ class PoolSource:
         # published, but the topic should not even see them).
         self._check_journal()  # (a marker leading outside the blob dir is skipped with a warning, not refused)
         self.log(f"{self.database}: taking a snapshot ({reason})")
-        txn = Transaction(database=self.database, txn_id=after.txn_id + 1, checksum_before=after.checksum,
-                          source_time_ms=int(time.time() * 1000), snapshot=True)
+        txn = Transaction(
+            database=self.database,
+            txn_id=after.txn_id + 1,
+            checksum_before=after.checksum,
+            source_time_ms=int(time.time() * 1000),
+            snapshot=True,
+        )
 
         def changes() -> Iterator[Change]:
             rolling = RollingChecksum()
@@ -616,14 +673,20 @@ class PoolSource:
             self.rolling.set_block(block.file, block.index, block.data)
         blocks, layout = self._take_journal()
         if not blocks and self.rolling.value != after.checksum:
-            return self._snapshot(after, f"the pool's checksum {self.rolling.value:016x} differs from the "
-                                         f"topic's {after.checksum:016x} with no journal to explain it")
+            return self._snapshot(
+                after,
+                f"the pool's checksum {self.rolling.value:016x} differs from the "
+                f"topic's {after.checksum:016x} with no journal to explain it",
+            )
         if not self._continues(after):
             if blocks:
                 # Another agent or a lost state dir: a spool we cannot see may hold changes the journal
                 # no longer has, and a delta missing them would stop every replica at a checksum mismatch.
-                return self._snapshot(after, f"{self.state_dir} did not publish the topic's last txn "
-                                             f"{after.txn_id}, so the journal alone may not explain the pool")
+                return self._snapshot(
+                    after,
+                    f"{self.state_dir} did not publish the topic's last txn "
+                    f"{after.txn_id}, so the journal alone may not explain the pool",
+                )
             self._record_txn(after.txn_id, None, after.checksum)  # the pool equals the topic: adopt it
         puts, deletes, markers = self._blob_changes(snapshot=False)
         if not blocks and not puts and not deletes:

@@ -53,8 +53,10 @@ class ChangeWatch:
             if not ready:
                 return False
             events = self._inotify.read(timeout=0)
-            if any(e.name in (self._journal_name, "") or e.name.startswith("=") or e.mask & flags.Q_OVERFLOW
-                   for e in events):
+            if any(
+                e.name in (self._journal_name, "") or e.name.startswith("=") or e.mask & flags.Q_OVERFLOW
+                for e in events
+            ):
                 return True
 
     def close(self) -> None:

@@ -7,10 +7,10 @@ import os
 import tempfile
 import threading
 from collections import deque
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
 
 from connectors.picolisp.blobs import blob_files
 from connectors.picolisp.format import hax
@@ -41,8 +41,17 @@ MIN_PART_BYTES = 5 << 20
 class _OpenSegment:
     """The segment being written: a temp file, and what its key will say."""
 
-    def __init__(self, work_dir: Path, codec: Codec, database: str, partition: int, first_offset: int,
-                 first_txn: int, first_ms: int, snapshot: bool) -> None:
+    def __init__(
+        self,
+        work_dir: Path,
+        codec: Codec,
+        database: str,
+        partition: int,
+        first_offset: int,
+        first_txn: int,
+        first_ms: int,
+        snapshot: bool,
+    ) -> None:
         self.file = tempfile.TemporaryFile(dir=work_dir)
         self.writer = SegmentWriter(self.file, codec, database, partition, first_offset)
         self.partition, self.first_offset, self.first_txn, self.first_ms = partition, first_offset, first_txn, first_ms
@@ -54,8 +63,16 @@ class _OpenSegment:
     def segment(self) -> Segment:
         assert self.last is not None
         size = self.file.seek(0, os.SEEK_END)
-        return Segment(self.first_txn, self.last.txn_id, self.first_offset, self.first_ms, self.last.source_time_ms,
-                       self.partition, self.snapshot, size)
+        return Segment(
+            self.first_txn,
+            self.last.txn_id,
+            self.first_offset,
+            self.first_ms,
+            self.last.source_time_ms,
+            self.partition,
+            self.snapshot,
+            size,
+        )
 
 
 @dataclass
@@ -81,12 +98,24 @@ class Archiver:
     the same objects, each written once.
     """
 
-    def __init__(self, store: Store, codec: Codec, *, rotation: Rotation, snapshots: SnapshotPolicy,
-                 work_dir: Path, topic: str, log: Callable[[str], None] = print,
-                 on_archived: Callable[[Transaction], None] = lambda txn: None, part_bytes: int = PART_BYTES) -> None:
+    def __init__(
+        self,
+        store: Store,
+        codec: Codec,
+        *,
+        rotation: Rotation,
+        snapshots: SnapshotPolicy,
+        work_dir: Path,
+        topic: str,
+        log: Callable[[str], None] = print,
+        on_archived: Callable[[Transaction], None] = lambda txn: None,
+        part_bytes: int = PART_BYTES,
+    ) -> None:
         if part_bytes < MIN_PART_BYTES:
-            raise PipelineError(f"the upload part size must be at least {MIN_PART_BYTES >> 20} MiB (S3's minimum), "
-                                f"got {part_bytes}", database=store.database)
+            raise PipelineError(
+                f"the upload part size must be at least {MIN_PART_BYTES >> 20} MiB (S3's minimum), got {part_bytes}",
+                database=store.database,
+            )
         self.part_bytes = part_bytes
         self.store = store
         self.codec = codec
@@ -103,8 +132,11 @@ class Archiver:
             fcntl.lockf(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(self._lock_fd)
-            raise PipelineError(f"another archiver of {self.database!r} is using {self.work_dir}",
-                                database=self.database, retriable=True) from None
+            raise PipelineError(
+                f"another archiver of {self.database!r} is using {self.work_dir}",
+                database=self.database,
+                retriable=True,
+            ) from None
         self.position: Position | None = None
         self.next_offset = 0
         self._since_snapshot = (0, 0)  # txns, bytes archived after the newest base snapshot
@@ -121,22 +153,30 @@ class Archiver:
         """
         catalog = retrying(f"archive {self.database}: listing {self.store.url}", self.store.catalog, self.log)
         catalog.runs()  # refuses overlapping segments
-        unfinished = retrying(f"archive {self.database}: listing unfinished uploads", self.store.unfinished_uploads,
-                              self.log) if abort_unfinished else []
+        unfinished = (
+            retrying(f"archive {self.database}: listing unfinished uploads", self.store.unfinished_uploads, self.log)
+            if abort_unfinished
+            else []
+        )
         for key, upload_id in unfinished:
-            self.log(f"archive {self.database}: aborting the unfinished upload of {key} (an earlier run stopped "
-                     "while writing it; it is written again)")
+            self.log(
+                f"archive {self.database}: aborting the unfinished upload of {key} (an earlier run stopped "
+                "while writing it; it is written again)"
+            )
             self.store.abort_upload(key, upload_id)
         last = catalog.last
         if last is not None:
-            head = retrying(f"archive {self.database}: reading {last.key(self.store.root)}",
-                            lambda: self._last_txn(last), self.log)
+            head = retrying(
+                f"archive {self.database}: reading {last.key(self.store.root)}", lambda: self._last_txn(last), self.log
+            )
             assert head.end_offset is not None
             self.position, self.next_offset = head.after, head.end_offset + 1
         newest = catalog.snapshots[-1].txn if catalog.snapshots else 0
         after = [s for s in catalog.segments if s.last_txn > newest]
-        self._since_snapshot = (sum(s.last_txn - max(s.first_txn - 1, newest) for s in after),
-                                sum(s.size for s in after))
+        self._since_snapshot = (
+            sum(s.last_txn - max(s.first_txn - 1, newest) for s in after),
+            sum(s.size for s in after),
+        )
         return self.next_offset
 
     def _last_txn(self, seg: Segment) -> Transaction:
@@ -176,13 +216,22 @@ class Archiver:
                         self._uploaded(*uploads.popleft())
                     frame = framer.begin(rec)
                     if frame is not None:
-                        if seg is not None and self.rotation.close_before(seg.txns, seg.first_ms, frame.time_ms,
-                                                                          frame.snapshot):
+                        if seg is not None and self.rotation.close_before(
+                            seg.txns, seg.first_ms, frame.time_ms, frame.snapshot
+                        ):
                             self._close(seg, pool, uploads)
                             seg = None
                         if seg is None:
-                            seg = _OpenSegment(self.work_dir, self.codec, self.database, rec.partition, rec.offset,
-                                               frame.txn_id, frame.time_ms, frame.snapshot)
+                            seg = _OpenSegment(
+                                self.work_dir,
+                                self.codec,
+                                self.database,
+                                rec.partition,
+                                rec.offset,
+                                frame.txn_id,
+                                frame.time_ms,
+                                frame.snapshot,
+                            )
                         seg.writer.write(rec)
                         continue
                     done = framer.record(rec)
@@ -199,8 +248,13 @@ class Archiver:
                 # The stream ended (--once reached the end it saw at start): archive the tail.
                 if seg is not None and seg.txns:
                     if framer.open is not None:
-                        raise PipelineError("the stream ended inside a transaction", database=self.database,
-                                            txn_id=framer.open.txn_id, offset=framer.open.offset, retriable=True)
+                        raise PipelineError(
+                            "the stream ended inside a transaction",
+                            database=self.database,
+                            txn_id=framer.open.txn_id,
+                            offset=framer.open.offset,
+                            retriable=True,
+                        )
                     self._close(seg, pool, uploads)
                     seg = None
                 while uploads:
@@ -213,8 +267,7 @@ class Archiver:
                         self.store.abort_upload(unfinished.upload.key, unfinished.upload.upload_id)
                     unfinished.file.close()
 
-    def _close(self, seg: _OpenSegment, pool: ThreadPoolExecutor,
-               uploads: "deque[tuple[Future, _OpenSegment]]") -> None:
+    def _close(self, seg: _OpenSegment, pool: ThreadPoolExecutor, uploads: deque[tuple[Future, _OpenSegment]]) -> None:
         if len(uploads) >= 2:  # bound the spool: wait for the older upload
             self._uploaded(*uploads.popleft())
         seg.writer.close()
@@ -229,11 +282,14 @@ class Archiver:
         txn's upload with its reading and compressing, which otherwise come one after the other.
         """
         if seg.upload is None:
-            key = Segment(seg.first_txn, seg.first_txn, seg.first_offset, seg.first_ms, seg.first_ms,
-                          seg.partition, seg.snapshot).key(self.store.root)
+            key = Segment(
+                seg.first_txn, seg.first_txn, seg.first_offset, seg.first_ms, seg.first_ms, seg.partition, seg.snapshot
+            ).key(self.store.root)
             seg.upload = _PartUpload(key, seg.file.fileno())
-            self.log(f"archive {self.database}: txn {seg.first_txn} holds over {seg.writer.bytes >> 20} MiB: "
-                     f"uploading {key.rsplit('/', 1)[-1]} in parts while it is read")
+            self.log(
+                f"archive {self.database}: txn {seg.first_txn} holds over {seg.writer.bytes >> 20} MiB: "
+                f"uploading {key.rsplit('/', 1)[-1]} in parts while it is read"
+            )
         up = seg.upload
         seg.file.flush()
         written = seg.file.tell()
@@ -251,13 +307,22 @@ class Archiver:
             return
         try:
             if up.upload_id is None:
-                up.upload_id = retrying(f"archive {self.database}: starting the upload of {up.key}",
-                                        lambda: self.store.start_upload(up.key), self.log, stop=self._stopping)
+                up.upload_id = retrying(
+                    f"archive {self.database}: starting the upload of {up.key}",
+                    lambda: self.store.start_upload(up.key),
+                    self.log,
+                    stop=self._stopping,
+                )
             data = os.pread(up.fd, end - start, start)
             number = len(up.etags) + 1
-            up.etags.append(retrying(f"archive {self.database}: uploading part {number} of {up.key}",
-                                     lambda: self.store.upload_part(up.key, up.upload_id, number, data),  # type: ignore[arg-type]
-                                     self.log, stop=self._stopping))
+            up.etags.append(
+                retrying(
+                    f"archive {self.database}: uploading part {number} of {up.key}",
+                    lambda: self.store.upload_part(up.key, up.upload_id, number, data),  # type: ignore[arg-type]
+                    self.log,
+                    stop=self._stopping,
+                )
+            )
         except BaseException as exc:  # noqa: BLE001 - raised again by _upload, in order
             up.failed = exc
 
@@ -266,17 +331,24 @@ class Archiver:
         key = info.key(self.store.root)
         up = seg.upload
         if up is None:
-            retrying(f"archive {self.database}: uploading {key}", lambda: self.store.put_new(key, seg.file), self.log,
-                     stop=self._stopping)
+            retrying(
+                f"archive {self.database}: uploading {key}",
+                lambda: self.store.put_new(key, seg.file),
+                self.log,
+                stop=self._stopping,
+            )
             return info
         assert up.key == key, (up.key, key)  # _stream only starts when the key is known
         if info.size > up.queued:  # the tail after the last full part
             self._upload_part(up, up.queued, info.size)
         if up.failed is not None:
             raise up.failed
-        retrying(f"archive {self.database}: completing {key}",
-                 lambda: self.store.complete_new(key, up.upload_id, up.etags, seg.file),  # type: ignore[arg-type]
-                 self.log, stop=self._stopping)
+        retrying(
+            f"archive {self.database}: completing {key}",
+            lambda: self.store.complete_new(key, up.upload_id, up.etags, seg.file),  # type: ignore[arg-type]
+            self.log,
+            stop=self._stopping,
+        )
         return info
 
     def _uploaded(self, future: Future, seg: _OpenSegment) -> None:
@@ -307,12 +379,17 @@ class Archiver:
         catalog = retrying(f"archive {self.database}: listing", self.store.catalog, self.log)
         plan = catalog.plan(txn=txn)
         self.log(f"archive {self.database}: writing a base snapshot at txn {txn}")
-        sink = retrying(f"archive {self.database}: materialising txn {txn}",
-                        lambda: materialise(self.store, self.codec, plan, db_dir, blob_dir, self.topic,
-                                            self.work_dir, reuse=True), self.log)
+        sink = retrying(
+            f"archive {self.database}: materialising txn {txn}",
+            lambda: materialise(self.store, self.codec, plan, db_dir, blob_dir, self.topic, self.work_dir, reuse=True),
+            self.log,
+        )
         try:
-            snap = retrying(f"archive {self.database}: uploading the snapshot at txn {txn}",
-                            lambda: upload_snapshot(self.store, sink, db_dir, blob_dir), self.log)
+            snap = retrying(
+                f"archive {self.database}: uploading the snapshot at txn {txn}",
+                lambda: upload_snapshot(self.store, sink, db_dir, blob_dir),
+                self.log,
+            )
         finally:
             sink.close()
         self._since_snapshot = (0, 0)
@@ -331,8 +408,14 @@ def upload_snapshot(store: Store, sink: ReplicaDir, db_dir: Path, blob_dir: Path
     for path in blob_files(blob_dir):
         blobs[path] = (blob_dir / path).stat().st_size
         store.upload_file(f"{prefix}blob/{path}", blob_dir / path)
-    manifest = Manifest(store.database, position.txn_id, position.checksum, sink.next_offset, sink.source_time_ms,
-                        list(sink.files), blobs)
+    manifest = Manifest(
+        store.database,
+        position.txn_id,
+        position.checksum,
+        sink.next_offset,
+        sink.source_time_ms,
+        list(sink.files),
+        blobs,
+    )
     store.put_new(snap.manifest_key(store.root), manifest.to_json())
     return snap
-

@@ -6,8 +6,8 @@ import itertools
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from connectors.picolisp.format import hax
 from connectors.picolisp.replica import ReplicaDir, state_dir_for, write_position
@@ -27,8 +27,9 @@ from pipeline.replicate import replicate
 class _SegmentSource:
     """Transactions of a restore plan's segments, downloaded one at a time (a Source)."""
 
-    def __init__(self, store: Store, codec: Codec, plan: RestorePlan, topic: str, work_dir: Path,
-                 progress: PROGRESS) -> None:
+    def __init__(
+        self, store: Store, codec: Codec, plan: RestorePlan, topic: str, work_dir: Path, progress: PROGRESS
+    ) -> None:
         self.store, self.codec, self.plan, self.topic, self.work_dir = store, codec, plan, topic, work_dir
         self.progress = progress
         self.last: Transaction | None = None
@@ -64,8 +65,18 @@ class _SegmentSource:
         self.progress({"txn": txn.txn_id})
 
 
-def materialise(store: Store, codec: Codec, plan: RestorePlan, db_dir: Path, blob_dir: Path, topic: str,
-                work_dir: Path, *, reuse: bool = False, progress: PROGRESS = lambda event: None) -> ReplicaDir:
+def materialise(
+    store: Store,
+    codec: Codec,
+    plan: RestorePlan,
+    db_dir: Path,
+    blob_dir: Path,
+    topic: str,
+    work_dir: Path,
+    *,
+    reuse: bool = False,
+    progress: PROGRESS = lambda event: None,
+) -> ReplicaDir:
     """Bring `db_dir`/`blob_dir` to the plan's target: the base, then the segments, checking txn ids
     and the rolling checksum after every txn (ReplicaDir). With `reuse`, a copy already between the
     base and the target only applies what it lacks. Returns the open ReplicaDir at the target."""
@@ -89,46 +100,61 @@ def materialise(store: Store, codec: Codec, plan: RestorePlan, db_dir: Path, blo
         try:
             sink = ReplicaDir(f"{db_dir}/", store.database, blob_dir, topic=topic, group_commit=True)
         except PipelineError as exc:
-            raise PipelineError(f"base snapshot at txn {plan.base.txn if plan.base else '?'} does not match its "
-                                f"manifest: {exc}", database=store.database) from exc
+            raise PipelineError(
+                f"base snapshot at txn {plan.base.txn if plan.base else '?'} does not match its manifest: {exc}",
+                database=store.database,
+            ) from exc
     try:
         source = _SegmentSource(store, codec, plan, topic, work_dir, progress)
         position = replicate(source, sink)
         if plan.target_txn is not None and position.txn_id != plan.target_txn:
-            raise PipelineError(f"the archive ended at txn {position.txn_id} before the requested txn "
-                                f"{plan.target_txn}", database=store.database, txn_id=position.txn_id)
+            raise PipelineError(
+                f"the archive ended at txn {position.txn_id} before the requested txn {plan.target_txn}",
+                database=store.database,
+                txn_id=position.txn_id,
+            )
     except BaseException:
         sink.close()
         raise
     return sink
 
 
-def _download_snapshot(store: Store, snap: Snapshot, db_dir: Path, blob_dir: Path, topic: str,
-                       progress: PROGRESS) -> None:
+def _download_snapshot(
+    store: Store, snap: Snapshot, db_dir: Path, blob_dir: Path, topic: str, progress: PROGRESS
+) -> None:
     prefix = snap.prefix(store.root)
     manifest = Manifest.from_json(store.get(snap.manifest_key(store.root)), snap.manifest_key(store.root))
     if manifest.database != store.database or manifest.txn_id != snap.txn:
-        raise PipelineError(f"snapshot {prefix} holds database {manifest.database!r} txn {manifest.txn_id}, not "
-                            f"{store.database!r} txn {snap.txn}", database=store.database)
+        raise PipelineError(
+            f"snapshot {prefix} holds database {manifest.database!r} txn {manifest.txn_id}, not "
+            f"{store.database!r} txn {snap.txn}",
+            database=store.database,
+        )
     for layout in manifest.files:
         path = db_dir / hax(layout.file)
         store.download(f"{prefix}db/{hax(layout.file)}", path, lambda n: progress({"bytes": n}))
         if path.stat().st_size != layout.blocks * layout.block_size:
-            raise PipelineError(f"snapshot file {prefix}db/{hax(layout.file)} has {path.stat().st_size} bytes, "
-                                f"the manifest says {layout.blocks * layout.block_size}", database=store.database)
+            raise PipelineError(
+                f"snapshot file {prefix}db/{hax(layout.file)} has {path.stat().st_size} bytes, "
+                f"the manifest says {layout.blocks * layout.block_size}",
+                database=store.database,
+            )
     for rel, size in manifest.blobs.items():
         safe_blob_path(rel)
         dest = blob_dir / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
         store.download(f"{prefix}blob/{rel}", dest, lambda n: progress({"bytes": n}))
         if dest.stat().st_size != size:
-            raise PipelineError(f"snapshot blob {prefix}blob/{rel} has {dest.stat().st_size} bytes, the manifest "
-                                f"says {size}", database=store.database)
+            raise PipelineError(
+                f"snapshot blob {prefix}blob/{rel} has {dest.stat().st_size} bytes, the manifest says {size}",
+                database=store.database,
+            )
     state = state_dir_for(f"{db_dir}/")
     state.mkdir(parents=True, exist_ok=True)
     # ReplicaDir rescans the files and refuses them unless their checksum is the manifest's.
-    write_position(state, store.database, topic, manifest.position, manifest.next_offset, manifest.source_time_ms,
-                   manifest.files)
+    write_position(
+        state, store.database, topic, manifest.position, manifest.next_offset, manifest.source_time_ms, manifest.files
+    )
 
 
 def plan_size(store: Store, plan: RestorePlan) -> int:
@@ -139,8 +165,16 @@ def plan_size(store: Store, plan: RestorePlan) -> int:
     return total
 
 
-def restore(store: Store, codec: Codec, target: Path, *, txn: int | None = None, time_ms: int | None = None,
-            topic: str, progress: PROGRESS = lambda event: None) -> Position:
+def restore(
+    store: Store,
+    codec: Codec,
+    target: Path,
+    *,
+    txn: int | None = None,
+    time_ms: int | None = None,
+    topic: str,
+    progress: PROGRESS = lambda event: None,
+) -> Position:
     """Restore the pool at `txn` / `time_ms` (default: the newest) into `target`/db and `target`/blob.
 
     Everything happens in a temp directory beside `target`, renamed into place only once every
@@ -148,8 +182,9 @@ def restore(store: Store, codec: Codec, target: Path, *, txn: int | None = None,
     """
     target = target.absolute()
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise PipelineError(f"restore target {target} exists and is not empty; give a new directory",
-                            database=store.database)
+        raise PipelineError(
+            f"restore target {target} exists and is not empty; give a new directory", database=store.database
+        )
     catalog = store.catalog()
     plan = catalog.plan(txn=txn, time_ms=time_ms)
     progress({"total_bytes": plan_size(store, plan), "plan": plan})

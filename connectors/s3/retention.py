@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from connectors.s3.store import Store
 from pipeline.archive import (
@@ -29,14 +29,17 @@ def describe(catalog: Catalog, url: str) -> str:
     for i, run in enumerate(runs):
         if i:
             lines.append(f"  GAP: txns {runs[i - 1][-1].last_txn + 1}-{run[0].first_txn - 1} are missing")
-        lines.append(f"  txns {run[0].first_txn}-{run[-1].last_txn}  {_when(run[0].first_ms)} .. "
-                     f"{_when(run[-1].last_ms)}  ({len(run)} objects, {sum(s.size for s in run)} bytes)")
+        lines.append(
+            f"  txns {run[0].first_txn}-{run[-1].last_txn}  {_when(run[0].first_ms)} .. "
+            f"{_when(run[-1].last_ms)}  ({len(run)} objects, {sum(s.size for s in run)} bytes)"
+        )
     lines.append(catalog.describe_points())
     return "\n".join(lines)
 
 
-def apply_retention(store: Store, *, keep_snapshots: int | None, keep_ms: int | None, dry_run: bool,
-                    log: Callable[[str], None] = print) -> list[str]:
+def apply_retention(
+    store: Store, *, keep_snapshots: int | None, keep_ms: int | None, dry_run: bool, log: Callable[[str], None] = print
+) -> list[str]:
     """Delete what the policy no longer needs (or only list it, with `dry_run`); returns the keys."""
     catalog = store.catalog()
     plan = retention_plan(catalog, keep_snapshots=keep_snapshots, keep_ms=keep_ms, now_ms=int(time.time() * 1000))
@@ -46,9 +49,13 @@ def apply_retention(store: Store, *, keep_snapshots: int | None, keep_ms: int | 
     # Files of a snapshot an archiver was stopped in the middle of writing (no manifest): once a
     # newer snapshot is complete, nothing will ever finish or use them.
     newest = catalog.snapshots[-1].txn if catalog.snapshots else 0
-    orphans = sorted(k for k, _ in store.list(f"{store.root}/snapshots/")
-                     if (snap := Snapshot.parse(store.root, k, manifest=False)) is not None
-                     and snap not in catalog.snapshots and snap.txn < newest)
+    orphans = sorted(
+        k
+        for k, _ in store.list(f"{store.root}/snapshots/")
+        if (snap := Snapshot.parse(store.root, k, manifest=False)) is not None
+        and snap not in catalog.snapshots
+        and snap.txn < newest
+    )
     if plan.keep_from is None and not orphans:
         log("retention: no snapshot is old enough to be the oldest restore point; nothing to delete")
         return []
@@ -56,10 +63,15 @@ def apply_retention(store: Store, *, keep_snapshots: int | None, keep_ms: int | 
     if plan.keep_from is None:
         plan = RetentionPlan(None, [], [])
     verb = "would delete" if dry_run else "deleting"
-    kept = (f"keeping everything from the snapshot at txn {plan.keep_from.txn} ({_when(plan.keep_from.time_ms)})"
-            if plan.keep_from else "no snapshot is old enough to be the oldest restore point")
-    log(f"retention: {kept}; {verb} {len(plan.delete_snapshots)} snapshots, {len(plan.delete_segments)} segments "
-        f"and {len(orphans)} files of unfinished snapshots ({len(keys)} objects)")
+    kept = (
+        f"keeping everything from the snapshot at txn {plan.keep_from.txn} ({_when(plan.keep_from.time_ms)})"
+        if plan.keep_from
+        else "no snapshot is old enough to be the oldest restore point"
+    )
+    log(
+        f"retention: {kept}; {verb} {len(plan.delete_snapshots)} snapshots, {len(plan.delete_segments)} segments "
+        f"and {len(orphans)} files of unfinished snapshots ({len(keys)} objects)"
+    )
     for key in keys:
         log(f"  {verb} {key}")
     if not dry_run and keys:

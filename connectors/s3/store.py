@@ -1,4 +1,4 @@
-"""One database's archive in S3 through boto3: keys under s3://bucket/prefix/<database>/, conditional writes, listing, and the retry of S3 calls."""
+"""One database's archive in S3 through boto3: keys, conditional writes, listing, and the retry of S3 calls."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ import contextlib
 import hashlib
 import io
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator, Protocol
+from typing import IO, Any, Protocol
 
 from connectors.faults import Backoff, classify, retry
 from pipeline.archive import (
@@ -42,9 +43,16 @@ def s3_client(endpoint_url: str | None = None) -> Any:
     import boto3
     from botocore.config import Config
 
-    return boto3.client("s3", endpoint_url=endpoint_url, config=Config(
-        s3={"addressing_style": "path"}, retries={"max_attempts": 3, "mode": "standard"},
-        connect_timeout=5, read_timeout=60))
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint_url,
+        config=Config(
+            s3={"addressing_style": "path"},
+            retries={"max_attempts": 3, "mode": "standard"},
+            connect_timeout=5,
+            read_timeout=60,
+        ),
+    )
 
 
 def _s3_error(what: str, exc: Exception, database: str | None) -> PipelineError:
@@ -52,7 +60,9 @@ def _s3_error(what: str, exc: Exception, database: str | None) -> PipelineError:
     retriable, fix = classify(exc)
     response = getattr(exc, "response", None)
     if isinstance(response, dict):
-        code = response.get("Error", {}).get("Code", "") or response.get("ResponseMetadata", {}).get("HTTPStatusCode", "")
+        code = response.get("Error", {}).get("Code", "") or response.get("ResponseMetadata", {}).get(
+            "HTTPStatusCode", ""
+        )
         text = f"S3 said {code}: {response.get('Error', {}).get('Message', exc)}"
     elif retriable:
         text = f"S3 unreachable: {exc}"  # connection refused, timeouts, a server that went away mid-response
@@ -143,10 +153,14 @@ class ArchiveStore:
             raise
 
     def catalog(self) -> Catalog:
-        segments = [s for key, size in self.list(f"{self.root}/segments/")
-                    if (s := Segment.parse(self.root, key, size)) is not None]
-        snapshots = [s for key, _ in self.list(f"{self.root}/snapshots/")
-                     if (s := Snapshot.parse(self.root, key)) is not None]
+        segments = [
+            s
+            for key, size in self.list(f"{self.root}/segments/")
+            if (s := Segment.parse(self.root, key, size)) is not None
+        ]
+        snapshots = [
+            s for key, _ in self.list(f"{self.root}/snapshots/") if (s := Snapshot.parse(self.root, key)) is not None
+        ]
         return Catalog(self.database, segments, snapshots)
 
     def put_new(self, key: str, body: IO[bytes] | bytes) -> None:
@@ -180,24 +194,38 @@ class ArchiveStore:
         for chunk in body.iter_chunks(_CHUNK):
             theirs.update(chunk)
         if mine.digest() != theirs.digest():
-            raise PipelineError(f"{key} already exists with different content: is another archiver writing "
-                                f"to {self.url}?", database=self.database)
+            raise PipelineError(
+                f"{key} already exists with different content: is another archiver writing to {self.url}?",
+                database=self.database,
+            )
 
     # Multipart: a big segment is uploaded part by part while it is still being written.
 
     def start_upload(self, key: str) -> str:
-        return self.call(f"cannot start uploading {key}", self.client.create_multipart_upload,
-                         Bucket=self.bucket, Key=key)["UploadId"]
+        return self.call(
+            f"cannot start uploading {key}", self.client.create_multipart_upload, Bucket=self.bucket, Key=key
+        )["UploadId"]
 
     def upload_part(self, key: str, upload_id: str, number: int, data: bytes) -> str:
-        return self.call(f"cannot upload part {number} of {key}", self.client.upload_part, Bucket=self.bucket,
-                         Key=key, UploadId=upload_id, PartNumber=number, Body=data)["ETag"]
+        return self.call(
+            f"cannot upload part {number} of {key}",
+            self.client.upload_part,
+            Bucket=self.bucket,
+            Key=key,
+            UploadId=upload_id,
+            PartNumber=number,
+            Body=data,
+        )["ETag"]
 
     def complete_new(self, key: str, upload_id: str, etags: list[str], ours: IO[bytes]) -> None:
         """Complete a multipart upload unless `key` exists: the same rule as put_new."""
         parts = {"Parts": [{"ETag": etag, "PartNumber": i} for i, etag in enumerate(etags, 1)]}
-        if self._created(key, lambda: self.client.complete_multipart_upload(
-                Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload=parts, IfNoneMatch="*")):
+        if self._created(
+            key,
+            lambda: self.client.complete_multipart_upload(
+                Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload=parts, IfNoneMatch="*"
+            ),
+        ):
             return
         self.abort_upload(key, upload_id)
         self._check_same(key, ours)
@@ -208,8 +236,12 @@ class ArchiveStore:
 
     def unfinished_uploads(self) -> list[tuple[str, str]]:
         """(key, upload id) of the multipart uploads under this archive that were never completed."""
-        response = self.call(f"cannot list the unfinished uploads of {self.url}", self.client.list_multipart_uploads,
-                             Bucket=self.bucket, Prefix=f"{self.root}/")
+        response = self.call(
+            f"cannot list the unfinished uploads of {self.url}",
+            self.client.list_multipart_uploads,
+            Bucket=self.bucket,
+            Prefix=f"{self.root}/",
+        )
         return [(u["Key"], u["UploadId"]) for u in response.get("Uploads", [])]
 
     def upload_file(self, key: str, path: Path) -> None:
@@ -222,18 +254,34 @@ class ArchiveStore:
         return response["Body"].read()
 
     def download(self, key: str, path: Path, on_bytes: Callable[[int], None] | None = None) -> None:
-        self.call(f"cannot download {key}", self.client.download_file, Bucket=self.bucket, Key=key,
-                  Filename=str(path), Callback=on_bytes)
+        self.call(
+            f"cannot download {key}",
+            self.client.download_file,
+            Bucket=self.bucket,
+            Key=key,
+            Filename=str(path),
+            Callback=on_bytes,
+        )
 
     def delete(self, keys: list[str]) -> None:
         for i in range(0, len(keys), 1000):
-            batch = [{"Key": k} for k in keys[i:i + 1000]]
-            self.call("cannot delete old archive objects", self.client.delete_objects, Bucket=self.bucket,
-                      Delete={"Objects": batch, "Quiet": True})
+            batch = [{"Key": k} for k in keys[i : i + 1000]]
+            self.call(
+                "cannot delete old archive objects",
+                self.client.delete_objects,
+                Bucket=self.bucket,
+                Delete={"Objects": batch, "Quiet": True},
+            )
 
 
-def retrying(what: str, fn: Callable[[], Any], log: Callable[[str], None], *, max_backoff: float = 10.0,
-             stop: threading.Event | None = None) -> Any:
+def retrying(
+    what: str,
+    fn: Callable[[], Any],
+    log: Callable[[str], None],
+    *,
+    max_backoff: float = 10.0,
+    stop: threading.Event | None = None,
+) -> Any:
     """Run `fn` until it succeeds, waiting with the one retry policy after retriable errors
     (an S3 outage only delays the archive: nothing is acknowledged before it is stored).
     Setting `stop` ends the waiting with the last error."""

@@ -6,8 +6,9 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn, Sequence
+from typing import NoReturn
 
 from pipeline.codec import Codec
 from pool_pipeline.cli.common import (
@@ -57,14 +58,21 @@ def pipeline_parser() -> argparse.ArgumentParser:
     dev_sub.add_parser("env", help="shell exports for the stack (also while some brokers are down)")
     broker = dev_sub.add_parser("broker", help="kill, stop or restart one broker (fault tests)")
     broker_sub = broker.add_subparsers(dest="broker_action", required=True)
-    for name, what in (("kill", "SIGKILL broker N"), ("stop", "stop broker N cleanly (SIGTERM)"),
-                       ("start", "restart broker N with its recorded command line and wait until it is ready")):
+    for name, what in (
+        ("kill", "SIGKILL broker N"),
+        ("stop", "stop broker N cleanly (SIGTERM)"),
+        ("start", "restart broker N with its recorded command line and wait until it is ready"),
+    ):
         b = broker_sub.add_parser(name, help=what)
         b.add_argument("node", type=_broker_number, metavar="N", help="broker number, 1..brokers")
         b.add_argument("--state-dir", type=Path, default=dev_state_dir(), help="where the stack keeps its data")
         if name != "kill":
-            b.add_argument("--timeout", type=_positive_seconds, default=90.0 if name == "start" else 20.0,
-                           help="seconds to wait for readiness (start) or a clean exit before SIGKILL (stop)")
+            b.add_argument(
+                "--timeout",
+                type=_positive_seconds,
+                default=90.0 if name == "start" else 20.0,
+                help="seconds to wait for readiness (start) or a clean exit before SIGKILL (stop)",
+            )
     for q in dev_sub.choices.values():
         if q is not broker:
             q.add_argument("--state-dir", type=Path, default=dev_state_dir(), help="where the stack keeps its data")
@@ -79,7 +87,9 @@ def _dev(args: argparse.Namespace) -> int:
 
     try:
         if args.action == "up":
-            info = devstack.dev_up(args.state_dir, brokers=args.brokers, kafka_port=args.kafka_port, s3_port=args.s3_port)
+            info = devstack.dev_up(
+                args.state_dir, brokers=args.brokers, kafka_port=args.kafka_port, s3_port=args.s3_port
+            )
             print(f"kafka:  {info['bootstrap_servers']} ({info['brokers']} broker(s))")
             print(f"s3:     {info['s3_endpoint']} bucket {info['bucket']}")
             print('use it:  eval "$(pipeline dev env)"')
@@ -132,14 +142,22 @@ def _status(args: argparse.Namespace) -> int:
             return ">64MiB"
         return f"{n}B" if n < 1024 else f"{n / 1024:.1f}KiB" if n < 1 << 20 else f"{n / (1 << 20):.1f}MiB"
 
-    print(f"{'database':<16} {'captured':>9} {'group':<18} {'applied':>9} {'lag txns':>9} {'lag bytes':>10} {'lag s':>7}")
+    print(
+        f"{'database':<16} {'captured':>9} {'group':<18} {'applied':>9} {'lag txns':>9} {'lag bytes':>10} {'lag s':>7}"
+    )
     for row in rows:
-        when = time.strftime("%H:%M:%S", time.localtime(row["captured_time_ms"] / 1000)) if row["captured_time_ms"] else "-"
+        when = (
+            time.strftime("%H:%M:%S", time.localtime(row["captured_time_ms"] / 1000))
+            if row["captured_time_ms"]
+            else "-"
+        )
         print(f"{row['database']:<16} {row['captured_txn']:>9} (last capture {when})")
         for g in row["groups"]:
             lag_s = f"{g['lag_seconds']:.1f}" if g["lag_seconds"] is not None else "-"
-            print(f"{'':<16} {'':>9} {g['group']:<18} {str(g['applied_txn']):>9} {str(g['lag_txns']):>9} "
-                  f"{fmt_bytes(g['lag_bytes']):>10} {lag_s:>7}")
+            print(
+                f"{'':<16} {'':>9} {g['group']:<18} {str(g['applied_txn']):>9} {str(g['lag_txns']):>9} "
+                f"{fmt_bytes(g['lag_bytes']):>10} {lag_s:>7}"
+            )
     return 0
 
 

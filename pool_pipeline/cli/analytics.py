@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from typing import NoReturn, Sequence
+from collections.abc import Sequence
+from typing import NoReturn
 
 from pipeline.model import check_database_name
 from pool_pipeline.cli.common import (
@@ -21,20 +22,27 @@ def analytics_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="analytics",
         description="Per-window statistics of change streams, written exactly once to <db topic>.stats "
-                    "(Avro WindowStats) and optionally to a SQLite file. Windows are by source time, "
-                    "so a replay gives identical records; a window is written once a later one starts.")
+        "(Avro WindowStats) and optionally to a SQLite file. Windows are by source time, "
+        "so a replay gives identical records; a window is written once a later one starts.",
+    )
     p.add_argument("--database", help="database to analyse")
     p.add_argument("--pattern", help="regex of databases; the group's members share them")
     p.add_argument("--group", default="analytics", help="consumer group (default analytics)")
     p.add_argument("--window", type=float, default=60.0, help="window length in seconds (default 60)")
     p.add_argument("--top-blocks", type=int, default=10, help="hottest blocks kept per window (default 10)")
-    p.add_argument("--stats-topic", default="{topic}.stats",
-                   help="output topic; {topic} and {database} are replaced; must end in .stats (default {topic}.stats)")
+    p.add_argument(
+        "--stats-topic",
+        default="{topic}.stats",
+        help="output topic; {topic} and {database} are replaced; must end in .stats (default {topic}.stats)",
+    )
     p.add_argument("--sqlite", metavar="PATH", help="also write windows (with their offsets) to this SQLite file")
     p.add_argument("--no-stats-topic", action="store_true", help="write only to --sqlite")
     p.add_argument("--once", action="store_true", help="catch up to the current end, then exit")
-    p.add_argument("--instance-id", help="static group member id (unique per process): a restarted member gets "
-                                          "its databases back at once (default with --database: the database)")
+    p.add_argument(
+        "--instance-id",
+        help="static group member id (unique per process): a restarted member gets "
+        "its databases back at once (default with --database: the database)",
+    )
     add_kafka(p)
     return p
 
@@ -58,14 +66,26 @@ def _analytics(args: argparse.Namespace) -> int:
             return 0
         # With one database there is one member: static membership lets it restart without waiting
         # for its dead predecessor's session to time out.
-        stream = ChangeStream(args.kafka, args.group, databases=[args.database] if args.database else None,
-                              pattern=args.pattern, once=args.once, instance_id=args.instance_id or args.database,
-                              batches=True)  # statistics only count blocks: no object per block
+        stream = ChangeStream(
+            args.kafka,
+            args.group,
+            databases=[args.database] if args.database else None,
+            pattern=args.pattern,
+            once=args.once,
+            instance_id=args.instance_id or args.database,
+            batches=True,
+        )  # statistics only count blocks: no object per block
         consumer = None
         try:
-            consumer = Analytics(stream, window_ms=max(1, round(args.window * 1000)), top_blocks=args.top_blocks,
-                                 to_kafka=not args.no_stats_topic, stats_topic_template=args.stats_topic,
-                                 sqlite_path=args.sqlite, log=lambda line: print(line, flush=True))
+            consumer = Analytics(
+                stream,
+                window_ms=max(1, round(args.window * 1000)),
+                top_blocks=args.top_blocks,
+                to_kafka=not args.no_stats_topic,
+                stats_topic_template=args.stats_topic,
+                sqlite_path=args.sqlite,
+                log=lambda line: print(line, flush=True),
+            )
             written = consumer.run()
             print(f"{what}: {written} windows written, {consumer.txns} txns read", flush=True)
             return 0

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn, Sequence
+from typing import NoReturn
 
 from pipeline.codec import Codec
 from pipeline.model import Transaction, check_database_name
@@ -25,30 +26,54 @@ from schemas import load_schemas
 
 def archive_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="archive", description="Archive a database's change stream to S3 exactly once (action run, the "
-        "default), list what is archived (ls), write a base snapshot now (snapshot), or apply retention (retain).")
+        prog="archive",
+        description="Archive a database's change stream to S3 exactly once (action run, the "
+        "default), list what is archived (ls), write a base snapshot now (snapshot), or apply retention (retain).",
+    )
     p.add_argument("action", nargs="?", choices=("run", "ls", "snapshot", "retain"), default="run")
     p.add_argument("--database", required=True)
     add_bucket(p)
     p.add_argument("--group", default="archive", help="consumer group (offsets committed after each upload)")
-    p.add_argument("--once", action="store_true", help="archive up to the current end (including the open "
-                   "segment), then exit")
-    p.add_argument("--skip-to-snapshot", action="store_true",
-                   help="the way past a bad record: continue at the newest snapshot txn after the archive's end "
-                        "(publish one with `capture-agent --snapshot`); `archive ls` then shows the gap")
+    p.add_argument(
+        "--once", action="store_true", help="archive up to the current end (including the open segment), then exit"
+    )
+    p.add_argument(
+        "--skip-to-snapshot",
+        action="store_true",
+        help="the way past a bad record: continue at the newest snapshot txn after the archive's end "
+        "(publish one with `capture-agent --snapshot`); `archive ls` then shows the gap",
+    )
     p.add_argument("--segment-txns", type=int, default=10_000, help="close a segment after N txns (default 10000)")
     p.add_argument("--segment-bytes", type=int, default=64 << 20, help="... or after N record bytes (default 64 MiB)")
-    p.add_argument("--part-bytes", type=int,
-                   help="a transaction bigger than --segment-bytes and this is uploaded in parts of N bytes while "
-                   "it is still read (default 16 MiB, at least 5 MiB)")
-    p.add_argument("--segment-span", type=float, default=3600.0,
-                   help="... or when a txn is N seconds of source time after the segment's first (default 3600)")
-    p.add_argument("--snapshot-every-txns", type=int, default=100_000,
-                   help="write a base snapshot every N archived txns (0: off; default 100000)")
-    p.add_argument("--snapshot-every-bytes", type=int, default=1 << 30,
-                   help="... or every N archived segment bytes (0: off; default 1 GiB)")
-    p.add_argument("--work-dir", help="segment spool and the materialised copy snapshots are taken from "
-                   "(default: $POOL_PIPELINE_HOME/archive/<database>)")
+    p.add_argument(
+        "--part-bytes",
+        type=int,
+        help="a transaction bigger than --segment-bytes and this is uploaded in parts of N bytes while "
+        "it is still read (default 16 MiB, at least 5 MiB)",
+    )
+    p.add_argument(
+        "--segment-span",
+        type=float,
+        default=3600.0,
+        help="... or when a txn is N seconds of source time after the segment's first (default 3600)",
+    )
+    p.add_argument(
+        "--snapshot-every-txns",
+        type=int,
+        default=100_000,
+        help="write a base snapshot every N archived txns (0: off; default 100000)",
+    )
+    p.add_argument(
+        "--snapshot-every-bytes",
+        type=int,
+        default=1 << 30,
+        help="... or every N archived segment bytes (0: off; default 1 GiB)",
+    )
+    p.add_argument(
+        "--work-dir",
+        help="segment spool and the materialised copy snapshots are taken from "
+        "(default: $POOL_PIPELINE_HOME/archive/<database>)",
+    )
     p.add_argument("--keep-snapshots", type=int, help="retain: keep the newest K base snapshots")
     p.add_argument("--keep-days", type=float, help="retain: keep every restore point of the last D days")
     p.add_argument("--dry-run", action="store_true", help="retain: only show what would be deleted")
@@ -79,10 +104,15 @@ def _archive(args: argparse.Namespace) -> int:
     codec = Codec(load_schemas())
     work_dir = Path(args.work_dir) if args.work_dir else state_home() / "archive" / database
     archiver = Archiver(
-        store, codec, rotation=Rotation(args.segment_txns, args.segment_bytes, int(args.segment_span * 1000)),
-        snapshots=SnapshotPolicy(args.snapshot_every_txns, args.snapshot_every_bytes), work_dir=work_dir,
-        topic=topic_for(database), log=lambda line: print(line, flush=True),
-        **({"part_bytes": args.part_bytes} if args.part_bytes is not None else {}))
+        store,
+        codec,
+        rotation=Rotation(args.segment_txns, args.segment_bytes, int(args.segment_span * 1000)),
+        snapshots=SnapshotPolicy(args.snapshot_every_txns, args.snapshot_every_bytes),
+        work_dir=work_dir,
+        topic=topic_for(database),
+        log=lambda line: print(line, flush=True),
+        **({"part_bytes": args.part_bytes} if args.part_bytes is not None else {}),
+    )
     if args.action == "snapshot":
         try:
             archiver.resume(abort_unfinished=False)  # a running archiver's upload may be in flight
@@ -98,11 +128,12 @@ def _archive(args: argparse.Namespace) -> int:
             return 0
         start = archiver.resume()
         if args.skip_to_snapshot and archiver.position is not None:
-            start = skip_to_snapshot(args.kafka, database, codec, start, archiver.position.txn_id,
-                                      "archive")
+            start = skip_to_snapshot(args.kafka, database, codec, start, archiver.position.txn_id, "archive")
         held = f"up to {archiver.position}" if archiver.position else "nothing yet"
-        print(f"archive {database}: {store.url} holds {held}; reading {topic_for(database)} from offset {start}",
-              flush=True)
+        print(
+            f"archive {database}: {store.url} holds {held}; reading {topic_for(database)} from offset {start}",
+            flush=True,
+        )
         source = TopicSource(args.kafka, database, codec, args.group, start, once=args.once)
 
         def archived(txn: Transaction) -> None:  # offsets only after the upload: S3 holds the txn now

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn, Sequence
+from typing import NoReturn
 
 from pipeline.codec import Codec
 from pipeline.model import Position, check_database_name
@@ -32,17 +33,30 @@ def capture_agent_parser() -> argparse.ArgumentParser:
     add_kafka(p)
     p.add_argument("--replication-factor", type=int, default=1, help="for a topic the agent creates (default 1)")
     p.add_argument("--min-insync-replicas", type=int, default=1, help="for a topic the agent creates (default 1)")
-    p.add_argument("--retention", type=duration_ms, default=-1, metavar="DURATION|infinite",
-                   help="how long a topic the agent creates keeps records, e.g. 7d, 12h, 90m (default infinite). "
-                        "Finite is safe only with an archive running: README \"Retention\"")
-    p.add_argument("--kafka-timeout", type=float, default=10.0,
-                   help="seconds any one Kafka step (send, flush, commit, abort) may wait before the producer is "
-                        "rebuilt and the round retried from the spool (default 10)")
+    p.add_argument(
+        "--retention",
+        type=duration_ms,
+        default=-1,
+        metavar="DURATION|infinite",
+        help="how long a topic the agent creates keeps records, e.g. 7d, 12h, 90m (default infinite). "
+        'Finite is safe only with an archive running: README "Retention"',
+    )
+    p.add_argument(
+        "--kafka-timeout",
+        type=float,
+        default=10.0,
+        help="seconds any one Kafka step (send, flush, commit, abort) may wait before the producer is "
+        "rebuilt and the round retried from the spool (default 10)",
+    )
     p.add_argument("--snapshot", action="store_true", help="publish a full snapshot before streaming")
     p.add_argument("--once", action="store_true", help="publish what is pending, then exit")
-    p.add_argument("--poll-interval", type=float, default=0.02,
-                   help="seconds between journal polls where inotify is not available (default 0.02); with inotify "
-                        "the agent wakes at each write of the app, and looks anyway once a second")
+    p.add_argument(
+        "--poll-interval",
+        type=float,
+        default=0.02,
+        help="seconds between journal polls where inotify is not available (default 0.02); with inotify "
+        "the agent wakes at each write of the app, and looks anyway once a second",
+    )
     p.add_argument("--state-dir", help="lock file and blob spool (default: <journal>.agent/)")
     return p
 
@@ -55,8 +69,9 @@ def _capture(args: argparse.Namespace) -> int:
     database = args.database or Path(args.pool.rstrip("/")).name
     check_database_name(database)
     # Started before the app: wait for its pool and journal, creating nothing (no topic, lock, state dir).
-    if not wait_for_pool(args.pool, Path(args.journal), database, once=args.once,
-                         log=lambda line: print(line, flush=True)):
+    if not wait_for_pool(
+        args.pool, Path(args.journal), database, once=args.once, log=lambda line: print(line, flush=True)
+    ):
         return 0
     codec = Codec(load_schemas())
     state_dir = Path(args.state_dir or f"{args.journal.rstrip('/')}.agent")
@@ -64,12 +79,20 @@ def _capture(args: argparse.Namespace) -> int:
     progress = Progress(f"capture-agent {database}")
 
     def attempt() -> int:
-        if ensure_topic(args.kafka, topic_for(database), replication_factor=args.replication_factor,
-                        min_insync_replicas=args.min_insync_replicas, retention_ms=args.retention,
-                        log=lambda line: print(line, flush=True)):
+        if ensure_topic(
+            args.kafka,
+            topic_for(database),
+            replication_factor=args.replication_factor,
+            min_insync_replicas=args.min_insync_replicas,
+            retention_ms=args.retention,
+            log=lambda line: print(line, flush=True),
+        ):
             kept = "infinite" if args.retention < 0 else f"{args.retention / 3_600_000:g} h"
-            print(f"created topic {topic_for(database)} (RF {args.replication_factor}, "
-                  f"min.insync.replicas {args.min_insync_replicas}, retention {kept})", flush=True)
+            print(
+                f"created topic {topic_for(database)} (RF {args.replication_factor}, "
+                f"min.insync.replicas {args.min_insync_replicas}, retention {kept})",
+                flush=True,
+            )
         # init_transactions fences older agents, and settles what a failed producer of ours left open
         sink = TopicSink(args.kafka, database, codec, timeout_s=args.kafka_timeout)
         source = None
@@ -78,9 +101,17 @@ def _capture(args: argparse.Namespace) -> int:
             position, layout = (last[0], last[1]) if last else (Position(0, 0), None)
             sink.set_position(position)
             print(f"capture-agent {database}: topic is at {position}", flush=True)
-            source = PoolSource(args.pool, Path(args.journal), Path(args.blob) if args.blob else None, database,
-                                state_dir, last_layout=layout, force_snapshot=args.snapshot, once=args.once,
-                                poll_interval=args.poll_interval)
+            source = PoolSource(
+                args.pool,
+                Path(args.journal),
+                Path(args.blob) if args.blob else None,
+                database,
+                state_dir,
+                last_layout=layout,
+                force_snapshot=args.snapshot,
+                once=args.once,
+                poll_interval=args.poll_interval,
+            )
             final = replicate(source, sink, on_applied=progress)
             print(f"capture-agent {database}: published up to {final}", flush=True)
             return 0

@@ -1,4 +1,4 @@
-"""What every command shares: Kafka and S3 options, one-line errors and exit codes, progress lines, the retry wrapper."""
+"""What every command shares: Kafka and S3 options, one-line errors, exit codes, progress, the retry wrapper."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, NoReturn, Sequence
+from typing import TYPE_CHECKING, NoReturn
 
 from pipeline.codec import Codec
 from pipeline.errors import PipelineError
@@ -57,9 +58,13 @@ def run(fn: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> No
 def add_bucket(p: argparse.ArgumentParser) -> None:
     env = os.environ.get("POOL_PIPELINE_BUCKET", "").strip()
     default = env if env.startswith("s3://") else f"s3://{env}/archive" if env else None
-    p.add_argument("--bucket", default=default, required=default is None,
-                   help="s3://bucket/prefix (default: s3://$POOL_PIPELINE_BUCKET/archive); the endpoint and "
-                        "credentials come from boto3's standard settings (AWS_ENDPOINT_URL_S3, AWS_ACCESS_KEY_ID, ...)")
+    p.add_argument(
+        "--bucket",
+        default=default,
+        required=default is None,
+        help="s3://bucket/prefix (default: s3://$POOL_PIPELINE_BUCKET/archive); the endpoint and "
+        "credentials come from boto3's standard settings (AWS_ENDPOINT_URL_S3, AWS_ACCESS_KEY_ID, ...)",
+    )
     p.add_argument("--endpoint-url", help="S3 endpoint, overriding AWS_ENDPOINT_URL_S3")
 
 
@@ -79,8 +84,9 @@ class Progress:
         if now - self.last_print >= self.every:
             rate = self.txns / (now - self.last_print)
             lag_ms = max(0, int(time.time() * 1000) - txn.source_time_ms)
-            print(f"{self.label}: txn {txn.txn_id} ({rate:.0f} txn/s, {lag_ms} ms behind the source){extra}",
-                  flush=True)
+            print(
+                f"{self.label}: txn {txn.txn_id} ({rate:.0f} txn/s, {lag_ms} ms behind the source){extra}", flush=True
+            )
             self.last_print, self.txns = now, 0
 
 
@@ -95,8 +101,9 @@ def with_retries(what: str, attempt: Callable[[], int], *, kafka: KafkaSettings 
 
         explain = lambda: reachability(kafka)  # noqa: E731
     # Outages are retried every 3 s at most, so a cluster that is back is used within seconds.
-    return retry(what, attempt, lambda line: print(line, file=sys.stderr, flush=True),
-                 backoff=Backoff(cap=3.0), explain=explain)
+    return retry(
+        what, attempt, lambda line: print(line, file=sys.stderr, flush=True), backoff=Backoff(cap=3.0), explain=explain
+    )
 
 
 def duration_ms(text: str) -> int:
@@ -121,23 +128,33 @@ def topic_ready(kafka: KafkaSettings, database: str, once: bool, what: str) -> b
 
     if wait_for_topic(kafka, database, once=once, log=lambda line: print(f"{what}: {line}", flush=True)):
         return True
-    print(f"{what}: topic {topic_for(database)} does not exist yet (no capture-agent has published "
-          f"{database!r}); nothing to do", flush=True)
+    print(
+        f"{what}: topic {topic_for(database)} does not exist yet (no capture-agent has published "
+        f"{database!r}); nothing to do",
+        flush=True,
+    )
     return False
 
 
-def skip_to_snapshot(kafka: KafkaSettings, database: str, codec: Codec, next_offset: int, txn_id: int, what: str) -> int:
+def skip_to_snapshot(
+    kafka: KafkaSettings, database: str, codec: Codec, next_offset: int, txn_id: int, what: str
+) -> int:
     """The offset of the newest snapshot txn after `next_offset`: the way past a bad record (--skip-to-snapshot)."""
     from connectors.kafka.topics import latest_snapshot
 
     snapshot = latest_snapshot(kafka, database, codec)
     if snapshot is None or snapshot[1] < next_offset or snapshot[0] <= txn_id:
-        raise PipelineError(f"{what} {database}: --skip-to-snapshot found no snapshot after offset {next_offset} "
-                            f"(txn {txn_id}): publish one with `capture-agent --snapshot` first, or run without --skip-to-snapshot",
-                            database=database)
+        raise PipelineError(
+            f"{what} {database}: --skip-to-snapshot found no snapshot after offset {next_offset} "
+            f"(txn {txn_id}): publish one with `capture-agent --snapshot` first, or run without --skip-to-snapshot",
+            database=database,
+        )
     if snapshot[1] > next_offset:
-        print(f"{what} {database}: skipping offsets {next_offset}..{snapshot[1] - 1} to the snapshot txn "
-              f"{snapshot[0]} at offset {snapshot[1]} (--skip-to-snapshot)", flush=True)
+        print(
+            f"{what} {database}: skipping offsets {next_offset}..{snapshot[1] - 1} to the snapshot txn "
+            f"{snapshot[0]} at offset {snapshot[1]} (--skip-to-snapshot)",
+            flush=True,
+        )
     return snapshot[1]
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from typing import Callable
+from collections.abc import Callable
 
 from pool_pipeline.cli.admin import pipeline_parser
 from pool_pipeline.cli.analytics import analytics_parser

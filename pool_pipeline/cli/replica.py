@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, NoReturn, Sequence
+from typing import TYPE_CHECKING, NoReturn
 
 from pipeline.codec import Codec
 from pipeline.errors import PipelineError
@@ -37,9 +38,12 @@ def replica_parser() -> argparse.ArgumentParser:
     p.add_argument("--pattern", help="regex of databases to replicate (with --root)")
     p.add_argument("--root", help="with --pattern: one directory per database under this root")
     p.add_argument("--once", action="store_true", help="catch up to the current end, then exit")
-    p.add_argument("--skip-to-snapshot", action="store_true",
-                   help="the way past a bad record: start at the newest snapshot txn after the replica's position "
-                        "(publish one with `capture-agent --snapshot`), skipping what lies before it")
+    p.add_argument(
+        "--skip-to-snapshot",
+        action="store_true",
+        help="the way past a bad record: start at the newest snapshot txn after the replica's position "
+        "(publish one with `capture-agent --snapshot`), skipping what lies before it",
+    )
     add_kafka(p)
     return p
 
@@ -90,8 +94,10 @@ def _start_offset(kafka: KafkaSettings, database: str, codec: Codec, sink: Repli
     snapshot = latest_snapshot(kafka, database, codec)
     if snapshot is None:
         return 0
-    print(f"replica {database}: empty, starting at the newest snapshot (txn {snapshot[0]}, offset {snapshot[1]})",
-          flush=True)
+    print(
+        f"replica {database}: empty, starting at the newest snapshot (txn {snapshot[0]}, offset {snapshot[1]})",
+        flush=True,
+    )
     return snapshot[1]
 
 
@@ -108,8 +114,13 @@ def _replica_group(args: argparse.Namespace) -> int:
 
     def sink_for(database: str) -> ReplicaDir:
         if database not in sinks:
-            sinks[database] = ReplicaDir(f"{root / database / 'db'}/", database, root / database / "blob",
-                                         topic=topic_for(database), group_commit=True)
+            sinks[database] = ReplicaDir(
+                f"{root / database / 'db'}/",
+                database,
+                root / database / "blob",
+                topic=topic_for(database),
+                group_commit=True,
+            )
             progress[database] = Progress(f"replica {database} ({args.group})")
             print(f"replica {database}: assigned; at {sinks[database].position()}", flush=True)
         return sinks[database]
@@ -126,17 +137,25 @@ def _replica_group(args: argparse.Namespace) -> int:
             print(f"replica {database}: moved to another member of {args.group}", flush=True)
 
     def attempt() -> int:
-        reader = GroupReader(args.kafka, args.group, args.pattern, codec,
-                             lambda db: _start_offset(args.kafka, db, codec, sink_for(db),
-                                                      args.skip_to_snapshot),
-                             once=args.once, on_revoked=release,
-                             log=lambda line: print(line, file=sys.stderr, flush=True))
+        reader = GroupReader(
+            args.kafka,
+            args.group,
+            args.pattern,
+            codec,
+            lambda db: _start_offset(args.kafka, db, codec, sink_for(db), args.skip_to_snapshot),
+            once=args.once,
+            on_revoked=release,
+            log=lambda line: print(line, file=sys.stderr, flush=True),
+        )
         try:
             for source in reader.sources():
                 busy[:] = [source.database]
-                _guarded(reader, source.database,
-                         lambda: replicate(source, sink_for(source.database), on_applied=progress[source.database]),
-                         None)
+                _guarded(
+                    reader,
+                    source.database,
+                    lambda: replicate(source, sink_for(source.database), on_applied=progress[source.database]),  # noqa: B023 - called at once
+                    None,
+                )
                 busy.clear()
                 for database in list(revoked):
                     revoked.discard(database)

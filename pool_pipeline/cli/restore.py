@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Sequence
+from datetime import UTC
 from pathlib import Path
-from typing import NoReturn, Sequence
+from typing import NoReturn
 
 from pipeline.codec import Codec
 from pipeline.model import check_database_name
@@ -16,22 +18,27 @@ from schemas import load_schemas
 
 def restore_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="restore", description="Restore a pool from the S3 archive as of a txn or a time (default: the "
-        "newest archived txn) into TARGET/db (pool files) and TARGET/blob (blobs).")
+        prog="restore",
+        description="Restore a pool from the S3 archive as of a txn or a time (default: the "
+        "newest archived txn) into TARGET/db (pool files) and TARGET/blob (blobs).",
+    )
     add_bucket(p)
     p.add_argument("--database", required=True)
     p.add_argument("--target", help="a new or empty directory")
     at = p.add_mutually_exclusive_group()
     at.add_argument("--txn", type=int, help="restore the pool as it was after this txn")
-    at.add_argument("--time", help="restore the last txn captured at or before this time: ISO 8601 "
-                    "(2026-11-21T10:00:00Z; UTC when no offset is given) or ms since the epoch")
+    at.add_argument(
+        "--time",
+        help="restore the last txn captured at or before this time: ISO 8601 "
+        "(2026-11-21T10:00:00Z; UTC when no offset is given) or ms since the epoch",
+    )
     p.add_argument("--list", action="store_true", help="list the snapshots and txn ranges held, then exit")
     return p
 
 
 def _parse_time(text: str) -> int:
     """ms since the epoch from ISO 8601 (UTC unless an offset is given) or a plain integer of ms."""
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     if text.isdigit():
         return int(text)
@@ -40,7 +47,7 @@ def _parse_time(text: str) -> int:
     except ValueError:
         fail(f"--time {text!r}: give ISO 8601 like 2026-11-21T10:00:00Z, or ms since the epoch", EXIT_USAGE)
     if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
+        when = when.replace(tzinfo=UTC)
     return int(when.timestamp() * 1000)
 
 
@@ -73,8 +80,10 @@ class _TransferProgress:
         if self.tty and self.total:
             filled = min(width, int(width * self.done / self.total))
             bar = "[" + "#" * filled + "." * (width - filled) + "] "
-        line = (f"{self.label}: {bar}{pct}{self.done / mib:.1f}/{self.total / mib:.1f} MiB, "
-                f"{self.txns} txns applied (at txn {self.txn}), {time.monotonic() - self.started:.1f} s")
+        line = (
+            f"{self.label}: {bar}{pct}{self.done / mib:.1f}/{self.total / mib:.1f} MiB, "
+            f"{self.txns} txns applied (at txn {self.txn}), {time.monotonic() - self.started:.1f} s"
+        )
         if self.tty:
             print("\r" + line + end, file=self.stream, end="", flush=True)
         else:
@@ -96,11 +105,20 @@ def _restore(args: argparse.Namespace) -> int:
         fail("restore needs --target DIR (or --list)", EXIT_USAGE)
     time_ms = _parse_time(args.time) if args.time else None
     progress = _TransferProgress(f"restore {database}")
-    position = restore(store, Codec(load_schemas()), Path(args.target), txn=args.txn, time_ms=time_ms,
-                       topic=topic_for(database), progress=progress)
+    position = restore(
+        store,
+        Codec(load_schemas()),
+        Path(args.target),
+        txn=args.txn,
+        time_ms=time_ms,
+        topic=topic_for(database),
+        progress=progress,
+    )
     progress.draw(end="\n")
-    print(f"restore {database}: {args.target} holds the pool at {position} "
-          f"(pool files in {Path(args.target) / 'db'}, blobs in {Path(args.target) / 'blob'})")
+    print(
+        f"restore {database}: {args.target} holds the pool at {position} "
+        f"(pool files in {Path(args.target) / 'db'}, blobs in {Path(args.target) / 'blob'})"
+    )
     return 0
 
 

@@ -17,12 +17,12 @@ from typing import Any
 import pytest
 from kafka import KafkaProducer
 
-from pool_pipeline.analytics import STATS_RECORD, read_sqlite_stats
-from pool_pipeline.changes import ChangeStream, KafkaTransactions
 from connectors.kafka.status import status
 from connectors.kafka.topics import ensure_topic, topic_for
 from pipeline.model import BlobChunk, BlobDelete, BlockWrite, FileLayout, Transaction
-from pipeline.stats import TxnSummary, WindowStats, Windows, summarize
+from pipeline.stats import TxnSummary, Windows, WindowStats, summarize
+from pool_pipeline.analytics import STATS_RECORD, read_sqlite_stats
+from pool_pipeline.changes import ChangeStream, KafkaTransactions
 from tests.picolisp_fixtures import *  # noqa: F401,F403
 from tests.picolisp_fixtures import PicoApp
 from tests.pipeline_helpers import BIN, Cli, Proc, codec, end_offset, read_committed_records, unique_name, wait_for
@@ -38,28 +38,47 @@ def synthetic(database: str, first: int, n: int, t0: int, step_ms: int = 50) -> 
     out = []
     for txn_id in range(first, first + n):
         rng = random.Random(txn_id)
-        changes: list = [BlockWrite(f, rng.randrange(30), bytes([txn_id % 251]) * (64 << f))
-                         for f in (rng.randrange(2) for _ in range(rng.randrange(1, 6)))]
+        changes: list = [
+            BlockWrite(f, rng.randrange(30), bytes([txn_id % 251]) * (64 << f))
+            for f in (rng.randrange(2) for _ in range(rng.randrange(1, 6)))
+        ]
         if txn_id % 7 == 0:
-            changes += [BlobChunk(f"d/{txn_id}.doc", 25, "0" * 64, i, 3, b"%d" % i * 10 if i < 2 else b"end!!")
-                        for i in range(3)]
+            changes += [
+                BlobChunk(f"d/{txn_id}.doc", 25, "0" * 64, i, 3, b"%d" % i * 10 if i < 2 else b"end!!")
+                for i in range(3)
+            ]
         if txn_id % 11 == 0:
             changes.append(BlobDelete(f"d/{txn_id - 4}.doc"))
-        out.append(Transaction(database, txn_id, txn_id, t0 + txn_id * step_ms, changes, checksum_after=txn_id + 1,
-                               files=[FileLayout(0, 64, 30), FileLayout(1, 128, 30)], change_count=len(changes)))
+        out.append(
+            Transaction(
+                database,
+                txn_id,
+                txn_id,
+                t0 + txn_id * step_ms,
+                changes,
+                checksum_after=txn_id + 1,
+                files=[FileLayout(0, 64, 30), FileLayout(1, 128, 30)],
+                change_count=len(changes),
+            )
+        )
     return out
 
 
 def publish(bootstrap: str, database: str, txns: list[Transaction], per_kafka_txn: int = 10) -> None:
     """Publish pipeline transactions the way capture-agent frames them, `per_kafka_txn` per Kafka transaction."""
     c = codec()
-    producer = KafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True, acks="all", linger_ms=2,
-                             transactional_id=f"test-analytics.{database}")
+    producer = KafkaProducer(
+        bootstrap_servers=bootstrap,
+        enable_idempotence=True,
+        acks="all",
+        linger_ms=2,
+        transactional_id=f"test-analytics.{database}",
+    )
     try:
         producer.init_transactions()
         for i in range(0, len(txns), per_kafka_txn):
             producer.begin_transaction()
-            for txn in txns[i:i + per_kafka_txn]:
+            for txn in txns[i : i + per_kafka_txn]:
                 for key, value in c.transaction_records(txn):
                     producer.send(topic_for(database), key=key, value=value, partition=0)
             producer.commit_transaction()
@@ -119,7 +138,9 @@ def owned(proc: Proc) -> set[str]:
 
 
 def ok(result: Any, what: str) -> Any:
-    assert result.returncode == 0, f"{what} exited {result.returncode}:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+    assert result.returncode == 0, (
+        f"{what} exited {result.returncode}:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+    )
     return result
 
 
@@ -183,8 +204,9 @@ def test_change_stream_api_reassembles_resumes_and_produces_exactly_once(tmp_cli
 # --- analytics under kill -9, with a real PicoLisp app ------------------------------------------
 
 
-def test_kill_9_mid_window_writes_each_window_once_and_a_replay_is_identical(tmp_path: Path, picolisp: str,
-                                                                             kafka: Any) -> None:
+def test_kill_9_mid_window_writes_each_window_once_and_a_replay_is_identical(
+    tmp_path: Path, picolisp: str, kafka: Any
+) -> None:
     app = PicoApp(tmp_path / "app", picolisp)
     app.create()
     cli = Cli(app.root, kafka.bootstrap_servers, unique_name("analytics-crash"))
@@ -224,8 +246,22 @@ def test_kill_9_mid_window_writes_each_window_once_and_a_replay_is_identical(tmp
     assert row["lag_txns"] > 0 and row["lag_seconds"] is not None
 
     # Replay from the beginning with a new group (into another stats topic): identical records.
-    ok(cli.run(analytics_argv("--database", db, "--window", "0.25", "--group", "replay", "--once",
-                              "--stats-topic", "{topic}.replay.stats")), "analytics replay")
+    ok(
+        cli.run(
+            analytics_argv(
+                "--database",
+                db,
+                "--window",
+                "0.25",
+                "--group",
+                "replay",
+                "--once",
+                "--stats-topic",
+                "{topic}.replay.stats",
+            )
+        ),
+        "analytics replay",
+    )
     assert stats(bs, f"{db}.replay.stats") == got
 
 
@@ -250,8 +286,12 @@ def test_two_members_share_four_databases_and_one_takes_over_without_double_coun
 
     wait_for(each_holds_two, 60, "the group to spread 4 databases over 2 members", interval=0.2)
     for db in dbs:
-        wait_for(lambda: stats(bs, f"{db}.stats") == expected_windows(bs, db, 1000), 30,
-                 f"the first windows of {db}", interval=0.3)
+        wait_for(
+            lambda: stats(bs, f"{db}.stats") == expected_windows(bs, db, 1000),  # noqa: B023 - waited on at once
+            30,
+            f"the first windows of {db}",
+            interval=0.3,
+        )
     a_dbs = owned(a)
     for db in dbs:
         publish(bs, db, synthetic(db, 61, 60, t0))
@@ -262,8 +302,12 @@ def test_two_members_share_four_databases_and_one_takes_over_without_double_coun
 
     wait_for(lambda: owned(b) == set(dbs), 60, f"member b to take over {sorted(a_dbs)}", interval=0.3)
     for db in dbs:
-        wait_for(lambda: len(stats(bs, f"{db}.stats")) >= len(expected_windows(bs, db, 1000)), 30,
-                 f"all windows of {db}", interval=0.3)
+        wait_for(
+            lambda: len(stats(bs, f"{db}.stats")) >= len(expected_windows(bs, db, 1000)),  # noqa: B023
+            30,
+            f"all windows of {db}",
+            interval=0.3,
+        )
     assert b.alive(), b.output()
     b.stop()
     for db in dbs:
@@ -301,11 +345,41 @@ def test_sqlite_and_topic_outputs_each_exactly_once_after_kill_9(tmp_cli: Cli) -
 
     # SQLite alone: its offsets live in the file; the group offset is committed for `pipeline status`.
     only = tmp_cli.root / "only.sqlite"
-    ok(tmp_cli.run(analytics_argv("--database", db, "--group", "sqlite-only", "--window", "0.5", "--once",
-                                  "--sqlite", str(only), "--no-stats-topic")), "analytics --sqlite --no-stats-topic")
+    ok(
+        tmp_cli.run(
+            analytics_argv(
+                "--database",
+                db,
+                "--group",
+                "sqlite-only",
+                "--window",
+                "0.5",
+                "--once",
+                "--sqlite",
+                str(only),
+                "--no-stats-topic",
+            )
+        ),
+        "analytics --sqlite --no-stats-topic",
+    )
     assert_each_window_once(read_sqlite_stats(str(only)), expected, "SQLite only")
     assert group_row(bs, db, "sqlite-only")["applied_txn"] == expected[-1].last_txn
     # Run again: nothing new is closed, nothing is written twice.
-    ok(tmp_cli.run(analytics_argv("--database", db, "--group", "sqlite-only", "--window", "0.5", "--once",
-                                  "--sqlite", str(only), "--no-stats-topic")), "analytics again")
+    ok(
+        tmp_cli.run(
+            analytics_argv(
+                "--database",
+                db,
+                "--group",
+                "sqlite-only",
+                "--window",
+                "0.5",
+                "--once",
+                "--sqlite",
+                str(only),
+                "--no-stats-topic",
+            )
+        ),
+        "analytics again",
+    )
     assert read_sqlite_stats(str(only)) == expected

@@ -1,4 +1,4 @@
-"""archive and restore end to end: real Kafka, real SeaweedFS S3, real journaled PicoLisp pools, the CLIs as processes."""
+"""archive and restore end to end: real Kafka, real SeaweedFS S3, real journaled PicoLisp pools, the CLIs."""
 
 from __future__ import annotations
 
@@ -24,8 +24,12 @@ pytestmark = pytest.mark.integration
 
 
 def s3_env(s3: Any) -> dict[str, str]:
-    return {"AWS_ENDPOINT_URL_S3": s3.endpoint_url, "AWS_ACCESS_KEY_ID": s3.access_key,
-            "AWS_SECRET_ACCESS_KEY": s3.secret_key, "AWS_DEFAULT_REGION": s3.region}
+    return {
+        "AWS_ENDPOINT_URL_S3": s3.endpoint_url,
+        "AWS_ACCESS_KEY_ID": s3.access_key,
+        "AWS_SECRET_ACCESS_KEY": s3.secret_key,
+        "AWS_DEFAULT_REGION": s3.region,
+    }
 
 
 @pytest.fixture
@@ -36,10 +40,20 @@ def cli(app: PicoApp, kafka: Any, s3: Any, request: pytest.FixtureRequest) -> An
     c.stop_all()
 
 
-def archive_args(cli: Cli, bucket: str, *extra: str, action: str = "run", prefix: str = "arch",
-                 work: str = "archive-work") -> list[str]:
-    return [str(BIN / "archive"), action, "--database", cli.database, "--bucket", f"s3://{bucket}/{prefix}",
-            "--work-dir", work, *extra]
+def archive_args(
+    cli: Cli, bucket: str, *extra: str, action: str = "run", prefix: str = "arch", work: str = "archive-work"
+) -> list[str]:
+    return [
+        str(BIN / "archive"),
+        action,
+        "--database",
+        cli.database,
+        "--bucket",
+        f"s3://{bucket}/{prefix}",
+        "--work-dir",
+        work,
+        *extra,
+    ]
 
 
 def restore_args(cli: Cli, bucket: str, *extra: str, prefix: str = "arch") -> list[str]:
@@ -55,7 +69,8 @@ def source_copy(app: PicoApp, dest: Path) -> Path:
 
 def assert_same(expected: Path, restored: Path, app: PicoApp) -> None:
     diffs = compare_pools(f"{expected / 'db'}/", f"{restored / 'db'}/") + compare_blob_trees(
-        expected / "blob", restored / "blob")
+        expected / "blob", restored / "blob"
+    )
     assert diffs == [], diffs
     # PicoLisp opens the restored pool and sees the same objects and blobs.
     assert app.query(restored / "db", restored / "blob") == app.query(expected / "db", expected / "blob")
@@ -83,8 +98,9 @@ def archived_txn_ids(store: ArchiveStore) -> list[int]:
     ids = []
     for seg in store.catalog().segments:
         key = seg.key(store.root)
-        for txn in c.read_transactions(read_segment(io.BytesIO(store.get(key)), store.database, "t", key),
-                                       store.database):
+        for txn in c.read_transactions(
+            read_segment(io.BytesIO(store.get(key)), store.database, "t", key), store.database
+        ):
             for _ in txn.changes:
                 pass
             ids.append(txn.txn_id)
@@ -92,14 +108,15 @@ def archived_txn_ids(store: ArchiveStore) -> list[int]:
 
 
 def objects(store: ArchiveStore, under: str) -> dict[str, bytes]:
-    return {key[len(store.root):]: store.get(key) for key, _ in store.list(f"{store.root}/{under}")}
+    return {key[len(store.root) :]: store.get(key) for key, _ in store.list(f"{store.root}/{under}")}
 
 
 # --- point-in-time restore, listing, retention ---------------------------------------------------
 
 
 def test_point_in_time_restore_is_byte_identical_at_first_middle_latest_and_by_time(
-        app: PicoApp, cli: Cli, s3: Any, s3_client: Any, tmp_path: Path) -> None:
+    app: PicoApp, cli: Cli, s3: Any, s3_client: Any, tmp_path: Path
+) -> None:
     states = tmp_path / "states"
     app.workload(25, seed=1)
     ok(cli.agent_once(), "capture-agent --once")  # txn 1: the bootstrap snapshot
@@ -113,8 +130,22 @@ def test_point_in_time_restore_is_byte_identical_at_first_middle_latest_and_by_t
 
     # How many txns the agent cut the workload into depends on timing: aim for about 3 snapshots.
     every = str(max(20, t3 // 3))
-    ok(cli.run(archive_args(cli, s3.bucket, "--once", "--segment-txns", "10", "--snapshot-every-txns", every,
-                            "--snapshot-every-bytes", "0")), "archive --once")
+    ok(
+        cli.run(
+            archive_args(
+                cli,
+                s3.bucket,
+                "--once",
+                "--segment-txns",
+                "10",
+                "--snapshot-every-txns",
+                every,
+                "--snapshot-every-bytes",
+                "0",
+            )
+        ),
+        "archive --once",
+    )
     store = store_for(s3_client, s3.bucket, "arch", cli.database)
     catalog = store.catalog()
     assert len(catalog.segments) >= 5 and len(catalog.snapshots) >= 2, (catalog.segments, catalog.snapshots)
@@ -142,8 +173,12 @@ def test_point_in_time_restore_is_byte_identical_at_first_middle_latest_and_by_t
     # By time: the source time of txn t2 restores exactly t2.
     t2_time = next(t for t in committed_transactions(cli.bootstrap_servers, cli.database) if t.txn_id == t2)
     when = t2_time.source_time_ms
-    assert next(t for t in committed_transactions(cli.bootstrap_servers, cli.database)
-                if t.txn_id == t2 + 1).source_time_ms > when
+    assert (
+        next(
+            t for t in committed_transactions(cli.bootstrap_servers, cli.database) if t.txn_id == t2 + 1
+        ).source_time_ms
+        > when
+    )
     target = tmp_path / "restored-by-time"
     result = ok(cli.run(restore_args(cli, s3.bucket, "--target", str(target), "--time", str(when))), "restore --time")
     assert f"txn {t2} " in result.stdout, result.stdout
@@ -183,7 +218,8 @@ def test_point_in_time_restore_is_byte_identical_at_first_middle_latest_and_by_t
 
 
 def test_archiver_killed_at_random_points_archives_every_txn_exactly_once_with_the_same_objects(
-        app: PicoApp, cli: Cli, s3: Any, s3_client: Any, tmp_path: Path) -> None:
+    app: PicoApp, cli: Cli, s3: Any, s3_client: Any, tmp_path: Path
+) -> None:
     rng = random.Random(20261121)
     flags = ["--segment-txns", "6", "--snapshot-every-txns", "40", "--snapshot-every-bytes", "0"]
     agent = cli.start_agent()
@@ -259,11 +295,19 @@ def test_archiver_rides_out_an_s3_outage_and_loses_nothing(app: PicoApp, kafka: 
         source_ids = [t.txn_id for t in committed_transactions(cli.bootstrap_servers, cli.database)]
         from pool_pipeline.devstack import _s3_client
 
-        store = store_for(_s3_client(server.endpoint_url, server.access_key, server.secret_key, server.region),
-                          server.bucket, "arch", cli.database)
+        store = store_for(
+            _s3_client(server.endpoint_url, server.access_key, server.secret_key, server.region),
+            server.bucket,
+            "arch",
+            cli.database,
+        )
         # Follow mode only closes full segments; --once archives the tail after the follower stops.
-        wait_for(lambda: (store.catalog().last.last_txn if store.catalog().last else 0) >= source_ids[-1] - 5,
-                 120, "the archiver to catch up after the outage", interval=0.5)
+        wait_for(
+            lambda: (store.catalog().last.last_txn if store.catalog().last else 0) >= source_ids[-1] - 5,
+            120,
+            "the archiver to catch up after the outage",
+            interval=0.5,
+        )
         archiver.popen.send_signal(signal.SIGTERM)
         archiver.wait(30)
         ok(cli.run(archive_args(cli, server.bucket, "--once", "--segment-txns", "5")), "archive --once")
@@ -277,11 +321,26 @@ def test_archiver_rides_out_an_s3_outage_and_loses_nothing(app: PicoApp, kafka: 
 
 
 def test_restore_refuses_damaged_foreign_or_gapped_archives_and_leaves_the_target_untouched(
-        app: PicoApp, cli: Cli, s3: Any, s3_client: Any, tmp_path: Path) -> None:
+    app: PicoApp, cli: Cli, s3: Any, s3_client: Any, tmp_path: Path
+) -> None:
     app.workload(10, seed=31)
     run_stage(cli, app, 60, seed=32)
-    ok(cli.run(archive_args(cli, s3.bucket, "--once", "--segment-txns", "4", "--snapshot-every-txns", "0",
-                            "--snapshot-every-bytes", "0")), "archive --once")
+    ok(
+        cli.run(
+            archive_args(
+                cli,
+                s3.bucket,
+                "--once",
+                "--segment-txns",
+                "4",
+                "--snapshot-every-txns",
+                "0",
+                "--snapshot-every-bytes",
+                "0",
+            )
+        ),
+        "archive --once",
+    )
     good = store_for(s3_client, s3.bucket, "arch", cli.database)
     segments = good.catalog().segments
     assert len(segments) >= 4
@@ -290,8 +349,9 @@ def test_restore_refuses_damaged_foreign_or_gapped_archives_and_leaves_the_targe
     def copy_archive(prefix: str) -> ArchiveStore:
         bad = store_for(s3_client, s3.bucket, prefix, cli.database)
         for seg in segments:
-            s3_client.copy_object(Bucket=s3.bucket, Key=seg.key(bad.root),
-                                  CopySource={"Bucket": s3.bucket, "Key": seg.key(good.root)})
+            s3_client.copy_object(
+                Bucket=s3.bucket, Key=seg.key(bad.root), CopySource={"Bucket": s3.bucket, "Key": seg.key(good.root)}
+            )
         return bad
 
     corrupt = copy_archive("corrupt")
@@ -315,8 +375,11 @@ def test_restore_refuses_damaged_foreign_or_gapped_archives_and_leaves_the_targe
     # Damage is caught by the container (sync markers, codec) or, where garbage still decodes, by
     # the per-txn checks behind it (record framing, blob sha256, rolling checksum).
     damaged = ("not a readable Avro segment", "sha256", "checksum", "cannot decode", "not an Avro")
-    for prefix, expected in (("corrupt", damaged), ("foreign", ("belongs to database 'other-db'",)),
-                             ("gap", (f"txns {middle.first_txn}-{middle.last_txn} are missing",))):
+    for prefix, expected in (
+        ("corrupt", damaged),
+        ("foreign", ("belongs to database 'other-db'",)),
+        ("gap", (f"txns {middle.first_txn}-{middle.last_txn} are missing",)),
+    ):
         target = tmp_path / f"target-{prefix}"
         target.mkdir()
         listing = cli.run(restore_args(cli, s3.bucket, "--list", prefix=prefix)).stdout
@@ -333,7 +396,8 @@ def test_restore_refuses_damaged_foreign_or_gapped_archives_and_leaves_the_targe
 
 
 def test_a_big_txn_uploads_in_parts_while_read_and_kills_leave_no_unfinished_upload(
-        kafka: Any, s3: Any, s3_client: Any, tmp_path: Path) -> None:
+    kafka: Any, s3: Any, s3_client: Any, tmp_path: Path
+) -> None:
     from connectors.kafka.publisher import TopicSink
     from connectors.kafka.topics import topic_for
     from tests.pipeline_helpers import SYNTHETIC_BLOCK, create_topic, synthetic_stream
@@ -346,8 +410,18 @@ def test_a_big_txn_uploads_in_parts_while_read_and_kills_leave_no_unfinished_upl
         sink.apply(txn)
     sink.close()
     cli = Cli(tmp_path, kafka.bootstrap_servers, database, extra_env=s3_env(s3))
-    flags = ["--segment-bytes", str(1 << 20), "--part-bytes", str(5 << 20), "--segment-txns", "10",
-             "--snapshot-every-txns", "0", "--snapshot-every-bytes", "0"]
+    flags = [
+        "--segment-bytes",
+        str(1 << 20),
+        "--part-bytes",
+        str(5 << 20),
+        "--segment-txns",
+        "10",
+        "--snapshot-every-txns",
+        "0",
+        "--snapshot-every-bytes",
+        "0",
+    ]
     store = store_for(s3_client, s3.bucket, "arch", database)
 
     def unfinished() -> list:
@@ -372,14 +446,28 @@ def test_a_big_txn_uploads_in_parts_while_read_and_kills_leave_no_unfinished_upl
     assert (first.first_txn, first.last_txn, first.starts_with_snapshot) == (1, 1, True)
 
     # Uploaded in parts or in one put, the objects are the same, key for key and byte for byte.
-    ok(cli.run(archive_args(cli, s3.bucket, "--once", *flags[:2], "--part-bytes", str(1 << 30), *flags[4:],
-                            prefix="whole", work="whole-work")), "archive --once, no parts")
+    ok(
+        cli.run(
+            archive_args(
+                cli,
+                s3.bucket,
+                "--once",
+                *flags[:2],
+                "--part-bytes",
+                str(1 << 30),
+                *flags[4:],
+                prefix="whole",
+                work="whole-work",
+            )
+        ),
+        "archive --once, no parts",
+    )
     assert objects(store, "segments/") == objects(store_for(s3_client, s3.bucket, "whole", database), "segments/")
 
     expected = bytearray(pool_blocks * SYNTHETIC_BLOCK)
     for txn in synthetic_stream(database, pool_blocks, 30, 4, seed=5):
         for change in txn.changes:
-            expected[change.index * SYNTHETIC_BLOCK:(change.index + 1) * SYNTHETIC_BLOCK] = change.data
+            expected[change.index * SYNTHETIC_BLOCK : (change.index + 1) * SYNTHETIC_BLOCK] = change.data
     target = tmp_path / "restored"
     ok(cli.run(restore_args(cli, s3.bucket, "--target", str(target))), "restore")
     assert (target / "db" / "@").read_bytes() == expected

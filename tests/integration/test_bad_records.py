@@ -1,4 +1,4 @@
-"""A foreign or corrupt record in a database topic, and topics only the agent makes: real Kafka, SeaweedFS and PicoLisp."""
+"""A bad record in a topic, topics only the agent makes, retention: real Kafka, SeaweedFS and PicoLisp."""
 
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ def topics(bootstrap_servers: str) -> set[str]:
 
 
 def test_a_bad_record_has_a_documented_way_past_for_replicas_and_the_archiver(
-        app: PicoApp, kafka: Any, s3: Any, tmp_path: Path) -> None:
+    app: PicoApp, kafka: Any, s3: Any, tmp_path: Path
+) -> None:
     """A record nobody can read stops the replica and the archiver with its offset; after
     `capture-agent --snapshot`, `--skip-to-snapshot` takes both past it to an md5-equal state."""
     cli = Cli(app.root, kafka.bootstrap_servers, unique_name("bad-record"), extra_env=s3_env(s3))
@@ -49,8 +50,10 @@ def test_a_bad_record_has_a_documented_way_past_for_replicas_and_the_archiver(
         r = cli.replica_once("rpl/db/app/", "rpl/blob/app/", "replica", "--skip-to-snapshot")
         assert r.returncode == 1 and "capture-agent --snapshot" in r.stderr, r  # no snapshot yet: says what to do
         ok(cli.agent_once("--snapshot"), "capture-agent --snapshot --once")
-        r = ok(cli.replica_once("rpl/db/app/", "rpl/blob/app/", "replica", "--skip-to-snapshot"),
-               "replica --skip-to-snapshot")
+        r = ok(
+            cli.replica_once("rpl/db/app/", "rpl/blob/app/", "replica", "--skip-to-snapshot"),
+            "replica --skip-to-snapshot",
+        )
         assert "skipping offsets" in r.stdout, r.stdout
         ok(cli.verify(), "verify after the skip")
         ok(cli.run(archive_args(cli, s3.bucket, "--once", "--skip-to-snapshot")), "archive --skip-to-snapshot")

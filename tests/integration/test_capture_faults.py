@@ -1,4 +1,4 @@
-"""capture-agent against awkward sources: started before the app, a pool recreated with other *Dbs, hostile blob names."""
+"""capture-agent against awkward sources: started before the app, a pool with other *Dbs, hostile blob names."""
 
 from __future__ import annotations
 
@@ -66,8 +66,11 @@ def test_an_agent_started_before_the_app_waits_touching_nothing(tmp_path: Path, 
         assert "not there yet" in r.stdout and "db/app/@" in r.stdout, r.stdout
         agent = cli.start_agent()
         stopped = cli.start_agent("--state-dir", "elsewhere.agent", name="stopped-agent")
-        wait_for(lambda: "waiting for" in agent.stdout() and "waiting for" in stopped.stdout(), 30,
-                 "the agents to say what they wait for")
+        wait_for(
+            lambda: "waiting for" in agent.stdout() and "waiting for" in stopped.stdout(),
+            30,
+            "the agents to say what they wait for",
+        )
         time.sleep(1.5)  # several polls
         assert agent.alive(), agent.output()
         assert agent.stdout().count("waiting for") == 1, agent.output()
@@ -83,8 +86,11 @@ def test_an_agent_started_before_the_app_waits_touching_nothing(tmp_path: Path, 
             d.mkdir(parents=True)
         app.create()
         app.workload(60, seed=301)
-        wait_for(lambda: topic_exists(kafka.bootstrap_servers, cli.database) and last_txn(cli) >= 1, 90,
-                 "the waiting agent to publish its first txn")
+        wait_for(
+            lambda: topic_exists(kafka.bootstrap_servers, cli.database) and last_txn(cli) >= 1,
+            90,
+            "the waiting agent to publish its first txn",
+        )
         replica = cli.start_replica()
         wait_for(lambda: settled(cli, app), 90, "the waiting agent to start and the replica to catch up")
         assert agent.alive() and replica.alive(), agent.output() + replica.output()

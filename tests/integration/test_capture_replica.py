@@ -21,17 +21,17 @@ from connectors.picolisp.format import compare_pools, md5_file, pool_files
 from tests.picolisp_fixtures import *  # noqa: F401,F403
 from tests.picolisp_fixtures import PicoApp, copy_pool
 from tests.pipeline_helpers import (
-    ok,
+    BIN,
     Cli,
     check_caught_up,
     codec,
     committed_transactions,
     crash_kill,
     end_offset,
+    ok,
     produce_transactional,
     replica_position,
     replica_txn,
-    BIN,
     unique_name,
     wait_for,
 )
@@ -154,7 +154,7 @@ def test_two_replica_groups_and_a_late_replica_bootstrapped_from_kafka_alone(app
     n = last_txn(cli)
     assert n > 10
     for target in ("r1/db/app/", "r2/db/app/"):
-        wait_for(lambda: replica_txn(cli.root / target) == n, 60, f"{target} to reach txn {n}")
+        wait_for(lambda: replica_txn(cli.root / target) == n, 60, f"{target} to reach txn {n}")  # noqa: B023
     for proc in (first, second):
         assert proc.alive(), proc.output()
         proc.stop()
@@ -168,8 +168,11 @@ def test_two_replica_groups_and_a_late_replica_bootstrapped_from_kafka_alone(app
     assert replica_position(late / "db/app")["txn_id"] == n
 
     expected = app.query(app.prefix, app.blob_dir)
-    for target, blob in (("r1/db/app/", "r1/blob/app/"), ("r2/db/app/", "r2/blob/app/"),
-                         ("late/db/app/", "late/blob/app/")):
+    for target, blob in (
+        ("r1/db/app/", "r1/blob/app/"),
+        ("r2/db/app/", "r2/blob/app/"),
+        ("late/db/app/", "late/blob/app/"),
+    ):
         assert ok(cli.verify(target, blob), f"verify {target}").stdout.startswith("verify: identical")
         assert cli.differences(target, blob) == []
         assert app.query(cli.root / target, cli.root / blob) == expected, f"{target}: query output differs"
@@ -191,8 +194,9 @@ def test_two_replica_groups_and_a_late_replica_bootstrapped_from_kafka_alone(app
 # --- one agent per database ---------------------------------------------------------------------
 
 
-def test_a_second_agent_fences_the_first_which_exits_with_a_clear_message(app: PicoApp, cli: Cli,
-                                                                          tmp_path: Path) -> None:
+def test_a_second_agent_fences_the_first_which_exits_with_a_clear_message(
+    app: PicoApp, cli: Cli, tmp_path: Path
+) -> None:
     """Failover: a replica is promoted and its agent takes over the database; the old agent is a zombie."""
     app.workload(50, seed=31)
     old = cli.start_agent(name="old-agent")
@@ -221,8 +225,7 @@ def test_a_second_agent_fences_the_first_which_exits_with_a_clear_message(app: P
         assert last_txn(cli) == before, "the fenced agent must not have published anything"
         # The new primary carries on; the replica follows it.
         workload(new_app, 30, seed=33)
-        wait_for(lambda: last_txn(cli) > before and not new_app.journal.stat().st_size, 60,
-                 "the new agent to publish")
+        wait_for(lambda: last_txn(cli) > before and not new_app.journal.stat().st_size, 60, "the new agent to publish")
         new.stop()
         ok(new_cli.agent_once(), "new capture-agent --once")
         ok(cli.replica_once(), "replica --once after failover")
@@ -307,35 +310,66 @@ def _bad_topic_setup(app: PicoApp, kafka: Any, name: str) -> tuple[Cli, Any, lis
 
 
 def test_malformed_foreign_gap_or_escaping_records_stop_the_replica_before_it_applies_anything(
-        app: PicoApp, kafka: Any, tmp_path: Path) -> None:
+    app: PicoApp, kafka: Any, tmp_path: Path
+) -> None:
     from pipeline.model import BlobChunk, BlockWrite, Transaction
 
     app.workload(60, seed=61)
     c = codec()
     outside = tmp_path / "escaped-blob"
 
-    def txn(db: str, position: Any, layout: list, txn_id: int | None = None, changes: tuple = (),
-            checksum_after: int | None = None) -> list[tuple[bytes, bytes]]:
-        t = Transaction(database=db, txn_id=txn_id or position.txn_id + 1, checksum_before=position.checksum,
-                        source_time_ms=int(time.time() * 1000), changes=list(changes), files=layout,
-                        change_count=len(changes),
-                        checksum_after=position.checksum if checksum_after is None else checksum_after)
+    def txn(
+        db: str,
+        position: Any,
+        layout: list,
+        txn_id: int | None = None,
+        changes: tuple = (),
+        checksum_after: int | None = None,
+    ) -> list[tuple[bytes, bytes]]:
+        t = Transaction(
+            database=db,
+            txn_id=txn_id or position.txn_id + 1,
+            checksum_before=position.checksum,
+            source_time_ms=int(time.time() * 1000),
+            changes=list(changes),
+            files=layout,
+            change_count=len(changes),
+            checksum_after=position.checksum if checksum_after is None else checksum_after,
+        )
         return list(c.transaction_records(t))
 
     rnd = random.Random(6)
     cases = {
-        "malformed": (lambda db, p, lay: [(b"txn", b"\x00 this is not an Avro record")],
-                      "not an Avro single-object record", None),
-        "truncated body": (lambda db, p, lay: [(k, v if k == b"txn" else v[:-3]) for k, v in txn(
-            db, p, lay, changes=(BlockWrite(1, 1, rnd.randbytes(256)),))], "cannot decode", 2),
+        "malformed": (
+            lambda db, p, lay: [(b"txn", b"\x00 this is not an Avro record")],
+            "not an Avro single-object record",
+            None,
+        ),
+        "truncated body": (
+            lambda db, p, lay: [
+                (k, v if k == b"txn" else v[:-3])
+                for k, v in txn(db, p, lay, changes=(BlockWrite(1, 1, rnd.randbytes(256)),))
+            ],
+            "cannot decode",
+            2,
+        ),
         "foreign database": (lambda db, p, lay: txn("someone-else", p, lay), "foreign database", 2),
         "txn id gap": (lambda db, p, lay: txn(db, p, lay, txn_id=p.txn_id + 2), "gap", 3),
-        "checksum mismatch": (lambda db, p, lay: txn(db, p, lay, changes=(
-            BlockWrite(1, 1, rnd.randbytes(256)),)), "checksum mismatch", 2),
-        "blob path with ..": (lambda db, p, lay: txn(db, p, lay, changes=(
-            BlobChunk("../escaped-blob", 5, "0" * 64, 0, 1, b"pwned"),)), "escapes", 2),
-        "absolute blob path": (lambda db, p, lay: txn(db, p, lay, changes=(
-            BlobChunk(str(outside), 5, "0" * 64, 0, 1, b"pwned"),)), "absolute", 2),
+        "checksum mismatch": (
+            lambda db, p, lay: txn(db, p, lay, changes=(BlockWrite(1, 1, rnd.randbytes(256)),)),
+            "checksum mismatch",
+            2,
+        ),
+        "blob path with ..": (
+            lambda db, p, lay: txn(db, p, lay, changes=(BlobChunk("../escaped-blob", 5, "0" * 64, 0, 1, b"pwned"),)),
+            "escapes",
+            2,
+        ),
+        "absolute blob path": (
+            lambda db, p, lay: txn(db, p, lay, changes=(BlobChunk(str(outside), 5, "0" * 64, 0, 1, b"pwned"),)),
+            "absolute",
+            2,
+        ),
     }
     for case, (records, words, txn_id) in cases.items():
         cli, position, layout = _bad_topic_setup(app, kafka, case.replace(" ", "-").replace(".", ""))
@@ -343,7 +377,7 @@ def test_malformed_foreign_gap_or_escaping_records_stop_the_replica_before_it_ap
         before = replica_state(cli.root, target, blob)
         bad_offset = end_offset(kafka.bootstrap_servers, cli.database)
         produce_transactional(kafka.bootstrap_servers, cli.database, records(cli.database, position, layout))
-        for attempt in (1, 2):  # stopping is permanent: a restart does not skip the bad record
+        for _attempt in (1, 2):  # stopping is permanent: a restart does not skip the bad record
             r = cli.replica_once(target, blob)
             assert r.returncode == 1, f"{case}: exit {r.returncode}\n{r.stdout}\n{r.stderr}"
             err = r.stderr
@@ -360,12 +394,14 @@ def test_malformed_foreign_gap_or_escaping_records_stop_the_replica_before_it_ap
 
 
 def test_blob_markers_pointing_outside_the_blob_dir_are_skipped_with_a_warning_and_the_rest_is_published(
-        app: PicoApp, cli: Cli) -> None:
+    app: PicoApp, cli: Cli
+) -> None:
     """Refusing the whole round would wedge the agent for as long as the app leaves the marker there."""
     app.workload(40, seed=71)
     ok(cli.agent_once(), "capture-agent --once")
-    for n, (name, target, words) in enumerate((("=evil.doc", "../../etc/passwd", "escapes"),
-                                               ("=abs.doc", "/etc/passwd", "absolute"))):
+    for n, (name, target, words) in enumerate(
+        (("=evil.doc", "../../etc/passwd", "escapes"), ("=abs.doc", "/etc/passwd", "absolute"))
+    ):
         app.workload(20, seed=72 + n)  # pending journal data (and blobs) published despite the marker
         marker = app.blob_dir / name
         os.symlink(target, marker)
@@ -383,8 +419,7 @@ def test_blob_markers_pointing_outside_the_blob_dir_are_skipped_with_a_warning_a
     assert not list(cli.root.rglob("passwd"))
 
 
-def test_a_replica_dir_holding_another_database_or_foreign_files_is_refused(app: PicoApp, cli: Cli,
-                                                                           kafka: Any) -> None:
+def test_a_replica_dir_holding_another_database_or_foreign_files_is_refused(app: PicoApp, cli: Cli, kafka: Any) -> None:
     app.workload(30, seed=81)
     ok(cli.agent_once(), "capture-agent --once")
     ok(cli.replica_once(), "replica --once")
@@ -403,7 +438,8 @@ def test_a_replica_dir_holding_another_database_or_foreign_files_is_refused(app:
 
 
 def test_an_agent_without_the_last_publishers_state_takes_a_snapshot_instead_of_a_wrong_txn(
-        app: PicoApp, cli: Cli) -> None:
+    app: PicoApp, cli: Cli
+) -> None:
     """The state dir (its spool holds journal data taken but not yet published) is lost, and more was
     committed since: the journal alone no longer explains the pool, so a delta would be wrong."""
     app.workload(30, seed=91)
@@ -442,9 +478,9 @@ def test_an_empty_replica_starts_at_the_newest_snapshot_and_skips_history(app: P
     assert app.query(app.prefix, app.blob_dir) == app.query(cli.root / "late/db/app/", cli.root / "late/blob/app/")
 
 
-
 def test_a_group_of_two_members_spreads_databases_and_takes_over_when_one_dies(
-        tmp_path: Path, kafka: Any, picolisp: str) -> None:
+    tmp_path: Path, kafka: Any, picolisp: str
+) -> None:
     """`replica --pattern --root`: 4 databases over 2 members sharing a root; one member is killed -9, the
     other takes its databases over (from each replica's own position) and all 4 end byte-identical."""
     prefix = unique_name("grp").replace("-", "")[:20]
@@ -466,15 +502,19 @@ def test_a_group_of_two_members_spreads_databases_and_takes_over_when_one_dies(
             return replica_txn(root / db / "db")
 
         wait_for(lambda: all(at(c.database) >= 1 for c in clis), 90, "both members to replicate all 4 databases")
-        wait_for(lambda: "assigned" in m1.out_path.read_text() and "assigned" in m2.out_path.read_text(), 30,
-                 "each member to be assigned databases")
+        wait_for(
+            lambda: "assigned" in m1.out_path.read_text() and "assigned" in m2.out_path.read_text(),
+            30,
+            "each member to be assigned databases",
+        )
         m1.kill9()
         for i, c in enumerate(clis):
             PicoApp(c.root, picolisp).workload(20, seed=200 + i)
             ok(c.agent_once(), f"capture-agent {c.database}")
         last = {c.database: committed_transactions(c.bootstrap_servers, c.database)[-1].txn_id for c in clis}
-        wait_for(lambda: all(at(db) == txn for db, txn in last.items()), 120,
-                 f"member2 to take over and catch up: {last}")
+        wait_for(
+            lambda: all(at(db) == txn for db, txn in last.items()), 120, f"member2 to take over and catch up: {last}"
+        )
         assert m2.alive(), m2.err_path.read_text()[-2000:]
     finally:
         runner.stop_all()

@@ -85,7 +85,9 @@ def test_kill_and_restart_a_broker_of_a_three_broker_dev_stack(tmp_path: Path) -
         assert _broker_states(status) == {1: "running", 2: "stopped", 3: "running"}
         assert status["running"] and not status["healthy"]
         human = _ok(_pipeline(state, "status", timeout=60), "dev status").stdout
-        assert any(line.split()[:2] == ["broker", "2"] and line.endswith("stopped") for line in human.splitlines()), human
+        assert any(line.split()[:2] == ["broker", "2"] and line.endswith("stopped") for line in human.splitlines()), (
+            human
+        )
 
         env = _ok(_pipeline(state, "env", timeout=60), "dev env with broker 2 down")
         assert f"export KAFKA_BOOTSTRAP_SERVERS={recorded['bootstrap_servers']}" in env.stdout

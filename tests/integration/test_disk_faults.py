@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -72,7 +72,8 @@ def assert_no_temp_files(cli: Cli) -> None:
 
 
 def test_a_replica_whose_disk_fills_up_mid_run_stops_clearly_and_catches_up_once_space_is_back(
-        app: PicoApp, cli: Cli, small_rpl: Path) -> None:
+    app: PicoApp, cli: Cli, small_rpl: Path
+) -> None:
     app.workload(40, seed=901)
     ok(cli.agent_once(), "capture-agent --once")
     replica = cli.start_replica()
@@ -96,7 +97,8 @@ def test_a_replica_whose_disk_fills_up_mid_run_stops_clearly_and_catches_up_once
 
 
 def test_a_read_only_replica_target_stops_clearly_and_catches_up_once_writable(
-        app: PicoApp, cli: Cli, small_rpl: Path) -> None:
+    app: PicoApp, cli: Cli, small_rpl: Path
+) -> None:
     app.workload(30, seed=911)
     ok(cli.agent_once(), "capture-agent --once")
     ok(cli.replica_once(), "replica --once")

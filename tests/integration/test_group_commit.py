@@ -25,12 +25,12 @@ from pipeline.model import Position
 from tests.picolisp_fixtures import *  # noqa: F401,F403
 from tests.picolisp_fixtures import PicoApp
 from tests.pipeline_helpers import (
-    ok,
     Cli,
     TopicTxn,
     codec,
     committed_transactions,
     end_offset,
+    ok,
     produce_transactional,
     replica_at_boundary,
     replica_position,
@@ -58,7 +58,7 @@ def redo_trailer(target: Path) -> dict | None:
         return None
     data = redo.read_bytes()
     (length,) = struct.unpack("<Q", data[-8:])
-    return json.loads(data[-8 - length:-8])
+    return json.loads(data[-8 - length : -8])
 
 
 def check_at_topic_boundary(target: Path, txns: list[TopicTxn], where: str) -> int:
@@ -76,7 +76,7 @@ def check_at_topic_boundary(target: Path, txns: list[TopicTxn], where: str) -> i
 
 
 DRIVER = textwrap.dedent('''
-    """Replica loop (as pool_pipeline.cli.replica._replica wires it) that SIGKILLs itself at the n-th call of one step."""
+    """Replica loop (as pool_pipeline.cli.replica wires it) that SIGKILLs itself at the n-th call of one step."""
     import os, signal, sys
     sys.path.insert(0, sys.argv[1])
     import connectors.picolisp.replica as rd
@@ -113,7 +113,8 @@ DRIVER = textwrap.dedent('''
 
 
 def test_kill_9_inside_multi_txn_group_commits_leaves_the_replica_at_a_txn_boundary(
-        app: PicoApp, cli: Cli, tmp_path: Path) -> None:
+    app: PicoApp, cli: Cli, tmp_path: Path
+) -> None:
     from connectors.picolisp.replica import ReplicaDir
 
     app.workload(60, seed=401)
@@ -126,17 +127,37 @@ def test_kill_9_inside_multi_txn_group_commits_leaves_the_replica_at_a_txn_bound
     seed = 500
     # Each kill lands in a different step of a batch spanning several txns: they are all in the topic
     # before the driver starts, so everything fetched is staged into one batch.
-    for step, nth in (("stage-block", 40), ("pwrite", 25), ("rename", 1), ("rename", 3), ("position", 1),
-                      ("pwrite", 90)):
+    for step, nth in (
+        ("stage-block", 40),
+        ("pwrite", 25),
+        ("rename", 1),
+        ("rename", 3),
+        ("position", 1),
+        ("pwrite", 90),
+    ):
         before = replica_position(target)["txn_id"]
         txns = committed_transactions(cli.bootstrap_servers, cli.database)
         if txns[-1].txn_id - before < 3:
             txns = publish_many(app, cli, 4, seed=seed)  # at least 3 txns for the batch to come
             seed += 4
         assert sum(t.blob_chunks for t in txns if t.txn_id > before) > 0
-        r = subprocess.run([sys.executable, str(driver), str(REPO), cli.bootstrap_servers, cli.database,
-                            str(target) + "/", str(cli.root / RPL_BLOB), step, str(nth)],
-                           cwd=cli.root, capture_output=True, text=True, timeout=120)
+        r = subprocess.run(
+            [
+                sys.executable,
+                str(driver),
+                str(REPO),
+                cli.bootstrap_servers,
+                cli.database,
+                str(target) + "/",
+                str(cli.root / RPL_BLOB),
+                step,
+                str(nth),
+            ],
+            cwd=cli.root,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         where = f"kill -9 at {step} #{nth} (replica was at txn {before}, topic at {txns[-1].txn_id})"
         assert r.returncode == -9, f"{where}: exit {r.returncode}\n{r.stdout}\n{r.stderr[-3000:]}"
         plan = redo_trailer(target)
@@ -149,8 +170,8 @@ def test_kill_9_inside_multi_txn_group_commits_leaves_the_replica_at_a_txn_bound
         at = check_at_topic_boundary(target, txns, f"{where}, after recovery")
         assert not (target / ".pool-pipeline" / "redo").exists()
         assert not (target / ".pool-pipeline" / "redo.tmp").exists()
-        print(f"{where}: {'redo of txns %d..%d replayed' % (plan['first_txn'], plan['txn_id']) if plan else 'no redo'}"
-              f" -> replica at txn {at}")
+        replayed = f"redo of txns {plan['first_txn']}..{plan['txn_id']} replayed" if plan else "no redo"
+        print(f"{where}: {replayed} -> replica at txn {at}")
         if plan is not None:
             assert at == plan["txn_id"], f"{where}: the replayed batch ends at txn {plan['txn_id']}, replica at {at}"
         else:
@@ -164,8 +185,7 @@ def test_kill_9_inside_multi_txn_group_commits_leaves_the_replica_at_a_txn_bound
     assert app.query(app.prefix, app.blob_dir) == app.query(target, cli.root / RPL_BLOB)
 
 
-def test_a_bad_txn_behind_good_ones_in_one_batch_stops_the_replica_at_the_last_good_txn(
-        app: PicoApp, cli: Cli) -> None:
+def test_a_bad_txn_behind_good_ones_in_one_batch_stops_the_replica_at_the_last_good_txn(app: PicoApp, cli: Cli) -> None:
     """Txns 2..6 and a corrupt txn 7 are staged into one batch: 2..6 are committed together, txn 7 is
     refused (named with its offset), nothing of it is visible, and a restart refuses it again."""
     from connectors.kafka.reader import TopicSource
@@ -181,10 +201,16 @@ def test_a_bad_txn_behind_good_ones_in_one_batch_stops_the_replica_at_the_last_g
     txns = publish_many(app, cli, 5, seed=420)
     last = txns[-1]
     bad_offset = end_offset(cli.bootstrap_servers, cli.database)
-    bad = Transaction(database=cli.database, txn_id=last.txn_id + 1, checksum_before=last.checksum_after,
-                      source_time_ms=int(time.time() * 1000), changes=[BlockWrite(1, 1, os.urandom(256))],
-                      files=committed_layout(cli), change_count=1,
-                      checksum_after=last.checksum_after)  # a lie: block 1 changes
+    bad = Transaction(
+        database=cli.database,
+        txn_id=last.txn_id + 1,
+        checksum_before=last.checksum_after,
+        source_time_ms=int(time.time() * 1000),
+        changes=[BlockWrite(1, 1, os.urandom(256))],
+        files=committed_layout(cli),
+        change_count=1,
+        checksum_after=last.checksum_after,
+    )  # a lie: block 1 changes
     produce_transactional(cli.bootstrap_servers, cli.database, list(codec().transaction_records(bad)))
     target = cli.root / RPL
 
@@ -194,15 +220,19 @@ def test_a_bad_txn_behind_good_ones_in_one_batch_stops_the_replica_at_the_last_g
         def buffered(self) -> bool:
             return True
 
-    sink = ReplicaDir(str(target) + "/", cli.database, cli.root / RPL_BLOB, topic=topic_for(cli.database),
-                      group_commit=True)
+    sink = ReplicaDir(
+        str(target) + "/", cli.database, cli.root / RPL_BLOB, topic=topic_for(cli.database), group_commit=True
+    )
     source = AlwaysBuffered(cli.bootstrap_servers, cli.database, codec(), "replica", sink.next_offset, once=True)
     try:
         with pytest.raises(PipelineError) as failed:
             replicate(source, sink)
         assert "checksum mismatch" in str(failed.value)
-        assert (failed.value.database, failed.value.txn_id, failed.value.offset) == (cli.database, bad.txn_id,
-                                                                                     bad_offset)
+        assert (failed.value.database, failed.value.txn_id, failed.value.offset) == (
+            cli.database,
+            bad.txn_id,
+            bad_offset,
+        )
         assert sink.position() == Position(last.txn_id, last.checksum_after)
     finally:
         source.close()
@@ -214,8 +244,11 @@ def test_a_bad_txn_behind_good_ones_in_one_batch_stops_the_replica_at_the_last_g
             r = cli.replica_once()
             assert r.returncode == 1, f"exit {r.returncode}\n{r.stdout}\n{r.stderr}"
             assert "checksum mismatch" in r.stderr and "Traceback" not in r.stderr, r.stderr
-            assert (f"database={cli.database}" in r.stderr and f"txn={bad.txn_id}" in r.stderr
-                    and f"offset={bad_offset}" in r.stderr), r.stderr
+            assert (
+                f"database={cli.database}" in r.stderr
+                and f"txn={bad.txn_id}" in r.stderr
+                and f"offset={bad_offset}" in r.stderr
+            ), r.stderr
         pos = replica_position(target)
         assert (pos["txn_id"], pos["checksum"]) == (last.txn_id, last.checksum_after), attempt
         # The source is still at txn 6 (nothing was captured since): the replica equals it exactly.

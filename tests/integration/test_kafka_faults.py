@@ -19,7 +19,7 @@ import pytest
 from tests.cluster_faults import FAST_BOUNCE, FaultStats, bounce_round, victims_for
 from tests.picolisp_fixtures import *  # noqa: F401,F403
 from tests.picolisp_fixtures import PicoApp
-from tests.pipeline_helpers import Cli, check_caught_up, unique_name, wait_for, replica_txn
+from tests.pipeline_helpers import Cli, check_caught_up, replica_txn, unique_name, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -30,8 +30,9 @@ def cluster3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     from pool_pipeline.devstack import StackError, start_kafka
 
     try:
-        cluster = start_kafka(tmp_path_factory.mktemp("kafka3"), brokers=3, detach=False, overrides=FAST_BOUNCE,
-                              ready_timeout=180)
+        cluster = start_kafka(
+            tmp_path_factory.mktemp("kafka3"), brokers=3, detach=False, overrides=FAST_BOUNCE, ready_timeout=180
+        )
     except StackError as exc:
         pytest.fail(f"a local 3-broker Kafka cluster could not start: {exc}")
     try:
@@ -68,8 +69,20 @@ def test_broker_and_coordinator_loss_loses_no_txn(cluster3: Any, pil_app: PicoAp
         agent, replica = _start(cli, pil_app)
         for n, kind in enumerate(("leader", "leader+coordinator", "two", "leader+coordinator")):
             victims = victims_for(kind, cluster3, cli.database, rng)
-            stats.recoveries.append(bounce_round(cluster3, cli, pil_app, agent, replica, victims, down_s=6,
-                                                 workload_txns=150, seed=100 + n, log=print))
+            stats.recoveries.append(
+                bounce_round(
+                    cluster3,
+                    cli,
+                    pil_app,
+                    agent,
+                    replica,
+                    victims,
+                    down_s=6,
+                    workload_txns=150,
+                    seed=100 + n,
+                    log=print,
+                )
+            )
             stats.rounds += 1
             stats.brokers_killed += len(victims)
             stats.workload_txns += 150
@@ -83,7 +96,9 @@ def test_broker_and_coordinator_loss_loses_no_txn(cluster3: Any, pil_app: PicoAp
         _heal(cluster3)
 
 
-def test_a_commit_the_cluster_never_answers_is_given_up_and_the_producer_rebuilt(cluster3: Any, pil_app: PicoApp) -> None:
+def test_a_commit_the_cluster_never_answers_is_given_up_and_the_producer_rebuilt(
+    cluster3: Any, pil_app: PicoApp
+) -> None:
     """Every broker frozen (SIGSTOP) while the agent publishes: kafka-python's commit_transaction() waits
     with no timeout. The agent gives up after --kafka-timeout, logs why on each retry, rebuilds its
     producer once the cluster answers again, and nothing is lost or doubled."""
@@ -104,8 +119,7 @@ def test_a_commit_the_cluster_never_answers_is_given_up_and_the_producer_rebuilt
         finally:
             for pid in cluster3.pids:
                 os.kill(pid, signal.SIGCONT)
-        wait_for(lambda: cli.differences() == [], 120, "an md5-equal replica after the cluster thawed",
-                 interval=0.3)
+        wait_for(lambda: cli.differences() == [], 120, "an md5-equal replica after the cluster thawed", interval=0.3)
         assert agent.alive(), agent.output()
         assert "waiting for" in agent.stderr() or "brokers" in agent.stderr(), agent.output()
         assert agent.stop() in (0, 130) and replica.stop() in (0, 130)

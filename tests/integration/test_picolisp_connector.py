@@ -11,7 +11,15 @@ from pathlib import Path
 import pytest
 
 from connectors.picolisp.blobs import blob_markers, blob_tree, compare_blob_trees
-from connectors.picolisp.format import compare_pools, lock_db_exclusive, lock_db_shared, md5_file, pool_files, read_shift, unlock_db
+from connectors.picolisp.format import (
+    compare_pools,
+    lock_db_exclusive,
+    lock_db_shared,
+    md5_file,
+    pool_files,
+    read_shift,
+    unlock_db,
+)
 from connectors.picolisp.journal import JournalConsumer, parse_journal, touched_blocks
 from tests.picolisp_fixtures import *  # noqa: F401,F403
 from tests.picolisp_fixtures import APP_BLOCK_SIZES, APP_DBS, PicoApp, copy_pool, replay_journal
@@ -161,7 +169,7 @@ def test_blob_markers_created_by_blob(pil_app: PicoApp) -> None:
     for marker, target in markers:
         assert os.readlink(pil_app.blob_dir / marker) == target
         assert target == expected_blob_path(marker)
-    for marker, target in existing:
+    for _marker, target in existing:
         assert target in tree
     # markers whose blob was deleted (zap> of the item) are dangling; every other blob file has a marker
     # (nobody consumed them yet)

@@ -38,8 +38,10 @@ def snapshot(txn: int) -> Snapshot:
 def test_segment_and_snapshot_keys_round_trip_and_sort_by_offset() -> None:
     s = Segment(12, 40, 1234, 1_700_000_000_000, 1_700_000_005_000, 0, True, 55)
     key = s.key(ROOT)
-    assert key == ("prefix/app/segments/p0/00000000000000001234"
-                   "_txn000000000012-000000000040_ms1700000000000-1700000005000_snap.avro")
+    assert key == (
+        "prefix/app/segments/p0/00000000000000001234"
+        "_txn000000000012-000000000040_ms1700000000000-1700000005000_snap.avro"
+    )
     assert Segment.parse(ROOT, key, 55) == s
     # Keys of earlier builds, with the last offset, still parse, and name the same object.
     old = key.replace("1234_txn", "1234-00000000000000009876_txn")
@@ -65,8 +67,17 @@ def records_of(txns: list[Transaction], start: int = 0) -> list[StreamRecord]:
 
 def txn(n: int, before: int, after: int, *, snap: bool = False, blocks: int = 2) -> Transaction:
     changes = [BlockWrite(1, i, bytes([n % 256]) * 64) for i in range(blocks)]
-    return Transaction("app", n, before, 1_000_000 + n * 1000, changes, snapshot=snap, checksum_after=after,
-                       files=[FileLayout(1, 64, blocks)], change_count=blocks)
+    return Transaction(
+        "app",
+        n,
+        before,
+        1_000_000 + n * 1000,
+        changes,
+        snapshot=snap,
+        checksum_after=after,
+        files=[FileLayout(1, 64, blocks)],
+        change_count=blocks,
+    )
 
 
 def test_segment_file_is_byte_identical_when_rewritten_and_reads_back() -> None:
@@ -172,8 +183,11 @@ def test_restore_plan_reports_gaps_and_unrestorable_ranges() -> None:
 
 
 def test_retention_never_deletes_what_a_retained_point_needs() -> None:
-    cat = Catalog("app", [seg(1, 10, snap=True), seg(11, 20), seg(21, 30), seg(31, 40)],
-                  [snapshot(15), snapshot(25), snapshot(35)])
+    cat = Catalog(
+        "app",
+        [seg(1, 10, snap=True), seg(11, 20), seg(21, 30), seg(31, 40)],
+        [snapshot(15), snapshot(25), snapshot(35)],
+    )
     plan = retention_plan(cat, keep_snapshots=2)
     assert plan.keep_from == snapshot(25)
     assert plan.delete_snapshots == [snapshot(15)]

@@ -1,21 +1,21 @@
-"""The archiver and restore against a local-directory store: exactly once across kills, a second writer refused, restore equals the source."""
+"""The archiver and restore against a directory store: exactly once across kills, a second writer refused."""
 
 from __future__ import annotations
 
 import dataclasses
 import random
 import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import pytest
 
 from connectors.s3.archiver import Archiver
 from connectors.s3.restore import restore
 from pipeline.archive import Rotation, Segment, SnapshotPolicy
+from pipeline.checksum import RollingChecksum
 from pipeline.codec import Codec, StreamRecord
 from pipeline.errors import PipelineError
-from pipeline.checksum import RollingChecksum
 from pipeline.model import BlockWrite, FileLayout, Transaction
 from schemas import load_schemas
 from tests.dir_store import DirStore
@@ -42,11 +42,26 @@ def records_of(txns: Iterable[Transaction], start: int = 0) -> list[StreamRecord
     return out
 
 
-def archiver(store: DirStore, work: Path, lines: list[str], *, every_txns: int = 0,
-             max_txns: int = 3, max_bytes: int = 64 << 20, part_bytes: int = 16 << 20) -> Archiver:
-    return Archiver(store, CODEC, rotation=Rotation(max_txns=max_txns, max_bytes=max_bytes),
-                    snapshots=SnapshotPolicy(every_txns, 0),
-                    work_dir=work, topic=TOPIC, log=lines.append, part_bytes=part_bytes)
+def archiver(
+    store: DirStore,
+    work: Path,
+    lines: list[str],
+    *,
+    every_txns: int = 0,
+    max_txns: int = 3,
+    max_bytes: int = 64 << 20,
+    part_bytes: int = 16 << 20,
+) -> Archiver:
+    return Archiver(
+        store,
+        CODEC,
+        rotation=Rotation(max_txns=max_txns, max_bytes=max_bytes),
+        snapshots=SnapshotPolicy(every_txns, 0),
+        work_dir=work,
+        topic=TOPIC,
+        log=lines.append,
+        part_bytes=part_bytes,
+    )
 
 
 def archive(store: DirStore, work: Path, records: list[StreamRecord], **kw: int) -> list[str]:
@@ -54,7 +69,7 @@ def archive(store: DirStore, work: Path, records: list[StreamRecord], **kw: int)
     lines: list[str] = []
     a = archiver(store, work, lines, **kw)
     try:
-        a.run(records[a.resume():])
+        a.run(records[a.resume() :])
     finally:
         a.close()
     return lines
@@ -80,8 +95,9 @@ def stream() -> tuple[list[Transaction], list[StreamRecord]]:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory,
-              stream: tuple[list[Transaction], list[StreamRecord]]) -> dict[str, bytes]:
+def reference(
+    tmp_path_factory: pytest.TempPathFactory, stream: tuple[list[Transaction], list[StreamRecord]]
+) -> dict[str, bytes]:
     """The objects one uninterrupted run writes."""
     base = tmp_path_factory.mktemp("reference")
     store = DirStore(base / "store", DB)
@@ -92,14 +108,18 @@ def reference(tmp_path_factory: pytest.TempPathFactory,
 def test_one_run_writes_whole_contiguous_segments(reference: dict[str, bytes]) -> None:
     segs = sorted(s for key in reference if (s := Segment.parse(f"archive/{DB}", key)) is not None)
     assert [(s.first_txn, s.last_txn, s.starts_with_snapshot) for s in segs] == [
-        (1, 3, True), (4, 6, False), (7, 9, False), (10, 10, False)]
+        (1, 3, True),
+        (4, 6, False),
+        (7, 9, False),
+        (10, 10, False),
+    ]
     assert len(reference) == 4
 
 
 @pytest.mark.parametrize("kill_after", [1, 30, 55, -2])
 def test_a_killed_archiver_resumes_from_what_the_store_holds_and_writes_each_txn_once(
-        tmp_path: Path, stream: tuple[list[Transaction], list[StreamRecord]], reference: dict[str, bytes],
-        kill_after: int) -> None:
+    tmp_path: Path, stream: tuple[list[Transaction], list[StreamRecord]], reference: dict[str, bytes], kill_after: int
+) -> None:
     records = stream[1]
     kill_after %= len(records)
     store = DirStore(tmp_path / "store", DB)
@@ -128,7 +148,8 @@ def test_a_killed_archiver_resumes_from_what_the_store_holds_and_writes_each_txn
 
 
 def test_rewriting_segments_already_stored_is_accepted_and_changes_nothing(
-        tmp_path: Path, stream: tuple[list[Transaction], list[StreamRecord]], reference: dict[str, bytes]) -> None:
+    tmp_path: Path, stream: tuple[list[Transaction], list[StreamRecord]], reference: dict[str, bytes]
+) -> None:
     """A kill after an upload and before the offset commit: the same bytes are written again."""
     store = DirStore(tmp_path / "store", DB)
     archive(store, tmp_path / "work", stream[1])
@@ -143,15 +164,20 @@ def test_rewriting_segments_already_stored_is_accepted_and_changes_nothing(
 
 
 def test_a_second_writer_with_different_bytes_is_refused(
-        tmp_path: Path, stream: tuple[list[Transaction], list[StreamRecord]], reference: dict[str, bytes]) -> None:
+    tmp_path: Path, stream: tuple[list[Transaction], list[StreamRecord]], reference: dict[str, bytes]
+) -> None:
     txns = stream[0]
     store = DirStore(tmp_path / "store", DB)
     archive(store, tmp_path / "work", stream[1])
     # Another writer's txn 5: the same shape (so the same segment key), other block bytes.
     other = list(txns)
-    other[4] = dataclasses.replace(txns[4], changes=[
-        BlockWrite(c.file, c.index, bytes(reversed(c.data))) if isinstance(c, BlockWrite) else c
-        for c in txns[4].changes])
+    other[4] = dataclasses.replace(
+        txns[4],
+        changes=[
+            BlockWrite(c.file, c.index, bytes(reversed(c.data))) if isinstance(c, BlockWrite) else c
+            for c in txns[4].changes
+        ],
+    )
     other_records = records_of(other)
     assert [r.offset for r in other_records] == [r.offset for r in stream[1]]
     lines: list[str] = []
@@ -165,7 +191,8 @@ def test_a_second_writer_with_different_bytes_is_refused(
 
 
 def test_restore_of_the_archived_stream_gives_the_source_files_at_any_txn(
-        tmp_path: Path, stream: tuple[list[Transaction], list[StreamRecord]]) -> None:
+    tmp_path: Path, stream: tuple[list[Transaction], list[StreamRecord]]
+) -> None:
     txns, records = stream
     store = DirStore(tmp_path / "store", DB)
     lines = archive(store, tmp_path / "work", records, every_txns=4)  # base snapshots after 4+ txns
@@ -183,7 +210,8 @@ def test_restore_of_the_archived_stream_gives_the_source_files_at_any_txn(
 
 
 def test_restore_refuses_a_txn_that_is_not_archived_and_leaves_the_target_untouched(
-        tmp_path: Path, stream: tuple[list[Transaction], list[StreamRecord]]) -> None:
+    tmp_path: Path, stream: tuple[list[Transaction], list[StreamRecord]]
+) -> None:
     store = DirStore(tmp_path / "store", DB)
     archive(store, tmp_path / "work", records_of(stream[0][:7]))  # the tail is not archived
     have = archived_txn_ids(store)[-1]
@@ -210,20 +238,24 @@ def big_stream() -> tuple[list[Transaction], list[StreamRecord]]:
     for i in range(BIG_BLOCKS):
         changes.append(BlockWrite(0, i, rng.randbytes(4096)))
         rolling.set_block(0, i, changes[-1].data)
-    txns = [Transaction(DB, 1, 0, 1_000, changes, snapshot=True, checksum_after=rolling.value, files=layout,
-                        change_count=BIG_BLOCKS)]
+    txns = [
+        Transaction(
+            DB, 1, 0, 1_000, changes, snapshot=True, checksum_after=rolling.value, files=layout, change_count=BIG_BLOCKS
+        )
+    ]
     for n in (2, 3, 4):
         before = rolling.value
         changes = [BlockWrite(0, n, rng.randbytes(4096))]
         rolling.set_block(0, n, changes[0].data)
-        txns.append(Transaction(DB, n, before, 1_000 + n, changes, checksum_after=rolling.value, files=layout,
-                                change_count=1))
+        txns.append(
+            Transaction(DB, n, before, 1_000 + n, changes, checksum_after=rolling.value, files=layout, change_count=1)
+        )
     return txns, records_of(txns)
 
 
 def test_a_kill_during_a_multipart_upload_leaves_an_unfinished_upload_the_next_run_aborts(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        big_stream: tuple[list[Transaction], list[StreamRecord]]) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, big_stream: tuple[list[Transaction], list[StreamRecord]]
+) -> None:
     txns, records = big_stream
     reference = DirStore(tmp_path / "reference", DB)
     archive(reference, tmp_path / "ref-work", records, max_txns=2, max_bytes=PART, part_bytes=PART)
@@ -269,5 +301,6 @@ def test_the_dir_store_and_the_s3_store_both_implement_the_store_protocol() -> N
             ours, theirs = getattr(Store, name), getattr(cls, name, None)
             assert theirs is not None, f"{cls.__name__} lacks {name}"
             if inspect.isfunction(ours):
-                assert list(inspect.signature(theirs).parameters) == list(inspect.signature(ours).parameters), \
+                assert list(inspect.signature(theirs).parameters) == list(inspect.signature(ours).parameters), (
                     f"{cls.__name__}.{name}"
+                )

@@ -26,9 +26,15 @@ def codec() -> Codec:
 def txn(txn_id: int = 1, changes: list | None = None, **kw) -> Transaction:
     changes = changes if changes is not None else [BlockWrite(0, 1, bytes(range(64)))]
     return Transaction(
-        database=kw.pop("database", "app"), txn_id=txn_id, checksum_before=kw.pop("before", 0),
-        checksum_after=kw.pop("after", 0xFFFFFFFFFFFFFFFF), source_time_ms=1_700_000_000_000,
-        files=[FileLayout(0, 64, 4)], change_count=len(changes), changes=changes, **kw,
+        database=kw.pop("database", "app"),
+        txn_id=txn_id,
+        checksum_before=kw.pop("before", 0),
+        checksum_after=kw.pop("after", 0xFFFFFFFFFFFFFFFF),
+        source_time_ms=1_700_000_000_000,
+        files=[FileLayout(0, 64, 4)],
+        change_count=len(changes),
+        changes=changes,
+        **kw,
     )
 
 
@@ -42,7 +48,9 @@ def read_all(codec: Codec, records: list[StreamRecord], database: str = "app") -
 
 
 def test_single_object_header_is_marker_plus_crc64_fingerprint(codec: Codec) -> None:
-    value = codec.encode(BLOCK, {"database": "app", "txn_id": 1, "file": 0, "block_index": 0, "block_size": 1, "data": b"x"})
+    value = codec.encode(
+        BLOCK, {"database": "app", "txn_id": 1, "file": 0, "block_index": 0, "block_size": 1, "data": b"x"}
+    )
     schema = json.loads((SCHEMA_DIR / "block_write.v1.avsc").read_text())
     canonical = fastavro.schema.to_parsing_canonical_form(schema)
     assert value[:2] == b"\xc3\x01"
@@ -97,8 +105,9 @@ def test_garbage_and_unknown_fingerprint_are_clear_errors(codec: Codec) -> None:
         codec.decode(b"hello world", topic="t", offset=9)
     with pytest.raises(PipelineError, match="unknown writer schema fingerprint"):
         codec.decode(b"\xc3\x01" + b"\x00" * 8 + b"\x02", topic="t", offset=1)
-    good = codec.encode(BEGIN, {"database": "app", "txn_id": 1, "checksum_before": 0,
-                                "source_time_ms": 0, "snapshot": False})
+    good = codec.encode(
+        BEGIN, {"database": "app", "txn_id": 1, "checksum_before": 0, "source_time_ms": 0, "snapshot": False}
+    )
     with pytest.raises(PipelineError, match="cannot decode|trailing bytes"):
         codec.decode(good[:-3], topic="t", offset=2)
     with pytest.raises(PipelineError, match="trailing bytes"):
@@ -110,8 +119,9 @@ def test_garbage_and_unknown_fingerprint_are_clear_errors(codec: Codec) -> None:
 
 
 def test_records_in_any_bytes_like_buffer_decode_alike(codec: Codec) -> None:
-    value = codec.encode(BEGIN, {"database": "app", "txn_id": 7, "checksum_before": -1,
-                                 "source_time_ms": 5, "snapshot": True})
+    value = codec.encode(
+        BEGIN, {"database": "app", "txn_id": 7, "checksum_before": -1, "source_time_ms": 5, "snapshot": True}
+    )
     decoded = codec.decode(value)
     assert decoded[1]["txn_id"] == 7
     assert codec.decode(memoryview(value)) == codec.decode(bytearray(value)) == decoded
@@ -119,9 +129,17 @@ def test_records_in_any_bytes_like_buffer_decode_alike(codec: Codec) -> None:
 
 
 def test_decoding_equals_fastavros_public_reader_for_every_record_type(codec: Codec) -> None:
-    """Codec.decode calls fastavro's compiled read_record directly (faster); it must read what schemaless_reader reads."""
-    t = txn(9, [BlockWrite(0, 1, bytes(64)), BlockWrite(0, 2, bytes(64)), BlobChunk("A/1.doc", 5, "ab" * 32, 0, 1, b"hello"),
-                BlobDelete("B/2.txt")], snapshot=True)
+    """Codec.decode calls fastavro's compiled read_record directly; it must read what schemaless_reader reads."""
+    t = txn(
+        9,
+        [
+            BlockWrite(0, 1, bytes(64)),
+            BlockWrite(0, 2, bytes(64)),
+            BlobChunk("A/1.doc", 5, "ab" * 32, 0, 1, b"hello"),
+            BlobDelete("B/2.txt"),
+        ],
+        snapshot=True,
+    )
     values = [v for _, v in codec.transaction_records(t)]
     assert len(values) == 7  # begin, snapshot start, batch, chunk, delete, snapshot end, commit
     for value in values:
@@ -135,7 +153,9 @@ def test_decoding_equals_fastavros_public_reader_for_every_record_type(codec: Co
 
 def test_block_size_field_must_match_data(codec: Codec) -> None:
     records = stream(codec, txn(1))
-    bad = codec.encode(BLOCK, {"database": "app", "txn_id": 1, "file": 0, "block_index": 1, "block_size": 128, "data": b"x" * 64})
+    bad = codec.encode(
+        BLOCK, {"database": "app", "txn_id": 1, "file": 0, "block_index": 1, "block_size": 128, "data": b"x" * 64}
+    )
     records[1] = StreamRecord("pool.app", 0, 1, b"k", bad)
     with pytest.raises(PipelineError, match="says 128 bytes but carries 64"):
         read_all(codec, records)
@@ -143,9 +163,12 @@ def test_block_size_field_must_match_data(codec: Codec) -> None:
 
 def test_block_writes_travel_in_batches_per_file_and_come_back_one_by_one(codec: Codec) -> None:
     per_batch = BATCH_BYTES // 4096
-    changes = ([BlockWrite(0, i, bytes([i % 251]) * 64) for i in range(3)]
-               + [BlockWrite(1, i, bytes([i % 251]) * 4096) for i in range(per_batch + 2)]
-               + [BlobDelete("x/y")] + [BlockWrite(1, 900, b"\x07" * 4096)])
+    changes = (
+        [BlockWrite(0, i, bytes([i % 251]) * 64) for i in range(3)]
+        + [BlockWrite(1, i, bytes([i % 251]) * 4096) for i in range(per_batch + 2)]
+        + [BlobDelete("x/y")]
+        + [BlockWrite(1, 900, b"\x07" * 4096)]
+    )
     t = txn(5, changes)
     t.files = [FileLayout(0, 64, 4), FileLayout(1, 4096, 1000)]
     records = stream(codec, t)
@@ -164,20 +187,30 @@ def test_old_one_block_records_are_still_read(codec: Codec) -> None:
     """Topics written before BlockBatch hold one BlockWrite record per block."""
     head = {"database": "app", "txn_id": 1}
     records = stream(codec, txn(1, [BlockWrite(0, 1, b"\x01" * 64)]))
-    records[1] = StreamRecord("pool.app", 0, 1, b"b/0/1", codec.encode(
-        BLOCK, {**head, "file": 0, "block_index": 1, "block_size": 64, "data": b"\x02" * 64}))
+    records[1] = StreamRecord(
+        "pool.app",
+        0,
+        1,
+        b"b/0/1",
+        codec.encode(BLOCK, {**head, "file": 0, "block_index": 1, "block_size": 64, "data": b"\x02" * 64}),
+    )
     [(_, got)] = read_all(codec, records)
     assert got == [BlockWrite(0, 1, b"\x02" * 64)]
 
 
-@pytest.mark.parametrize("indexes, data, message", [
-    ([1, 2], b"x" * 64, "says 2 blocks of 64 bytes but carries 64"),
-    ([], b"", "says 0 blocks"),
-])
+@pytest.mark.parametrize(
+    "indexes, data, message",
+    [
+        ([1, 2], b"x" * 64, "says 2 blocks of 64 bytes but carries 64"),
+        ([], b"", "says 0 blocks"),
+    ],
+)
 def test_a_batch_whose_data_does_not_fit_its_indexes_is_refused(codec: Codec, indexes, data, message) -> None:
     records = stream(codec, txn(1))
-    bad = codec.encode(BLOCK_BATCH, {"database": "app", "txn_id": 1, "file": 0, "block_size": 64,
-                                     "block_indexes": indexes, "data": data})
+    bad = codec.encode(
+        BLOCK_BATCH,
+        {"database": "app", "txn_id": 1, "file": 0, "block_size": 64, "block_indexes": indexes, "data": data},
+    )
     records[1] = StreamRecord("pool.app", 0, 1, b"k", bad)
     with pytest.raises(PipelineError, match=message) as exc:
         read_all(codec, records)
@@ -189,7 +222,9 @@ def _committed_schema_versions() -> list[tuple[str, str, dict]]:
     try:
         log = subprocess.run(
             ["git", "-C", str(ROOT), "log", "--format=%H", "--", "schemas"],
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.split()
     except (OSError, subprocess.CalledProcessError):
         return []
@@ -197,12 +232,15 @@ def _committed_schema_versions() -> list[tuple[str, str, dict]]:
     for commit in log:
         names = subprocess.run(
             ["git", "-C", str(ROOT), "ls-tree", "--name-only", commit, "schemas/"],
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.split()
         for path in names:
             if path.endswith(".avsc"):
-                text = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:{path}"],
-                                      capture_output=True, text=True, check=True).stdout
+                text = subprocess.run(
+                    ["git", "-C", str(ROOT), "show", f"{commit}:{path}"], capture_output=True, text=True, check=True
+                ).stdout
                 found.append((commit, path, json.loads(text)))
     return found
 
@@ -219,6 +257,7 @@ def test_every_committed_schema_version_is_still_shipped_unchanged_and_readable(
         parsed = fastavro.parse_schema(schema)
         sample = _sample(parsed)
         import io
+
         buf = io.BytesIO()
         fastavro.schemaless_writer(buf, parsed, sample)
         canonical = fastavro.schema.to_parsing_canonical_form(schema)

@@ -10,8 +10,13 @@ import yaml
 from pool_pipeline.cli.parsers import PARSERS
 
 ROOT = Path(__file__).resolve().parents[2]
-CLI_ENV = {"KAFKA_BOOTSTRAP_SERVERS", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-           "AWS_DEFAULT_REGION"}
+CLI_ENV = {
+    "KAFKA_BOOTSTRAP_SERVERS",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_DEFAULT_REGION",
+}
 
 
 def services() -> dict:

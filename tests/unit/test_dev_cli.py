@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from pool_pipeline.cli.admin import _dev, pipeline_parser
 from pool_pipeline import devstack
+from pool_pipeline.cli.admin import _dev, pipeline_parser
 
 
 def _parse(*argv: str) -> Any:
@@ -65,7 +65,9 @@ def _write_stack(state: Path, brokers: int, live: frozenset[int] | set[int] = fr
         (["dev", "broker"], "the following arguments are required"),
     ],
 )
-def test_broker_argument_errors_are_usage_errors(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_broker_argument_errors_are_usage_errors(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(SystemExit) as exc:
         _parse(*argv)
     assert exc.value.code == 2
@@ -74,7 +76,13 @@ def test_broker_argument_errors_are_usage_errors(argv: list[str], message: str, 
 
 def test_broker_options_parse(tmp_path: Path) -> None:
     args = _parse("dev", "broker", "start", "3", "--timeout", "45", "--state-dir", str(tmp_path))
-    assert (args.action, args.broker_action, args.node, args.timeout, args.state_dir) == ("broker", "start", 3, 45.0, tmp_path)
+    assert (args.action, args.broker_action, args.node, args.timeout, args.state_dir) == (
+        "broker",
+        "start",
+        3,
+        45.0,
+        tmp_path,
+    )
     assert _parse("dev", "broker", "stop", "1").timeout == 20.0
 
 

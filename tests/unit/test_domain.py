@@ -10,7 +10,9 @@ from pipeline.model import BlockWrite, FileLayout, Position, Transaction, safe_b
 from pipeline.replicate import replicate
 
 
-@pytest.mark.parametrize("path", ["../x", "/etc/passwd", "A/../../x", "A/./b", "", "a\\b", "A//b", "a\x00b", "..", "A/.."])
+@pytest.mark.parametrize(
+    "path", ["../x", "/etc/passwd", "A/../../x", "A/./b", "", "a\\b", "A//b", "a\x00b", "..", "A/.."]
+)
 def test_escaping_blob_paths_are_rejected(path: str) -> None:
     with pytest.raises(PipelineError):
         safe_blob_path(path)
@@ -61,8 +63,16 @@ class MemorySink:
 
 
 def t(txn_id: int, before: int, after: int) -> Transaction:
-    return Transaction("app", txn_id, before, 0, [BlockWrite(0, 1, bytes(64))], checksum_after=after,
-                       files=[FileLayout(0, 64, 2)], change_count=1)
+    return Transaction(
+        "app",
+        txn_id,
+        before,
+        0,
+        [BlockWrite(0, 1, bytes(64))],
+        checksum_after=after,
+        files=[FileLayout(0, 64, 2)],
+        change_count=1,
+    )
 
 
 def test_redelivered_transactions_are_skipped_exactly_once() -> None:
@@ -94,8 +104,17 @@ def test_error_text_names_database_txn_and_offset() -> None:
 
 
 def test_a_snapshot_needs_no_continuity_but_must_move_forward() -> None:
-    snap = Transaction("app", 7, 999, 0, [BlockWrite(0, 1, bytes(64))], snapshot=True, checksum_after=77,
-                       files=[FileLayout(0, 64, 2)], change_count=1)
+    snap = Transaction(
+        "app",
+        7,
+        999,
+        0,
+        [BlockWrite(0, 1, bytes(64))],
+        snapshot=True,
+        checksum_after=77,
+        files=[FileLayout(0, 64, 2)],
+        change_count=1,
+    )
     sink = MemorySink()
     assert replicate(ListSource([t(1, 0, 11), snap, t(8, 77, 88)]), sink) == Position(8, 88)
     assert sink.applied == [1, 7, 8]

@@ -12,31 +12,48 @@ from connectors.faults import Backoff, as_pipeline_error, classify, retry
 from pipeline.errors import PipelineError
 
 
-@pytest.mark.parametrize("exc", [
-    ke.NotEnoughReplicasError(), ke.NotEnoughReplicasAfterAppendError(), ke.NotLeaderForPartitionError(),
-    ke.LeaderNotAvailableError(), ke.CoordinatorNotAvailableError(), ke.NotCoordinatorError(),
-    ke.CoordinatorLoadInProgressError(), ke.RequestTimedOutError(), ke.KafkaTimeoutError("commit"),
-    ke.KafkaConnectionError("refused"), ke.NodeNotReadyError(),
-    ke.ConcurrentTransactionsError(), ke.UnknownTopicOrPartitionError(), ke.OutOfOrderSequenceNumberError(),
-    ke.UnknownProducerIdError(), ke.TransactionAbortedError(), ConnectionRefusedError(111, "refused"),
-])
+@pytest.mark.parametrize(
+    "exc",
+    [
+        ke.NotEnoughReplicasError(),
+        ke.NotEnoughReplicasAfterAppendError(),
+        ke.NotLeaderForPartitionError(),
+        ke.LeaderNotAvailableError(),
+        ke.CoordinatorNotAvailableError(),
+        ke.NotCoordinatorError(),
+        ke.CoordinatorLoadInProgressError(),
+        ke.RequestTimedOutError(),
+        ke.KafkaTimeoutError("commit"),
+        ke.KafkaConnectionError("refused"),
+        ke.NodeNotReadyError(),
+        ke.ConcurrentTransactionsError(),
+        ke.UnknownTopicOrPartitionError(),
+        ke.OutOfOrderSequenceNumberError(),
+        ke.UnknownProducerIdError(),
+        ke.TransactionAbortedError(),
+        ConnectionRefusedError(111, "refused"),
+    ],
+)
 def test_transient_kafka_and_network_errors_are_retriable(exc: BaseException) -> None:
     assert classify(exc)[0] is True, type(exc).__name__
 
 
-@pytest.mark.parametrize("exc, fix", [
-    (ke.SaslAuthenticationFailedError(), "password"),
-    (ke.TopicAuthorizationFailedError(), "ACLs"),
-    (ke.GroupAuthorizationFailedError(), "ACLs"),
-    (ke.TransactionalIdAuthorizationFailedError(), "transactional id"),
-    (ke.ClusterAuthorizationFailedError(), "ACLs"),
-    (ke.MessageSizeTooLargeError(), "max.message.bytes"),
-    (ke.InvalidConfigurationError(), "configuration"),
-    (ke.KafkaConfigurationError("bad option"), "client settings"),
-    (ke.InvalidReplicationFactorError(), "brokers"),
-    (ke.ProducerFencedError(), "transactional id"),
-    (ke.InvalidProducerEpochError(), "transactional id"),
-])
+@pytest.mark.parametrize(
+    "exc, fix",
+    [
+        (ke.SaslAuthenticationFailedError(), "password"),
+        (ke.TopicAuthorizationFailedError(), "ACLs"),
+        (ke.GroupAuthorizationFailedError(), "ACLs"),
+        (ke.TransactionalIdAuthorizationFailedError(), "transactional id"),
+        (ke.ClusterAuthorizationFailedError(), "ACLs"),
+        (ke.MessageSizeTooLargeError(), "max.message.bytes"),
+        (ke.InvalidConfigurationError(), "configuration"),
+        (ke.KafkaConfigurationError("bad option"), "client settings"),
+        (ke.InvalidReplicationFactorError(), "brokers"),
+        (ke.ProducerFencedError(), "transactional id"),
+        (ke.InvalidProducerEpochError(), "transactional id"),
+    ],
+)
 def test_permanent_kafka_errors_stop_with_what_to_fix(exc: BaseException, fix: str) -> None:
     retriable, hint = classify(exc)
     assert retriable is False and fix in hint, (type(exc).__name__, hint)
@@ -46,24 +63,28 @@ def test_permanent_kafka_errors_stop_with_what_to_fix(exc: BaseException, fix: s
 
 
 def _client_error(code: str, status: int) -> ClientError:
-    return ClientError({"Error": {"Code": code, "Message": "msg"}, "ResponseMetadata": {"HTTPStatusCode": status}},
-                       "PutObject")
+    return ClientError(
+        {"Error": {"Code": code, "Message": "msg"}, "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject"
+    )
 
 
-@pytest.mark.parametrize("exc, retriable", [
-    (_client_error("SlowDown", 503), True),
-    (_client_error("InternalError", 500), True),
-    (_client_error("ServiceUnavailable", 503), True),
-    (_client_error("RequestTimeout", 400), True),
-    (_client_error("AccessDenied", 403), False),
-    (_client_error("NoSuchBucket", 404), False),
-    (_client_error("InvalidAccessKeyId", 403), False),
-    (_client_error("SignatureDoesNotMatch", 403), False),
-    (_client_error("PreconditionFailed", 412), False),
-    (EndpointConnectionError(endpoint_url="http://127.0.0.1:1"), True),
-    (ReadTimeoutError(endpoint_url="http://127.0.0.1:1"), True),
-    (NoCredentialsError(), False),
-])
+@pytest.mark.parametrize(
+    "exc, retriable",
+    [
+        (_client_error("SlowDown", 503), True),
+        (_client_error("InternalError", 500), True),
+        (_client_error("ServiceUnavailable", 503), True),
+        (_client_error("RequestTimeout", 400), True),
+        (_client_error("AccessDenied", 403), False),
+        (_client_error("NoSuchBucket", 404), False),
+        (_client_error("InvalidAccessKeyId", 403), False),
+        (_client_error("SignatureDoesNotMatch", 403), False),
+        (_client_error("PreconditionFailed", 412), False),
+        (EndpointConnectionError(endpoint_url="http://127.0.0.1:1"), True),
+        (ReadTimeoutError(endpoint_url="http://127.0.0.1:1"), True),
+        (NoCredentialsError(), False),
+    ],
+)
 def test_s3_errors(exc: BaseException, retriable: bool) -> None:
     assert classify(exc)[0] is retriable
 
@@ -82,8 +103,16 @@ def test_retry_logs_each_wait_and_raises_permanent_errors_at_once() -> None:
             raise PipelineError("broker away", retriable=True)
         return 5
 
-    assert retry("agent", flaky, lines.append, backoff=Backoff(first=0.001, cap=0.002),
-                 explain=lambda: "2 of 3 brokers unreachable") == 5
+    assert (
+        retry(
+            "agent",
+            flaky,
+            lines.append,
+            backoff=Backoff(first=0.001, cap=0.002),
+            explain=lambda: "2 of 3 brokers unreachable",
+        )
+        == 5
+    )
     assert len(lines) == 2 and all("broker away" in line and "2 of 3 brokers unreachable" in line for line in lines)
 
     def bad() -> int:

@@ -17,9 +17,23 @@ CODEC = Codec(load_schemas())
 
 
 def records(*txn_ids: int, database: str = "app", snapshot: bool = False) -> list[StreamRecord]:
-    pairs = [kv for t in txn_ids for kv in CODEC.transaction_records(Transaction(
-        database, t, 0, 1_700_000_000_000 + t, checksum_after=t, snapshot=snapshot, files=[FileLayout(0, 64, 4)],
-        change_count=2, changes=[BlockWrite(0, 1, bytes(64)), BlockWrite(1, 0, bytes(64))]))]
+    pairs = [
+        kv
+        for t in txn_ids
+        for kv in CODEC.transaction_records(
+            Transaction(
+                database,
+                t,
+                0,
+                1_700_000_000_000 + t,
+                checksum_after=t,
+                snapshot=snapshot,
+                files=[FileLayout(0, 64, 4)],
+                change_count=2,
+                changes=[BlockWrite(0, 1, bytes(64)), BlockWrite(1, 0, bytes(64))],
+            )
+        )
+    ]
     return [StreamRecord("pool.app", 0, 10 + i, k, v) for i, (k, v) in enumerate(pairs)]
 
 

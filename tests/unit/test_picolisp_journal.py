@@ -142,7 +142,9 @@ def test_parse_empty() -> None:
 def test_parse_truncated_entry_names_its_offset(cut: int) -> None:
     first = entry(12, 0, 0, bytes(12))
     data = first + entry(0, 1, 64, bytes(256))[:cut]
-    with pytest.raises(PipelineError, match=rf"journal truncated: entry at byte {len(first)} needs \d+ bytes, only {cut} left") as exc:
+    with pytest.raises(
+        PipelineError, match=rf"journal truncated: entry at byte {len(first)} needs \d+ bytes, only {cut} left"
+    ) as exc:
         parse_journal(data, SIZES)
     assert not exc.value.retriable
 
@@ -245,7 +247,10 @@ def test_replay_of_chunks_equals_replay_of_whole_journal(tmp_path: Path) -> None
     i = 0
     while i < len(entries):
         j = min(len(entries), i + rng.randint(1, 20))
-        chunk = b"".join(entry(0 if len(e.payload) == sizes[e.file] else len(e.payload), e.file, e.address, e.payload) for e in entries[i:j])
+        chunk = b"".join(
+            entry(0 if len(e.payload) == sizes[e.file] else len(e.payload), e.file, e.address, e.payload)
+            for e in entries[i:j]
+        )
         parsed = parse_journal(chunk, sizes)
         replay(chunked, parsed, sizes)
         if rng.random() < 0.3:
@@ -262,7 +267,9 @@ def test_replay_of_chunks_equals_replay_of_whole_journal(tmp_path: Path) -> None
     for n, (a, b) in enumerate(zip(empty, whole)):
         old, new = a.read_bytes(), b.read_bytes()
         changed = {
-            k for k in range(len(new) // sizes[n]) if old[k * sizes[n] : (k + 1) * sizes[n]] != new[k * sizes[n] : (k + 1) * sizes[n]]
+            k
+            for k in range(len(new) // sizes[n])
+            if old[k * sizes[n] : (k + 1) * sizes[n]] != new[k * sizes[n] : (k + 1) * sizes[n]]
         }
         assert changed <= touched.get(n, set())
 

@@ -1,4 +1,4 @@
-"""Unit tests for connectors.picolisp.source on hand-made pools: start-order wait, layout changes, hostile blob names."""
+"""connectors.picolisp.source on hand-made pools: start-order wait, layout changes, hostile blob names."""
 
 from __future__ import annotations
 
@@ -80,22 +80,35 @@ def test_layout_change_allows_growth_only() -> None:
     assert "fewer than the 10" in layout_change(old, [FileLayout(0, 128, 9), FileLayout(1, 256, 3)])  # type: ignore[operator]
 
 
-def _source(tmp_path: Path, last_layout: list[FileLayout] | None, lines: list[str],
-            blob_dir: Path | None = None) -> PoolSource:
+def _source(
+    tmp_path: Path, last_layout: list[FileLayout] | None, lines: list[str], blob_dir: Path | None = None
+) -> PoolSource:
     journal = tmp_path / "fifo"
     journal.touch()
     (tmp_path / "state").mkdir(exist_ok=True)  # AgentLock makes it in the agent
-    return PoolSource(f"{tmp_path}/db/", journal, blob_dir, "app", tmp_path / "state", last_layout=last_layout,
-                      once=True, log=lines.append)
+    return PoolSource(
+        f"{tmp_path}/db/",
+        journal,
+        blob_dir,
+        "app",
+        tmp_path / "state",
+        last_layout=last_layout,
+        once=True,
+        log=lines.append,
+    )
 
 
-@pytest.mark.parametrize("shifts, published", [
-    ([2, 2], [FileLayout(0, 128, 2), FileLayout(1, 256, 1)]),  # other block sizes (*Dbs)
-    ([1], [FileLayout(0, 128, 2), FileLayout(1, 256, 1)]),  # fewer files
-    ([1, 2], [FileLayout(0, 128, 5), FileLayout(1, 256, 1)]),  # a file shorter than published
-])
+@pytest.mark.parametrize(
+    "shifts, published",
+    [
+        ([2, 2], [FileLayout(0, 128, 2), FileLayout(1, 256, 1)]),  # other block sizes (*Dbs)
+        ([1], [FileLayout(0, 128, 2), FileLayout(1, 256, 1)]),  # fewer files
+        ([1, 2], [FileLayout(0, 128, 5), FileLayout(1, 256, 1)]),  # a file shorter than published
+    ],
+)
 def test_a_recreated_pool_on_an_existing_topic_is_published_as_a_snapshot(
-        tmp_path: Path, shifts: list[int], published: list[FileLayout]) -> None:
+    tmp_path: Path, shifts: list[int], published: list[FileLayout]
+) -> None:
     make_pool(tmp_path / "db", shifts)
     state = tmp_path / "state"
     state.mkdir()
@@ -107,8 +120,9 @@ def test_a_recreated_pool_on_an_existing_topic_is_published_as_a_snapshot(
         txn = next(source.transactions(Position(4, 9)))
         assert txn.snapshot and txn.txn_id == 5 and txn.checksum_before == 9
         list(txn.changes)
-        assert [(f.block_size, f.blocks) for f in txn.files] == [(64 << s, 2 if n == 0 else 1)
-                                                                 for n, s in enumerate(shifts)]
+        assert [(f.block_size, f.blocks) for f in txn.files] == [
+            (64 << s, 2 if n == 0 else 1) for n, s in enumerate(shifts)
+        ]
         assert any("snapshot" in line and "not the one the topic holds" in line for line in lines), lines
         assert not (state / "journal.spool").exists()
     finally:

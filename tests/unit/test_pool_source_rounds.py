@@ -1,11 +1,11 @@
-"""PoolSource rounds on a hand-made pool and journal (no app running): bootstrap snapshot, deltas, a corrupt journal, a kill."""
+"""PoolSource rounds on a hand-made pool and journal: bootstrap snapshot, deltas, a corrupt journal, a kill."""
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -58,7 +58,7 @@ class App:
 
     def block(self, file: int, index: int) -> bytes:
         bs = self.bs(file)
-        return self.paths[file].read_bytes()[index * bs:(index + 1) * bs]
+        return self.paths[file].read_bytes()[index * bs : (index + 1) * bs]
 
     def checksum(self) -> int:
         return checksum_of((f.file, i, self.block(f.file, i)) for f in self.layout() for i in range(f.blocks))
@@ -66,8 +66,9 @@ class App:
 
 def source(root: Path, app: App, last_layout: list[FileLayout] | None = None) -> PoolSource:
     (root / "state").mkdir(exist_ok=True)
-    return PoolSource(f"{app.db}/", app.journal, None, DB, root / "state", last_layout=last_layout, once=True,
-                      log=lambda line: None)
+    return PoolSource(
+        f"{app.db}/", app.journal, None, DB, root / "state", last_layout=last_layout, once=True, log=lambda line: None
+    )
 
 
 def take(txns: Iterator[Transaction]) -> Transaction:
@@ -116,7 +117,8 @@ def test_the_first_round_on_an_empty_topic_is_a_snapshot_of_the_whole_pool(tmp_p
 
 
 def test_a_later_round_carries_the_final_images_of_the_touched_blocks_and_the_new_layout(
-        tmp_path: Path, app: App) -> None:
+    tmp_path: Path, app: App
+) -> None:
     src = source(tmp_path, app)
     sink = replica(tmp_path)
     try:
@@ -158,7 +160,8 @@ CORRUPTIONS = {
 
 @pytest.mark.parametrize("corruption", list(CORRUPTIONS))
 def test_a_corrupt_journal_at_bootstrap_stops_before_the_snapshot_and_leaves_it_intact(
-        tmp_path: Path, app: App, corruption: str) -> None:
+    tmp_path: Path, app: App, corruption: str
+) -> None:
     app.write(0, 1, b"\x11" * 128)
     with open(app.journal, "ab") as j:
         j.write(CORRUPTIONS[corruption])
@@ -178,7 +181,8 @@ def test_a_corrupt_journal_at_bootstrap_stops_before_the_snapshot_and_leaves_it_
 
 @pytest.mark.parametrize("corruption", list(CORRUPTIONS))
 def test_a_corrupt_journal_after_a_kill_leaves_journal_and_spool_intact_and_resumes_once_repaired(
-        tmp_path: Path, app: App, corruption: str) -> None:
+    tmp_path: Path, app: App, corruption: str
+) -> None:
     src = source(tmp_path, app)
     sink = replica(tmp_path)
     try:
@@ -266,4 +270,3 @@ def test_after_a_kill_the_next_round_merges_spool_and_journal(tmp_path: Path, ap
     finally:
         sink.close()
         src.close()
-

@@ -7,8 +7,8 @@ import hashlib
 import os
 import random
 import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 
@@ -53,7 +53,7 @@ def fresh(txn: Transaction) -> Transaction:
 
 def _blob(path: str, data: bytes) -> list[BlobChunk]:
     sha = hashlib.sha256(data).hexdigest()
-    pieces = [data[i:i + BLOB_CHUNK] for i in range(0, len(data), BLOB_CHUNK)] or [b""]
+    pieces = [data[i : i + BLOB_CHUNK] for i in range(0, len(data), BLOB_CHUNK)] or [b""]
     return [BlobChunk(path, len(data), sha, i, len(pieces), p) for i, p in enumerate(pieces)]
 
 
@@ -70,8 +70,19 @@ def make_stream(n: int, seed: int, database: str = DB) -> list[Transaction]:
             rolling.set_block(f.file, i, data)
             changes.append(BlockWrite(f.file, i, data))
     changes += _blob("A/0.doc", b"snap" * 30) + _blob("B/0.txt", b"zero")
-    txns.append(Transaction(database, 1, 0, 1_000, changes, snapshot=True, checksum_after=rolling.value,
-                            files=list(LAYOUT), change_count=len(changes)))
+    txns.append(
+        Transaction(
+            database,
+            1,
+            0,
+            1_000,
+            changes,
+            snapshot=True,
+            checksum_after=rolling.value,
+            files=list(LAYOUT),
+            change_count=len(changes),
+        )
+    )
     for t in range(2, n + 1):
         before = rolling.value
         changes = []
@@ -85,8 +96,18 @@ def make_stream(n: int, seed: int, database: str = DB) -> list[Transaction]:
         changes += _blob(f"A/{t}.doc", rng.randbytes(250 + t))
         if t >= 3:
             changes.append(BlobDelete(f"B/{t - 1}.txt"))
-        txns.append(Transaction(database, t, before, 1_000 + t, changes, checksum_after=rolling.value,
-                                files=list(LAYOUT), change_count=len(changes)))
+        txns.append(
+            Transaction(
+                database,
+                t,
+                before,
+                1_000 + t,
+                changes,
+                checksum_after=rolling.value,
+                files=list(LAYOUT),
+                change_count=len(changes),
+            )
+        )
     return txns
 
 
@@ -97,7 +118,7 @@ def expected_state(txns: list[Transaction], upto: int) -> tuple[dict[str, bytes]
     for txn in txns[:upto]:
         for c in txn.changes:
             if isinstance(c, BlockWrite):
-                files[c.file][c.index * len(c.data):(c.index + 1) * len(c.data)] = c.data
+                files[c.file][c.index * len(c.data) : (c.index + 1) * len(c.data)] = c.data
             elif isinstance(c, BlobChunk):
                 blobs[c.path] = (blobs[c.path] if c.index else b"") + c.data
             else:
@@ -140,8 +161,15 @@ class Crash:
         raise Killed()
 
 
-def _on_call(monkeypatch: pytest.MonkeyPatch, owner: object, name: str, crash: Crash,
-             match: Callable[..., bool], nth: int = 1, after: bool = False) -> None:
+def _on_call(
+    monkeypatch: pytest.MonkeyPatch,
+    owner: object,
+    name: str,
+    crash: Crash,
+    match: Callable[..., bool],
+    nth: int = 1,
+    after: bool = False,
+) -> None:
     """Crash at the `nth` call of owner.name whose arguments `match`, before it runs or right `after`."""
     real = getattr(owner, name)
     seen = [0]
@@ -164,21 +192,35 @@ def _name(p: object) -> str:
 
 # Each kill point of the commit protocol: how to get there, and whether the batch is then committed.
 POINTS: dict[str, tuple[Callable[[pytest.MonkeyPatch, Crash], None], bool]] = {
-    "redo.tmp complete, not renamed": (lambda mp, c: _on_call(
-        mp, os, "replace", c, lambda src, dst: _name(src) == "redo.tmp"), False),
-    "redo renamed, nothing written": (lambda mp, c: _on_call(
-        mp, os, "replace", c, lambda src, dst: _name(src) == "redo.tmp", after=True), True),
+    "redo.tmp complete, not renamed": (
+        lambda mp, c: _on_call(mp, os, "replace", c, lambda src, dst: _name(src) == "redo.tmp"),
+        False,
+    ),
+    "redo renamed, nothing written": (
+        lambda mp, c: _on_call(mp, os, "replace", c, lambda src, dst: _name(src) == "redo.tmp", after=True),
+        True,
+    ),
     "blocks half written": (lambda mp, c: _on_call(mp, os, "pwrite", c, lambda *a: True, nth=2), True),
-    "blocks written, blobs staged": (lambda mp, c: _on_call(
-        mp, os, "replace", c, lambda src, dst: _name(os.path.dirname(src)) == "stage"), True),
-    "some blobs moved": (lambda mp, c: _on_call(
-        mp, os, "replace", c, lambda src, dst: _name(os.path.dirname(src)) == "stage", nth=2), True),
-    "position.json.tmp written, not renamed": (lambda mp, c: _on_call(
-        mp, os, "replace", c, lambda src, dst: _name(dst) == "position.json"), True),
-    "position written, redo not dropped": (lambda mp, c: _on_call(
-        mp, os, "replace", c, lambda src, dst: _name(dst) == "position.json", after=True), True),
-    "redo dropped, stage dir left": (lambda mp, c: _on_call(
-        mp, Path, "unlink", c, lambda self, *a: self.name == "redo", after=True), True),
+    "blocks written, blobs staged": (
+        lambda mp, c: _on_call(mp, os, "replace", c, lambda src, dst: _name(os.path.dirname(src)) == "stage"),
+        True,
+    ),
+    "some blobs moved": (
+        lambda mp, c: _on_call(mp, os, "replace", c, lambda src, dst: _name(os.path.dirname(src)) == "stage", nth=2),
+        True,
+    ),
+    "position.json.tmp written, not renamed": (
+        lambda mp, c: _on_call(mp, os, "replace", c, lambda src, dst: _name(dst) == "position.json"),
+        True,
+    ),
+    "position written, redo not dropped": (
+        lambda mp, c: _on_call(mp, os, "replace", c, lambda src, dst: _name(dst) == "position.json", after=True),
+        True,
+    ),
+    "redo dropped, stage dir left": (
+        lambda mp, c: _on_call(mp, Path, "unlink", c, lambda self, *a: self.name == "redo", after=True),
+        True,
+    ),
 }
 
 # What each kill leaves in the state dir besides position.json and replica.lock.
@@ -197,7 +239,8 @@ LEFT = {
 @pytest.mark.parametrize("group_commit", [False, True], ids=["per-txn", "group-commit"])
 @pytest.mark.parametrize("point", list(POINTS))
 def test_a_kill_at_each_step_of_flush_leaves_a_txn_boundary_and_a_restart_carries_on(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, point: str, group_commit: bool) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, point: str, group_commit: bool
+) -> None:
     txns = make_stream(6, seed=hash(point) & 0xFFFF)
     live, crashed = tmp_path / "live", tmp_path / "crashed"
     assert apply_all(live, txns[:2]) == txns[1].after
@@ -237,7 +280,8 @@ def test_a_kill_at_each_step_of_flush_leaves_a_txn_boundary_and_a_restart_carrie
 
 @pytest.mark.parametrize("group_commit", [False, True], ids=["per-txn", "group-commit"])
 def test_a_kill_while_redo_tmp_is_half_written_leaves_the_last_committed_txn(
-        tmp_path: Path, group_commit: bool) -> None:
+    tmp_path: Path, group_commit: bool
+) -> None:
     txns = make_stream(6, seed=7)
     live, crashed = tmp_path / "live", tmp_path / "crashed"
     assert apply_all(live, txns[:2]) == txns[1].after
@@ -278,10 +322,12 @@ def test_a_kill_while_redo_tmp_is_half_written_leaves_the_last_committed_txn(
     assert disk_state(crashed) == expected_state(txns, len(txns))
 
 
-@pytest.mark.parametrize("point", ["redo renamed, nothing written", "blocks half written",
-                                   "position.json.tmp written, not renamed"])
+@pytest.mark.parametrize(
+    "point", ["redo renamed, nothing written", "blocks half written", "position.json.tmp written, not renamed"]
+)
 def test_a_kill_during_the_very_first_txn_after_its_commit_point_is_replayed(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, point: str) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, point: str
+) -> None:
     """No position.json yet, but pool files half written by the replay: the committed redo still wins."""
     txns = make_stream(3, seed=11)
     live, crashed = tmp_path / "live", tmp_path / "crashed"

@@ -6,8 +6,8 @@ import errno
 import json
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -21,20 +21,31 @@ from tests.pipeline_helpers import replica_at_boundary, synthetic_stream
 DB = "diskdb"
 
 
-@pytest.mark.parametrize("code, reason", [
-    (errno.ENOSPC, "no space left on device"),
-    (errno.EDQUOT, "disk quota exceeded"),
-    (errno.EROFS, "read-only file system"),
-    (errno.EACCES, "permission denied"),
-    (errno.EPERM, "operation not permitted"),
-])
+@pytest.mark.parametrize(
+    "code, reason",
+    [
+        (errno.ENOSPC, "no space left on device"),
+        (errno.EDQUOT, "disk quota exceeded"),
+        (errno.EROFS, "read-only file system"),
+        (errno.EACCES, "permission denied"),
+        (errno.EPERM, "operation not permitted"),
+    ],
+)
 def test_full_and_read_only_errnos_are_disk_faults(code: int, reason: str) -> None:
     fault = disk_fault(OSError(code, os.strerror(code), "/x"))
     assert fault is not None and fault.reason == reason and "restart" not in fault.remedy
 
 
-@pytest.mark.parametrize("exc", [OSError(errno.EIO, "I/O error"), OSError(errno.ENOENT, "gone"),
-                                 FileNotFoundError("x"), OSError("no errno"), ValueError("not an OSError")])
+@pytest.mark.parametrize(
+    "exc",
+    [
+        OSError(errno.EIO, "I/O error"),
+        OSError(errno.ENOENT, "gone"),
+        FileNotFoundError("x"),
+        OSError("no errno"),
+        ValueError("not an OSError"),
+    ],
+)
 def test_other_errors_are_not_disk_faults(exc: BaseException) -> None:
     assert disk_fault(exc) is None
 

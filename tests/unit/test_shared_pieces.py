@@ -41,13 +41,16 @@ def test_journal_blocks_agrees_with_parse_journal() -> None:
     assert journal_blocks(b"", SIZES) == set()
 
 
-@pytest.mark.parametrize("data", [
-    entry(12, 0, 0, bytes(12)) + entry(0, 1, 64, bytes(256))[:20],  # truncated payload
-    b"\x00\x00\x00",  # truncated header
-    entry(6, 0, 0, bytes(6)) + entry(0, 4, 64, bytes(64)),  # a file the pool lacks
-    entry(12, 2, 58, bytes(12)),  # crosses a block boundary
-    entry(0, 1, 65, bytes(256)),  # a full block not at a block start
-])
+@pytest.mark.parametrize(
+    "data",
+    [
+        entry(12, 0, 0, bytes(12)) + entry(0, 1, 64, bytes(256))[:20],  # truncated payload
+        b"\x00\x00\x00",  # truncated header
+        entry(6, 0, 0, bytes(6)) + entry(0, 4, 64, bytes(64)),  # a file the pool lacks
+        entry(12, 2, 58, bytes(12)),  # crosses a block boundary
+        entry(0, 1, 65, bytes(256)),  # a full block not at a block start
+    ],
+)
 def test_journal_blocks_raises_what_parse_journal_raises(data: bytes) -> None:
     with pytest.raises(PipelineError) as parsed:
         parse_journal(data, SIZES, base_offset=500)
@@ -97,8 +100,11 @@ def test_scan_blocks_reads_every_block_in_slices(tmp_path: Path, monkeypatch: py
         fds.append(os.open(tmp_path / str(f.file), os.O_RDONLY))
     try:
         got = list(scan_blocks(fds.__getitem__, layout))
-        want = [BlockWrite(f.file, i, images[f.file][i * f.block_size:(i + 1) * f.block_size])
-                for f in layout for i in range(f.blocks)]
+        want = [
+            BlockWrite(f.file, i, images[f.file][i * f.block_size : (i + 1) * f.block_size])
+            for f in layout
+            for i in range(f.blocks)
+        ]
         assert got == want
         with pytest.raises(PipelineError, match="shrank") as exc:
             list(scan_blocks(fds.__getitem__, [FileLayout(0, 64, 8)]))

@@ -32,7 +32,9 @@ def stream(n: int, seed: int = 1, step_ms: int = 70) -> list[TxnSummary]:
     rng = random.Random(seed)
     out = []
     for i in range(1, n + 1):
-        changes: list = [block(rng.randrange(3), rng.randrange(8), 64 << rng.randrange(3)) for _ in range(rng.randrange(1, 6))]
+        changes: list = [
+            block(rng.randrange(3), rng.randrange(8), 64 << rng.randrange(3)) for _ in range(rng.randrange(1, 6))
+        ]
         if i % 5 == 0:
             changes += [BlobChunk(f"d/{i}", 700, "0" * 64, k, 2, bytes(350)) for k in range(2)]
         if i % 9 == 0:
@@ -71,8 +73,18 @@ def test_resuming_at_any_emitted_window_boundary_rebuilds_identical_windows() ->
 
 def test_counts_sizes_blobs_and_lag() -> None:
     w = Windows(DB, 1000)
-    w.add(txn(1, T0, [block(0, 1), BlobChunk("a.doc", 900, "0" * 64, 0, 2, bytes(512)),
-                      BlobChunk("a.doc", 900, "0" * 64, 1, 2, bytes(388))], publish_ms=T0 + 30))
+    w.add(
+        txn(
+            1,
+            T0,
+            [
+                block(0, 1),
+                BlobChunk("a.doc", 900, "0" * 64, 0, 2, bytes(512)),
+                BlobChunk("a.doc", 900, "0" * 64, 1, 2, bytes(388)),
+            ],
+            publish_ms=T0 + 30,
+        )
+    )
     w.add(txn(2, T0 + 1, [BlobDelete("b.doc"), block(2, 0, 256)], publish_ms=T0 + 11))
     w.add(txn(3, T0 + 2, [BlobChunk("c.doc", 0, "0" * 64, 0, 1, b"")], publish_ms=T0 + 2))
     s = w.add(txn(4, T0 + 1000, []))
@@ -165,10 +177,22 @@ def test_layout_is_not_needed_for_stats() -> None:
 def test_a_summary_of_block_batches_equals_the_summary_of_their_blocks() -> None:
     """The analytics CLI reads BlockBatch changes whole (batches=True): the figures must not change."""
     codec = Codec(load_schemas())
-    changes = ([BlockWrite(0, i, bytes([i]) * 64) for i in (5, 1, 9)] + [BlobChunk("d/1", 3, "0" * 64, 0, 1, b"abc")]
-               + [BlockWrite(1, i, bytes(4096)) for i in range(70)] + [BlobDelete("d/2")])
-    t = Transaction(DB, 4, 0, T0, changes, files=[FileLayout(0, 64, 10), FileLayout(1, 4096, 70)],
-                    change_count=len(changes), checksum_after=1)
+    changes = (
+        [BlockWrite(0, i, bytes([i]) * 64) for i in (5, 1, 9)]
+        + [BlobChunk("d/1", 3, "0" * 64, 0, 1, b"abc")]
+        + [BlockWrite(1, i, bytes(4096)) for i in range(70)]
+        + [BlobDelete("d/2")]
+    )
+    t = Transaction(
+        DB,
+        4,
+        0,
+        T0,
+        changes,
+        files=[FileLayout(0, 64, 10), FileLayout(1, 4096, 70)],
+        change_count=len(changes),
+        checksum_after=1,
+    )
     records = [StreamRecord("pool.app", 0, 100 + i, k, v) for i, (k, v) in enumerate(codec.transaction_records(t))]
 
     def summary(batches: bool) -> tuple[TxnSummary, list]:
@@ -179,6 +203,7 @@ def test_a_summary_of_block_batches_equals_the_summary_of_their_blocks() -> None
             for change in inner:
                 kinds.append(type(change).__name__)
                 yield change
+
         got.changes = seen()
         return summarize(got, T0 + 5), kinds
 
