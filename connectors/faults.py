@@ -240,4 +240,4 @@ def disk_fault(exc: BaseException) -> DiskFault | None:
 
     These will not go away by retrying: the replica stops with one line naming the cause.
     """
-    return _DISK_FAULTS.get(exc.errno) if isinstance(exc, OSError) else None
+    return _DISK_FAULTS.get(exc.errno) if isinstance(exc, OSError) and exc.errno is not None else None

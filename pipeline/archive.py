@@ -320,6 +320,7 @@ def read_segment(fo: IO[bytes], database: str, topic: str, where: str) -> Iterat
             )
         partition = int(reader.metadata.get("pool.pipeline.partition", "0"))
         for r in reader:
+            assert isinstance(r, dict), "a segment's records are Avro records"
             yield StreamRecord(topic, partition, r["offset"], r["key"], r["value"], r["timestamp_ms"])
     except PipelineError:
         raise

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import fastavro
 
 try:  # fastavro's compiled record reader: schemaless_reader re-parses the schema on every call, a fifth of decoding
-    from fastavro._read import CYTHON_MODULE as _COMPILED
-    from fastavro._read import read_record as _read_record
+    from fastavro._read import CYTHON_MODULE as _COMPILED  # type: ignore[attr-defined]  # private: not in _read.pyi
+    from fastavro._read import read_record as _read_record  # type: ignore[attr-defined]  # private: not in _read.pyi
 except ImportError:  # the pure-Python build takes a decoder, not a file: use the public API
     _COMPILED, _read_record = 0, None
 
@@ -89,6 +89,7 @@ class Codec:
         self._current: dict[str, tuple[bytes, dict]] = {}
         for schema in self.schemas:
             parsed = fastavro.parse_schema(schema)
+            assert isinstance(parsed, dict), "each record schema parses to a dict"
             name = parsed["name"]
             canonical = fastavro.schema.to_parsing_canonical_form(schema)
             fingerprint = bytes.fromhex(fastavro.schema.fingerprint(canonical, "CRC-64-AVRO"))
@@ -354,7 +355,7 @@ class Codec:
         framer.end()
 
 
-def _batched(changes: Iterable[Change]) -> Iterator[list[BlockWrite] | BlobChunk | BlobDelete]:
+def _batched(changes: Iterable[Change | BlockBatch]) -> Iterator[list[BlockWrite] | BlobChunk | BlobDelete]:
     """One unit per record: runs of block writes of one file (up to BATCH_BYTES), or a blob change."""
     batch: list[BlockWrite] = []
     size = 0
@@ -363,6 +364,8 @@ def _batched(changes: Iterable[Change]) -> Iterator[list[BlockWrite] | BlobChunk
             if batch:
                 yield batch
                 batch, size = [], 0
+            if isinstance(change, BlockBatch):  # (encode_change failed on these with an AttributeError)
+                raise TypeError("cannot encode a BlockBatch change: read the transaction with batches=False")
             yield change
             continue
         if batch and (

@@ -100,6 +100,7 @@ class TxnFramer:
     def marker(self, phase: str, rec: Record) -> None:
         """A decoded SnapshotMarker's phase (after `record()`): START, then END, in snapshot transactions only."""
         frame = self.open
+        assert frame is not None, "marker() without an open transaction (record() checks that first)"
         if not frame.snapshot or phase != ("START" if frame.phase is None else "END"):
             raise self.error(f"unexpected SnapshotMarker {phase}", rec, frame.txn_id)
         frame.phase = phase
@@ -107,6 +108,7 @@ class TxnFramer:
     def commit(self, value: dict, rec: Record) -> TxnFrame:
         """A decoded TxnCommit (after `record()`): checks the count and closes the transaction."""
         frame = self.open
+        assert frame is not None, "commit() without an open transaction (record() checks that first)"
         if value["record_count"] != frame.records:
             raise self.error(
                 f"transaction has {frame.records} change records, commit says {value['record_count']}",

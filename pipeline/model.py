@@ -108,7 +108,7 @@ class Transaction:
     txn_id: int
     checksum_before: int
     source_time_ms: int
-    changes: Iterable[Change] = ()
+    changes: Iterable[Change | BlockBatch] = ()  # BlockBatch only from a reader asked for batches
     snapshot: bool = False
     checksum_after: int = 0
     files: list[FileLayout] = field(default_factory=list)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import math
 from collections import Counter
 from collections.abc import Iterable
@@ -167,7 +168,7 @@ class WindowStats:
     capture_lag_ms_max: int
 
     @property
-    def key(self) -> bytes:
+    def key(self) -> builtins.bytes:  # the field `bytes` shadows the builtin in the class body
         """Kafka key: one window of one database (compaction-safe, and what tests check for uniqueness)."""
         return f"{self.database}/{self.window_start_ms}".encode()
 

@@ -695,9 +695,9 @@ def start_kafka(
         cmd = [java, *jvm_flags, f"-Dlog4j2.configurationFile={log4j_file}", "-cp", classpath,
                "kafka.Kafka", str(prop_files[i])]  # fmt: skip
         cluster.commands.append(cmd)
-        proc = _spawn(cmd, cluster.log_files[i], prop_files[i].parent, detach)
-        cluster.pids.append(proc.pid)
-        cluster._procs.append(proc)
+        broker = _spawn(cmd, cluster.log_files[i], prop_files[i].parent, detach)
+        cluster.pids.append(broker.pid)
+        cluster._procs.append(broker)
     try:
         _wait_kafka_ready(cluster, ready_timeout)
     except BaseException:
@@ -1096,7 +1096,7 @@ def dev_up(
     state_dir.mkdir(parents=True, exist_ok=True)
     status = dev_status(state_dir)
     if status["recorded"]:
-        info = status["info"]
+        info: dict[str, Any] = status["info"]
         if status["healthy"]:
             if (info.get("brokers"), info.get("kafka_port"), info.get("s3_port")) == (brokers, kafka_port, s3_port):
                 progress(f"local stack already running (Kafka {info['bootstrap_servers']}, S3 {info['s3_endpoint']})")
@@ -1160,7 +1160,7 @@ def dev_up(
          "argv": list(cluster.commands[i]), "cwd": str(Path(cluster.commands[i][-1]).parent)}
         for i in range(brokers)
     ] + [{"name": "s3", "pid": s3.pid, "marker": s3.marker(), "port": s3_port, "log": str(s3.log_file)}]  # fmt: skip
-    info: dict[str, Any] = {
+    info = {
         "bootstrap_servers": cluster.bootstrap_servers,
         "s3_endpoint": s3.endpoint_url,
         "access_key": s3.access_key,
@@ -1201,7 +1201,7 @@ def _broker_entry(info: Mapping[str, Any], node: int, state_dir: Path) -> dict[s
         )
     for p in info.get("processes", []):
         if p["name"] == f"kafka-{node}":
-            return p  # type: ignore[no-any-return]
+            return p
     raise StackError(f"{state_dir / STATE_FILE} has no entry for broker {node}; run `pipeline dev down` and `dev up`")
 
 

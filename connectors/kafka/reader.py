@@ -69,6 +69,7 @@ class OffsetCommitter:
         self.last = 0.0
 
     def applied(self, tp: TopicPartition, txn: Transaction) -> None:
+        assert txn.end_offset is not None, "a transaction read from a topic has its end offset"
         self.at(tp, txn.end_offset + 1, txn.txn_id, txn.source_time_ms)
 
     def at(self, tp: TopicPartition, next_offset: int, txn_id: int, source_time_ms: int | None) -> None:
@@ -206,6 +207,9 @@ class GroupMember:
             listener=_Rebalance(self),
             pattern=None if pattern is None else topic_regex(pattern),
         )
+
+    def _on_assigned(self, tps: Iterable[TopicPartition]) -> None:
+        raise NotImplementedError  # each subclass notes its new partitions
 
     def _on_revoked(self, tps: Iterable[TopicPartition]) -> None:
         self.offsets.flush()  # before the partitions change hands

@@ -135,7 +135,7 @@ def _check_topic(
         )
 
 
-def _config_values(result: dict, topic: str) -> dict[str, str]:
+def _config_values(result: dict, topic: str) -> dict[str, str | None]:
     """{name: value} from describe_configs' answer."""
     entries = result.get("topic", {}).get(topic, {})
     return {k: (v.get("value") if isinstance(v, dict) else v) for k, v in entries.items()}

@@ -36,7 +36,9 @@ class JournalEntry:
         return self.address << shift_of(block_size)
 
 
-def _walk(data: bytes, block_sizes: Sequence[int], base_offset: int) -> Iterator[tuple[int, int, int, int, int]]:
+def _walk(
+    data: bytes | memoryview, block_sizes: Sequence[int], base_offset: int
+) -> Iterator[tuple[int, int, int, int, int]]:
     """(payload offset, file, address, length, block) per entry, reading only the headers (§2.2).
 
     The one parser: raises PipelineError, naming what and where, at the first entry that is cut

@@ -30,6 +30,7 @@ from pipeline.checksum import RollingChecksum, block_hash
 from pipeline.errors import PipelineError
 from pipeline.model import (
     BlobChunk,
+    BlobDelete,
     BlockWrite,
     FileLayout,
     Position,
@@ -508,14 +509,10 @@ class ReplicaDir:
         except BaseException as exc:
             self._discard(batch)  # before the commit point: as if never staged; position() is unchanged
             fault = disk_fault(exc)
-            if fault is None:
+            if fault is None or not isinstance(exc, OSError):  # disk_fault() finds a fault in OSErrors only
                 raise
             raise self._fault_error(
-                exc,
-                fault,
-                self.state / "redo.tmp",
-                batch.first_txn,  # type: ignore[arg-type]
-                batch.position.txn_id,
+                exc, fault, self.state / "redo.tmp", batch.first_txn, batch.position.txn_id
             ) from None
         try:
             os.replace(self.state / "redo.tmp", self._redo)  # the commit point: from here on the batch is applied
@@ -526,11 +523,11 @@ class ReplicaDir:
             fault = disk_fault(exc)
             if not self._redo.exists():  # the rename itself failed: still before the commit point
                 self._discard(batch)
-                if fault is None:
+                if fault is None or not isinstance(exc, OSError):
                     raise
                 raise self._fault_error(exc, fault, self._redo, batch.first_txn, batch.position.txn_id) from None
             self._broken = f"{type(exc).__name__}: {exc}"
-            if fault is None:
+            if fault is None or not isinstance(exc, OSError):
                 raise
             raise self._fault_error(
                 exc, fault, Path(self.prefix), batch.first_txn, batch.position.txn_id, committed=True
@@ -637,6 +634,7 @@ class ReplicaDir:
                 elif isinstance(change, BlobChunk):
                     blob = self._stage_chunk(txn, blob, change, batch, ops, held)
                 else:
+                    assert isinstance(change, BlobDelete), f"unexpected change {type(change).__name__}"
                     if blob is not None:
                         raise txn.error(f"blob {blob.chunk.path} is incomplete")
                     safe_blob_path(change.path)

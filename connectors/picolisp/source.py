@@ -707,6 +707,7 @@ class PoolSource:
         return self._transaction(after, blocks, layout, puts, deletes, markers, snapshot=False)
 
     def transactions(self, after: Position) -> Iterator[Transaction]:
+        first: Transaction | None
         if after.txn_id == 0:
             first = self._snapshot(after, "bootstrap: the topic is empty")
         elif self.force_snapshot:

@@ -52,9 +52,9 @@ def apply_retention(
     orphans = sorted(
         k
         for k, _ in store.list(f"{store.root}/snapshots/")
-        if (snap := Snapshot.parse(store.root, k, manifest=False)) is not None
-        and snap not in catalog.snapshots
-        and snap.txn < newest
+        if (leftover := Snapshot.parse(store.root, k, manifest=False)) is not None
+        and leftover not in catalog.snapshots
+        and leftover.txn < newest
     )
     if plan.keep_from is None and not orphans:
         log("retention: no snapshot is old enough to be the oldest restore point; nothing to delete")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import hashlib
 import io
@@ -86,18 +87,18 @@ class Store(Protocol):
     def root(self) -> str: ...
     @property
     def url(self) -> str: ...
-    def list(self, under: str) -> Iterator[tuple[str, int]]: ...
+    def list(self, under: str) -> Iterator[tuple[str, int]]: ...  # shadows `list` below: builtins.list
     def catalog(self) -> Catalog: ...
     def put_new(self, key: str, body: IO[bytes] | bytes) -> None: ...
     def start_upload(self, key: str) -> str: ...
     def upload_part(self, key: str, upload_id: str, number: int, data: bytes) -> str: ...
-    def complete_new(self, key: str, upload_id: str, etags: list[str], ours: IO[bytes]) -> None: ...
+    def complete_new(self, key: str, upload_id: str, etags: builtins.list[str], ours: IO[bytes]) -> None: ...
     def abort_upload(self, key: str, upload_id: str) -> None: ...
-    def unfinished_uploads(self) -> list[tuple[str, str]]: ...
+    def unfinished_uploads(self) -> builtins.list[tuple[str, str]]: ...
     def upload_file(self, key: str, path: Path) -> None: ...
     def get(self, key: str) -> bytes: ...
     def download(self, key: str, path: Path, on_bytes: Callable[[int], None] | None = None) -> None: ...
-    def delete(self, keys: list[str]) -> None: ...
+    def delete(self, keys: builtins.list[str]) -> None: ...
 
 
 @dataclass
@@ -159,7 +160,9 @@ class ArchiveStore:
             if (s := Segment.parse(self.root, key, size)) is not None
         ]
         snapshots = [
-            s for key, _ in self.list(f"{self.root}/snapshots/") if (s := Snapshot.parse(self.root, key)) is not None
+            snap
+            for key, _ in self.list(f"{self.root}/snapshots/")
+            if (snap := Snapshot.parse(self.root, key)) is not None
         ]
         return Catalog(self.database, segments, snapshots)
 
@@ -217,7 +220,7 @@ class ArchiveStore:
             Body=data,
         )["ETag"]
 
-    def complete_new(self, key: str, upload_id: str, etags: list[str], ours: IO[bytes]) -> None:
+    def complete_new(self, key: str, upload_id: str, etags: builtins.list[str], ours: IO[bytes]) -> None:
         """Complete a multipart upload unless `key` exists: the same rule as put_new."""
         parts = {"Parts": [{"ETag": etag, "PartNumber": i} for i, etag in enumerate(etags, 1)]}
         if self._created(
@@ -234,7 +237,7 @@ class ArchiveStore:
         with contextlib.suppress(Exception):  # best effort: `archive` aborts leftovers when it starts
             self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
 
-    def unfinished_uploads(self) -> list[tuple[str, str]]:
+    def unfinished_uploads(self) -> builtins.list[tuple[str, str]]:
         """(key, upload id) of the multipart uploads under this archive that were never completed."""
         response = self.call(
             f"cannot list the unfinished uploads of {self.url}",
@@ -263,7 +266,7 @@ class ArchiveStore:
             Callback=on_bytes,
         )
 
-    def delete(self, keys: list[str]) -> None:
+    def delete(self, keys: builtins.list[str]) -> None:
         for i in range(0, len(keys), 1000):
             batch = [{"Key": k} for k in keys[i : i + 1000]]
             self.call(

@@ -8,7 +8,7 @@ import time
 from collections.abc import Sequence
 from datetime import UTC
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, TextIO
 
 from pipeline.codec import Codec
 from pipeline.model import check_database_name
@@ -54,7 +54,7 @@ def _parse_time(text: str) -> int:
 class _TransferProgress:
     """A progress line for restores: bytes downloaded and the txn reached; redrawn in place on a terminal."""
 
-    def __init__(self, label: str, stream: object = sys.stderr, every: float = 1.0) -> None:
+    def __init__(self, label: str, stream: TextIO = sys.stderr, every: float = 1.0) -> None:
         self.label, self.stream, self.every = label, stream, every
         self.tty = bool(getattr(stream, "isatty", lambda: False)())
         self.total = self.done = self.txns = 0
