@@ -268,6 +268,51 @@ class KafkaSettings:
                 continue  # down or unreachable: the ordinary retry handles that
         return None
 
+    def sasl_problem(self, timeout: float = 5.0) -> str | None:
+        """Why SASL authentication with a bootstrap server fails, None when it works, is not SASL, or the
+        broker is down. kafka-python retries a refused login until its bootstrap timeout (30 s), and the
+        broker closes the connection on a wrong password, which kafka-python sees as a lost connection:
+        a connection that got through ApiVersions and then was lost twice in a row is taken as refused."""
+        if not str(self.options.get("security_protocol", "PLAINTEXT")).startswith("SASL_"):
+            return None
+        from kafka.errors import SaslAuthenticationFailedError, UnsupportedSaslMechanismError
+        from kafka.net.manager import KafkaConnectionManager
+        from kafka.net.selector import NetworkSelector
+
+        config = self._config(KafkaProducer.DEFAULT_CONFIG, {"client_id": "pool-pipeline-probe"})
+        for _ in range(2):
+            net = NetworkSelector()
+            manager = KafkaConnectionManager(net, **config)
+            seen: dict[str, Any] = {}
+
+            async def connect(manager: Any = manager, seen: dict[str, Any] = seen) -> None:
+                node = manager.cluster.bootstrap_brokers()[0]
+                seen["conn"] = manager.get_connection(
+                    node.node_id, timeout_ms=int(timeout * 1000), pop_on_close=False, refresh_metadata_on_err=False
+                )
+                await seen["conn"]
+
+            try:
+                net.run(connect)
+                return None
+            except (SaslAuthenticationFailedError, UnsupportedSaslMechanismError) as exc:
+                return f"SASL authentication failed: {exc} (check the SASL user name and password, and sasl.mechanism)"
+            except Exception:  # noqa: BLE001 - anything else: see whether the broker answered ApiVersions
+                if getattr(seen.get("conn"), "broker_version_data", None) is None:
+                    return None  # down, unreachable or not Kafka: the ordinary retry handles that
+            finally:
+                manager.close()
+                net.close()
+        user = self.options.get("sasl_plain_username")
+        return (
+            f"SASL authentication as {user!r} with {self.options.get('sasl_mechanism')} failed: the broker "
+            "closed the connection during authentication (check the SASL user name and password, and sasl.mechanism)"
+        )
+
+    def security_problem(self) -> str | None:
+        """What tls_problem or sasl_problem finds: a setting that can never work, worth stopping for."""
+        return self.tls_problem() or self.sasl_problem()
+
     @staticmethod
     def of(kafka: Kafka) -> KafkaSettings:
         """A bootstrap-servers string means: those servers, default options (API convenience)."""

@@ -113,11 +113,14 @@ def with_retries(what: str, attempt: Callable[[], int], *, kafka: KafkaSettings 
         explain = lambda: reachability(kafka)  # noqa: E731
 
         def step() -> int:
+            # kafka-python retries a failed TLS handshake or a refused login like an outage: look first.
+            problem = kafka.security_problem()
+            if problem:
+                raise PipelineError(f"{what}: {problem}")
             try:
                 return attempt()
             except PipelineError as exc:
-                # kafka-python retries a failed TLS handshake like an outage: look whether it is one.
-                problem = kafka.tls_problem() if exc.retriable else None
+                problem = kafka.security_problem() if exc.retriable else None
                 if problem:
                     raise PipelineError(f"{what}: {problem}") from None
                 raise
