@@ -11,7 +11,7 @@ import pytest
 
 from tests.picolisp_fixtures import *  # noqa: F401,F403
 from tests.picolisp_fixtures import PicoApp
-from tests.pipeline_helpers import Cli, ok, unique_name
+from tests.pipeline_helpers import BIN, Cli, ok, unique_name
 
 pytestmark = pytest.mark.integration
 
@@ -89,6 +89,8 @@ def test_capture_and_replica_over_scram_and_a_wrong_password_is_refused_fast(
     sasl_cli.extra_env["KAFKA_CLIENT_CONFIG"] = str(good)
     ok(sasl_cli.replica_once(), "replica --once with $KAFKA_CLIENT_CONFIG")
     assert not sasl_cli.differences(), sasl_cli.differences()
+    status = ok(sasl_cli.run([str(BIN / "pipeline"), "status", "--kafka-config", str(good)]), "pipeline status")
+    assert sasl_cli.database in status.stdout and PASSWORD not in status.stdout + status.stderr
 
     bad = config(app.root, "bad.properties", "not-the-" + PASSWORD, sasl_kafka)
     for what, args in (
