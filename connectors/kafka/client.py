@@ -13,6 +13,7 @@ from typing import Any, Union
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.errors import (
     InvalidProducerEpochError,
+    KafkaError,
     ProducerFencedError,
     TransactionalIdAuthorizationFailedError,
 )
@@ -268,17 +269,18 @@ class KafkaSettings:
                 continue  # down or unreachable: the ordinary retry handles that
         return None
 
-    def sasl_problem(self, timeout: float = 5.0) -> str | None:
-        """Why SASL authentication with a bootstrap server fails, None when it works, is not SASL, or the
-        broker is down. kafka-python retries a refused login until its bootstrap timeout (30 s), and the
-        broker closes the connection on a wrong password, which kafka-python sees as a lost connection:
-        a connection that got through ApiVersions and then was lost twice in a row is taken as refused."""
-        if not str(self.options.get("security_protocol", "PLAINTEXT")).startswith("SASL_"):
-            return None
-        from kafka.errors import SaslAuthenticationFailedError, UnsupportedSaslMechanismError
+    def login_problem(self, timeout: float = 5.0) -> str | None:
+        """Why a bootstrap server refuses this client for good, None when it works or the broker is just down.
+
+        kafka-python retries a refused SASL login (or a client without SASL on a SASL listener) until its
+        bootstrap timeout (30 s), then reports a timeout. The broker closes the connection on a wrong
+        password, which kafka-python often sees as a lost connection: a connection that got through
+        ApiVersions and then was lost, twice in a row, is taken as refused."""
+        from kafka.errors import KafkaConnectionError, SaslAuthenticationFailedError, UnsupportedSaslMechanismError
         from kafka.net.manager import KafkaConnectionManager
         from kafka.net.selector import NetworkSelector
 
+        protocol = str(self.options.get("security_protocol", "PLAINTEXT"))
         config = self._config(KafkaProducer.DEFAULT_CONFIG, {"client_id": "pool-pipeline-probe"})
         for _ in range(2):
             net = NetworkSelector()
@@ -291,27 +293,36 @@ class KafkaSettings:
                     node.node_id, timeout_ms=int(timeout * 1000), pop_on_close=False, refresh_metadata_on_err=False
                 )
                 await seen["conn"]
+                await manager.cluster.refresh_metadata(node.node_id)
 
             try:
                 net.run(connect)
                 return None
             except (SaslAuthenticationFailedError, UnsupportedSaslMechanismError) as exc:
                 return f"SASL authentication failed: {exc} (check the SASL user name and password, and sasl.mechanism)"
-            except Exception:  # noqa: BLE001 - anything else: see whether the broker answered ApiVersions
-                if getattr(seen.get("conn"), "broker_version_data", None) is None:
-                    return None  # down, unreachable or not Kafka: the ordinary retry handles that
+            except Exception as exc:  # noqa: BLE001 - anything else: did the broker answer ApiVersions first?
+                answered = getattr(seen.get("conn"), "broker_version_data", None) is not None
+                if not (answered and isinstance(exc, KafkaConnectionError)):
+                    return None  # down, unreachable, starting or not Kafka: the ordinary retry handles that
             finally:
                 manager.close()
                 net.close()
-        user = self.options.get("sasl_plain_username")
+        if protocol.startswith("SASL_"):
+            user = self.options.get("sasl_plain_username")
+            return (
+                f"SASL authentication as {user!r} with {self.options.get('sasl_mechanism')} failed: the broker "
+                "closed the connection during authentication (check the SASL user name and password, and "
+                "sasl.mechanism)"
+            )
         return (
-            f"SASL authentication as {user!r} with {self.options.get('sasl_mechanism')} failed: the broker "
-            "closed the connection during authentication (check the SASL user name and password, and sasl.mechanism)"
+            f"the broker at {self.bootstrap_servers} closes the connection after the first request with "
+            f"security.protocol {protocol}: the listener needs other security settings (SASL?); give them in "
+            f"a client config file (--kafka-config or ${CONFIG_ENV})"
         )
 
     def security_problem(self) -> str | None:
-        """What tls_problem or sasl_problem finds: a setting that can never work, worth stopping for."""
-        return self.tls_problem() or self.sasl_problem()
+        """What tls_problem or login_problem finds: a setting that can never work, worth stopping for."""
+        return self.tls_problem() or self.login_problem()
 
     @staticmethod
     def of(kafka: Kafka) -> KafkaSettings:
@@ -322,14 +333,21 @@ class KafkaSettings:
         merged = {**CLIENT_DEFAULTS, **self.options, "bootstrap_servers": self.bootstrap_servers, **config}
         return {k: v for k, v in merged.items() if k in known}
 
+    def _build(self, kind: type[Any], config: Mapping[str, Any]) -> Any:
+        """A client; a failure to bootstrap (kafka-python raises it from the constructor) as a PipelineError."""
+        try:
+            return kind(**self._config(kind.DEFAULT_CONFIG, config))
+        except KafkaError as exc:
+            raise broker_error(f"cannot connect to Kafka at {self.bootstrap_servers}", exc) from exc
+
     def producer(self, **config: Any) -> KafkaProducer:
-        return KafkaProducer(**self._config(KafkaProducer.DEFAULT_CONFIG, config))
+        return self._build(KafkaProducer, config)
 
     def consumer(self, **config: Any) -> KafkaConsumer:
-        return KafkaConsumer(**self._config(KafkaConsumer.DEFAULT_CONFIG, config))
+        return self._build(KafkaConsumer, config)
 
     def admin(self, **config: Any) -> KafkaAdminClient:
-        return KafkaAdminClient(**self._config(KafkaAdminClient.DEFAULT_CONFIG, config))
+        return self._build(KafkaAdminClient, config)
 
 
 Kafka = Union[KafkaSettings, str]
