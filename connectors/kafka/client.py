@@ -114,7 +114,8 @@ def load_client_config(path: str | os.PathLike[str]) -> tuple[str | None, dict[s
         if match is None:
             raise PipelineError(f"{at}: expected key=value")
         key, value = match.group(1), match.group(2).strip()
-        if key.startswith(("ssl.keystore.", "ssl.truststore.")) or value.lower().endswith((".jks", ".p12", ".pfx")):
+        java_file = key.endswith(".location") and value.lower().endswith((".jks", ".p12", ".pfx"))
+        if key.startswith(("ssl.keystore.", "ssl.truststore.")) or java_file:
             raise PipelineError(f"{at}: {key}: {_JAVA_HINT}")
         if key == "sasl.jaas.config":
             raise PipelineError(f"{at}: {key} is a Java setting: use sasl.mechanism, sasl.username and sasl.password")

@@ -21,10 +21,6 @@ if TYPE_CHECKING:
 EXIT_USAGE = 2
 
 
-def bootstrap_default() -> str:
-    return os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
-
-
 def add_kafka(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--bootstrap-servers",
