@@ -68,6 +68,23 @@ _S3_RETRIABLE = {
 }
 
 
+_SECRETS: set[str] = set()
+REDACTED = "***"
+
+
+def register_secret(value: str) -> None:
+    """Remember a secret (a password from the Kafka client config) so that `redact` removes it."""
+    if len(value) >= 3:  # shorter "secrets" would redact ordinary words
+        _SECRETS.add(value)
+
+
+def redact(text: str) -> str:
+    """`text` with every registered secret replaced by ***."""
+    for secret in sorted(_SECRETS, key=len, reverse=True):
+        text = text.replace(secret, REDACTED)
+    return text
+
+
 def classify(exc: BaseException) -> tuple[bool, str]:
     """(retriable, what to fix) for any error from kafka-python, botocore or the network.
 
@@ -146,7 +163,7 @@ def as_pipeline_error(what: str, exc: BaseException, **ctx: object) -> PipelineE
     text = str(exc) or type(exc).__name__
     if not text.startswith(type(exc).__name__):
         text = f"{type(exc).__name__}: {text}"
-    message = f"{what}: {text}" + (f" ({fix})" if fix and not retriable else "")
+    message = redact(f"{what}: {text}" + (f" ({fix})" if fix and not retriable else ""))
     return PipelineError(message, retriable=retriable, **ctx)  # type: ignore[arg-type]
 
 
@@ -198,7 +215,8 @@ def retry(
                     extra = explain()
                 except Exception as also:  # noqa: BLE001 - the explanation is best effort
                     extra = f"({type(also).__name__} while looking why)"
-            log(f"{what}: {exc}{'; ' + extra if extra else ''} — retrying in {delay:.1f} s (retry {backoff.attempts})")
+            why = redact(f"{what}: {exc}{'; ' + extra if extra else ''}")
+            log(f"{why} — retrying in {delay:.1f} s (retry {backoff.attempts})")
             if stop is not None:
                 if stop.wait(delay):
                     raise

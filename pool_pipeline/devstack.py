@@ -586,6 +586,7 @@ def start_kafka(
     jvm_flags: Sequence[str] = KAFKA_JVM_FLAGS,
     detach: bool = True,
     overrides: Mapping[str, str] | None = None,
+    scram_users: Mapping[str, str] | None = None,
 ) -> KafkaCluster:
     """Start `brokers` KRaft nodes (combined broker+controller) on 127.0.0.1 and wait until ready.
 
@@ -600,6 +601,8 @@ def start_kafka(
     overrides: extra/replacement server.properties entries, e.g. {"broker.session.timeout.ms": "3000",
     "broker.heartbeat.interval.ms": "500"} for bounce tests (a restarted node otherwise waits ~9 s,
     the default session timeout, for its old registration to expire before it is unfenced).
+    scram_users: name -> password of SCRAM-SHA-512 users, created when the storage is formatted (KIP-900);
+    a SASL listener for them comes from `overrides`.
     """
     if brokers < 1:
         raise StackError("brokers must be >= 1")
@@ -664,6 +667,8 @@ def start_kafka(
     for props in to_format:
         cmd = [java, *STORAGE_TOOL_JVM_FLAGS, f"-Dlog4j2.configurationFile={log4j_file}", "-cp", classpath,
                "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)]  # fmt: skip
+        for name, password in (scram_users or {}).items():
+            cmd += ["--add-scram", f"SCRAM-SHA-512=[name={name},password={password}]"]
         formatting.append(
             (
                 props,

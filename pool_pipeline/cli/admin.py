@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from pipeline.codec import Codec
+from pipeline.errors import PipelineError
 from pool_pipeline.cli.common import (
     EXIT_USAGE,
     add_kafka,
@@ -132,6 +133,9 @@ def _pipeline(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     from connectors.kafka.status import status
 
+    problem = args.kafka.security_problem()
+    if problem:
+        raise PipelineError(f"pipeline status: {problem}")
     rows = status(args.kafka, Codec(load_schemas()), args.database)
     if not rows:
         print(f"no database topics (pool.*) on {args.kafka.bootstrap_servers}")

@@ -21,15 +21,19 @@ if TYPE_CHECKING:
 EXIT_USAGE = 2
 
 
-def bootstrap_default() -> str:
-    return os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
-
-
 def add_kafka(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--bootstrap-servers",
-        default=bootstrap_default(),
-        help="Kafka brokers, host:port[,host:port] (default: $KAFKA_BOOTSTRAP_SERVERS or 127.0.0.1:9092)",
+        default=os.environ.get("KAFKA_BOOTSTRAP_SERVERS") or None,
+        help="Kafka brokers, host:port[,host:port] (default: $KAFKA_BOOTSTRAP_SERVERS, else bootstrap.servers "
+        "of the client config, else 127.0.0.1:9092)",
+    )
+    p.add_argument(
+        "--kafka-config",
+        metavar="FILE",
+        default=os.environ.get("KAFKA_CLIENT_CONFIG") or None,
+        help="Kafka client properties file with librdkafka key names (security.protocol, sasl.mechanism, "
+        "sasl.username, sasl.password, ssl.ca.location, ...) (default: $KAFKA_CLIENT_CONFIG)",
     )
 
 
@@ -38,7 +42,9 @@ def dev_state_dir() -> Path:
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    print(f"error: {message}", file=sys.stderr)
+    from connectors.faults import redact
+
+    print(f"error: {redact(message)}", file=sys.stderr)
     raise SystemExit(code)
 
 
@@ -96,13 +102,28 @@ def with_retries(what: str, attempt: Callable[[], int], *, kafka: KafkaSettings 
     from connectors.faults import Backoff, retry
 
     explain = None
+    step = attempt
     if kafka is not None:
         from connectors.kafka.topics import reachability
 
         explain = lambda: reachability(kafka)  # noqa: E731
+
+        def step() -> int:
+            # kafka-python retries a failed TLS handshake or a refused login like an outage: look first.
+            problem = kafka.security_problem()
+            if problem:
+                raise PipelineError(f"{what}: {problem}")
+            try:
+                return attempt()
+            except PipelineError as exc:
+                problem = kafka.security_problem() if exc.retriable else None
+                if problem:
+                    raise PipelineError(f"{what}: {problem}") from None
+                raise
+
     # Outages are retried every 3 s at most, so a cluster that is back is used within seconds.
     return retry(
-        what, attempt, lambda line: print(line, file=sys.stderr, flush=True), backoff=Backoff(cap=3.0), explain=explain
+        what, step, lambda line: print(line, file=sys.stderr, flush=True), backoff=Backoff(cap=3.0), explain=explain
     )
 
 
@@ -165,8 +186,12 @@ def state_home() -> Path:
 def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
     """Parse the command line; Kafka settings are built here once, for every client the command makes."""
     args = parser.parse_args(argv)
-    if getattr(args, "bootstrap_servers", None):
+    if hasattr(args, "kafka_config"):
         from connectors.kafka.client import KafkaSettings
 
-        args.kafka = KafkaSettings(args.bootstrap_servers)
+        try:
+            args.kafka = KafkaSettings.from_env(args.bootstrap_servers, args.kafka_config)
+        except PipelineError as exc:
+            fail(str(exc))
+        args.bootstrap_servers = args.kafka.bootstrap_servers
     return args
