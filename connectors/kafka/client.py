@@ -321,6 +321,11 @@ class KafkaSettings:
             f"a client config file (--kafka-config or ${CONFIG_ENV})"
         )
 
+    @property
+    def secured(self) -> bool:
+        """True when the client config asks for TLS or SASL."""
+        return str(self.options.get("security_protocol", "PLAINTEXT")).upper() != "PLAINTEXT"
+
     def security_problem(self) -> str | None:
         """What tls_problem or login_problem finds: a setting that can never work, worth stopping for."""
         return self.tls_problem() or self.login_problem()

@@ -108,23 +108,35 @@ def with_retries(what: str, attempt: Callable[[], int], *, kafka: KafkaSettings 
 
         explain = lambda: reachability(kafka)  # noqa: E731
 
+        checked: list[bool] = []
+
         def step() -> int:
             # kafka-python retries a failed TLS handshake or a refused login like an outage: look first.
-            problem = kafka.security_problem()
-            if problem:
-                raise PipelineError(f"{what}: {problem}")
+            if not checked:
+                checked.append(True)
+                problem = kafka.security_problem()
+                if problem:
+                    raise PipelineError(f"{what}: {problem}")
             try:
                 return attempt()
             except PipelineError as exc:
-                problem = kafka.security_problem() if exc.retriable else None
-                if problem:
-                    raise PipelineError(f"{what}: {problem}") from None
+                # Later, only with security settings and a failure that looks like them: during a broker
+                # bounce the probe could mistake a restarting broker for a refused login.
+                if exc.retriable and kafka.secured and _looks_like_security(exc):
+                    problem = kafka.security_problem()
+                    if problem:
+                        raise PipelineError(f"{what}: {problem}") from None
                 raise
 
     # Outages are retried every 3 s at most, so a cluster that is back is used within seconds.
     return retry(
         what, step, lambda line: print(line, file=sys.stderr, flush=True), backoff=Backoff(cap=3.0), explain=explain
     )
+
+
+def _looks_like_security(exc: PipelineError) -> bool:
+    text = str(exc).lower()
+    return any(word in text for word in ("bootstrap", "authentication", "ssl", "sasl", "certificate"))
 
 
 def duration_ms(text: str) -> int:
