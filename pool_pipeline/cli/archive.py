@@ -64,7 +64,8 @@ def archive_parser() -> argparse.ArgumentParser:
         default=1.0,
         metavar="SECONDS",
         help="close and upload the open segment (at a whole txn) at most N seconds after its first "
-        "txn was read, also when nothing more comes (default 1; the other rules still apply)",
+        "txn was read, also when nothing more comes (default 1; the other rules still apply; "
+        "--once archives the tail at its end instead)",
     )
     p.add_argument(
         "--snapshot-every-txns",
@@ -122,7 +123,7 @@ def _archive(args: argparse.Namespace) -> int:
         work_dir=work_dir,
         topic=topic_for(database),
         log=lambda line: print(line, flush=True),
-        max_delay=args.max_delay,
+        max_delay=None if args.once else args.max_delay,  # --once archives the tail when it ends
         **({"part_bytes": args.part_bytes} if args.part_bytes is not None else {}),
     )
     if args.action == "snapshot":
