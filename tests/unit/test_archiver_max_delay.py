@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 from connectors.s3.archiver import Archiver
 from connectors.s3.restore import restore
 from pipeline.archive import Rotation, SnapshotPolicy
 from pipeline.codec import StreamRecord
+from pool_pipeline.cli.common import GracefulStop
 from tests.dir_store import DirStore
 from tests.unit.test_archiver_dir_store import CODEC, DB, TOPIC, archived_txn_ids, records_of
 from tests.unit.test_replica_crash_points import make_stream
@@ -129,3 +134,21 @@ def test_a_stop_flushes_whole_txns_leaves_the_open_one_for_the_next_run_and_noth
     assert segments(store) == [(1, 3), (4, 6)]
     assert archived_txn_ids(store) == list(range(1, 7))
     assert restore(store, CODEC, tmp_path / "restored", topic=TOPIC).txn_id == 6
+
+
+def test_the_first_signal_while_flushing_only_asks_to_stop_a_second_one_interrupts() -> None:
+    saved = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    try:
+        stop = GracefulStop().install()
+        stop.flushing = True
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.event.is_set() and stop.signals == 1
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+        idle = GracefulStop().install()  # not flushing (starting, waiting for the topic): stops at once
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert idle.signals == 1
+    finally:
+        signal.signal(signal.SIGTERM, saved[0])
+        signal.signal(signal.SIGINT, saved[1])
