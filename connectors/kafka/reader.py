@@ -155,13 +155,16 @@ class TopicSource:
                 yield self._buf.popleft()
             if self.once and self.consumer.position(self.tp) >= self.end_at_start:
                 return
-            # max_records is high so that one poll hands over everything the client already fetched:
-            # that is what buffered() reports, and so what one group commit of the replica may cover.
-            self._buf.extend(self.consumer.poll(timeout_ms=100, max_records=POLL_RECORDS).get(self.tp, []))
-            if not self._buf:
-                self.offsets.flush()  # idle: make the lag display exact
-                if self.idle is not None:
-                    self.idle()
+            self._poll()
+
+    def _poll(self) -> None:
+        # max_records is high so that one poll hands over everything the client already fetched:
+        # that is what buffered() reports, and so what one group commit of the replica may cover.
+        self._buf.extend(self.consumer.poll(timeout_ms=100, max_records=POLL_RECORDS).get(self.tp, []))
+        if not self._buf:
+            self.offsets.flush()  # idle: make the lag display exact
+            if self.idle is not None:
+                self.idle()
 
     def buffered(self) -> bool:
         """True if records the last poll returned are still unread: a group-committing sink keeps
@@ -173,8 +176,20 @@ class TopicSource:
         return self.codec.read_transactions(self._records(), self.database)
 
     def records(self) -> Iterator[Record]:
-        """The raw committed records, for consumers that keep them as they are (the archiver)."""
+        """The raw committed records, for consumers that keep them as they are."""
         return self._records()
+
+    def records_or_idle(self) -> Iterator[Record | None]:
+        """The raw committed records, and None after each poll that found nothing new (every ~100 ms
+        while the topic is quiet): the archiver closes a segment on time even when no record comes."""
+        while True:
+            while self._buf:
+                yield self._buf.popleft()
+            if self.once and self.consumer.position(self.tp) >= self.end_at_start:
+                return
+            self._poll()
+            if not self._buf:
+                yield None
 
     def acknowledge(self, txn: Transaction) -> None:
         self.offsets.applied(self.tp, txn)

@@ -6,6 +6,7 @@ import fcntl
 import os
 import tempfile
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -59,6 +60,7 @@ class _OpenSegment:
         self.txns = 0
         self.last: Transaction | None = None
         self.upload: _PartUpload | None = None  # set once it is uploaded while still being written
+        self.due: float | None = None  # monotonic time by which it closes (--max-delay after its first commit)
 
     def segment(self) -> Segment:
         assert self.last is not None
@@ -110,13 +112,17 @@ class Archiver:
         log: Callable[[str], None] = print,
         on_archived: Callable[[Transaction], None] = lambda txn: None,
         part_bytes: int = PART_BYTES,
+        max_delay: float | None = None,
     ) -> None:
         if part_bytes < MIN_PART_BYTES:
             raise PipelineError(
                 f"the upload part size must be at least {MIN_PART_BYTES >> 20} MiB (S3's minimum), got {part_bytes}",
                 database=store.database,
             )
+        if max_delay is not None and max_delay < 0:
+            raise PipelineError(f"the maximum delay must be 0 s or more, got {max_delay}", database=store.database)
         self.part_bytes = part_bytes
+        self.max_delay = max_delay
         self.store = store
         self.codec = codec
         self.database = store.database
@@ -198,12 +204,18 @@ class Archiver:
             raise PipelineError(f"archive object {key} does not end with txn {seg.last_txn}", database=self.database)
         return last
 
-    def run(self, records: Iterable[Record]) -> None:
+    def run(self, records: Iterable[Record | None], stop: threading.Event | None = None) -> None:
         """Archive every transaction in `records` (which start at the offset `resume()` returned).
 
         A closed segment uploads on a background thread while the next one fills (at most two in
         flight), and a big one-txn segment already while it is written (_stream); acknowledgements
         still happen here, in order, once each upload succeeded.
+
+        A None in `records` means nothing new has come (TopicSource.records_or_idle): with
+        `max_delay`, the open segment closes at its last whole txn once its first commit was read
+        `max_delay` seconds ago, whether more records come or not. When `stop` is set, the open
+        segment closes at its last whole txn (a txn still being read is left for the next run),
+        the uploads in flight finish, and run() returns.
         """
         framer = Framer(self.codec, self.database, self.position)
         self._stopping = threading.Event()
@@ -214,6 +226,16 @@ class Archiver:
                 for rec in records:
                     while uploads and uploads[0][0].done():
                         self._uploaded(*uploads.popleft())
+                    if stop is not None and stop.is_set():
+                        if seg is not None and seg.txns and framer.open is not None:
+                            seg, rest = self._split(seg, framer)
+                            if rest is not None:
+                                rest.file.close()
+                        break
+                    if rec is None:
+                        if seg is not None and seg.due is not None and time.monotonic() >= seg.due:
+                            seg = self._close_on_time(seg, framer, pool, uploads)
+                        continue
                     frame = framer.begin(rec)
                     if frame is not None:
                         if seg is not None and self.rotation.close_before(
@@ -242,12 +264,17 @@ class Archiver:
                     if done is not None:
                         seg.txns += 1
                         seg.last = done
-                        if self.rotation.close_after(seg.txns, seg.writer.bytes):
+                        now = time.monotonic()
+                        if seg.due is None and self.max_delay is not None:
+                            seg.due = now + self.max_delay
+                        if self.rotation.close_after(seg.txns, seg.writer.bytes) or (
+                            seg.due is not None and now >= seg.due
+                        ):
                             self._close(seg, pool, uploads)
                             seg = None
-                # The stream ended (--once reached the end it saw at start): archive the tail.
-                if seg is not None and seg.txns:
-                    if framer.open is not None:
+                else:
+                    # The stream ended (--once reached the end it saw at start): archive the tail.
+                    if seg is not None and seg.txns and framer.open is not None:
                         raise PipelineError(
                             "the stream ended inside a transaction",
                             database=self.database,
@@ -255,6 +282,7 @@ class Archiver:
                             offset=framer.open.offset,
                             retriable=True,
                         )
+                if seg is not None and seg.txns:
                     self._close(seg, pool, uploads)
                     seg = None
                 while uploads:
@@ -266,6 +294,65 @@ class Archiver:
                     if unfinished.upload is not None and unfinished.upload.upload_id is not None:
                         self.store.abort_upload(unfinished.upload.key, unfinished.upload.upload_id)
                     unfinished.file.close()
+
+    def _close_on_time(
+        self,
+        seg: _OpenSegment,
+        framer: Framer,
+        pool: ThreadPoolExecutor,
+        uploads: deque[tuple[Future, _OpenSegment]],
+    ) -> _OpenSegment | None:
+        """--max-delay is up: close the open segment at its last whole txn; what follows it (a txn
+        still being read) stays open, in a segment of its own. Returns the segment left open."""
+        if framer.open is None:
+            self._close(seg, pool, uploads)
+            return None
+        head, rest = self._split(seg, framer)
+        self._close(head, pool, uploads)
+        return rest
+
+    def _split(self, seg: _OpenSegment, framer: Framer) -> tuple[_OpenSegment, _OpenSegment | None]:
+        """Cut the open segment after its last whole txn: (the whole txns, the start of the txn
+        still being read). The records are written again into two new files, so each holds the
+        same bytes as a segment written from its first record (the same key, if written again)."""
+        assert seg.last is not None and seg.last.end_offset is not None and seg.upload is None
+        assert framer.open is not None
+        seg.writer.close()
+        seg.file.flush()
+        seg.file.seek(0)
+        head = _OpenSegment(
+            self.work_dir,
+            self.codec,
+            self.database,
+            seg.partition,
+            seg.first_offset,
+            seg.first_txn,
+            seg.first_ms,
+            seg.snapshot,
+        )
+        head.txns, head.last, head.due = seg.txns, seg.last, seg.due
+        rest: _OpenSegment | None = None
+        try:
+            for rec in read_segment(seg.file, self.database, self.topic, "the open segment"):
+                if rec.offset <= seg.last.end_offset:
+                    head.writer.write(rec)
+                    continue
+                if rest is None:
+                    opening = framer.open
+                    rest = _OpenSegment(
+                        self.work_dir,
+                        self.codec,
+                        self.database,
+                        rec.partition,
+                        rec.offset,
+                        opening.txn_id,
+                        opening.time_ms,
+                        opening.snapshot,
+                    )
+                rest.writer.write(rec)
+        finally:
+            seg.file.close()
+        return head, rest
 
     def _close(self, seg: _OpenSegment, pool: ThreadPoolExecutor, uploads: deque[tuple[Future, _OpenSegment]]) -> None:
         if len(uploads) >= 2:  # bound the spool: wait for the older upload

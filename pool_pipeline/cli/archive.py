@@ -11,6 +11,7 @@ from pipeline.codec import Codec
 from pipeline.model import Transaction, check_database_name
 from pool_pipeline.cli.common import (
     EXIT_USAGE,
+    GracefulStop,
     add_bucket,
     add_kafka,
     fail,
@@ -58,6 +59,15 @@ def archive_parser() -> argparse.ArgumentParser:
         help="... or when a txn is N seconds of source time after the segment's first (default 3600)",
     )
     p.add_argument(
+        "--max-delay",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="close and upload the open segment (at a whole txn) at most N seconds after its first "
+        "txn was read, also when nothing more comes (default 1; the other rules still apply; "
+        "--once archives the tail at its end instead)",
+    )
+    p.add_argument(
         "--snapshot-every-txns",
         type=int,
         default=100_000,
@@ -100,6 +110,8 @@ def _archive(args: argparse.Namespace) -> int:
         keep_ms = int(args.keep_days * 86_400_000) if args.keep_days is not None else None
         apply_retention(store, keep_snapshots=args.keep_snapshots, keep_ms=keep_ms, dry_run=args.dry_run)
         return 0
+    if args.max_delay < 0:
+        fail("--max-delay must be 0 or more seconds", EXIT_USAGE)
     store.ensure_bucket()
     codec = Codec(load_schemas())
     work_dir = Path(args.work_dir) if args.work_dir else state_home() / "archive" / database
@@ -111,6 +123,7 @@ def _archive(args: argparse.Namespace) -> int:
         work_dir=work_dir,
         topic=topic_for(database),
         log=lambda line: print(line, flush=True),
+        max_delay=None if args.once else args.max_delay,  # --once archives the tail when it ends
         **({"part_bytes": args.part_bytes} if args.part_bytes is not None else {}),
     )
     if args.action == "snapshot":
@@ -123,7 +136,12 @@ def _archive(args: argparse.Namespace) -> int:
         finally:
             archiver.close()
 
+    # SIGTERM/SIGINT while archiving: close the open segment at its last whole txn, upload it, exit 0.
+    stop = GracefulStop().install()
+
     def attempt() -> int:
+        if stop.event.is_set():
+            return 0
         if not topic_ready(args.kafka, database, args.once, f"archive {database}"):
             return 0
         start = archiver.resume()
@@ -141,15 +159,24 @@ def _archive(args: argparse.Namespace) -> int:
             source.offsets.flush()
 
         archiver.on_archived = archived
+        stop.flushing = True
         try:
-            archiver.run(source.records())
+            archiver.run(source.records_or_idle(), stop.event)
         finally:
+            stop.flushing = False
             source.close()
-        print(f"archive {database}: archived up to {archiver.position or 'nothing'}", flush=True)
+        stopped = " (stopped)" if stop.event.is_set() else ""
+        print(f"archive {database}: archived up to {archiver.position or 'nothing'}{stopped}", flush=True)
         return 0
 
     try:
         return with_retries(f"archive {database}", attempt, kafka=args.kafka)
+    except KeyboardInterrupt:
+        if stop.signals != 1:
+            raise
+        # The signal came while nothing was open (starting, waiting for the topic, between retries).
+        print(f"archive {database}: stopped; archived up to {archiver.position or 'nothing'}", flush=True)
+        return 0
     finally:
         archiver.close()
 

@@ -6,6 +6,7 @@ import argparse
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -59,6 +60,29 @@ def run(fn: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> No
     except KeyboardInterrupt:
         code = 130
     raise SystemExit(code)
+
+
+class GracefulStop:
+    """SIGTERM/SIGINT for a command that can finish what it holds (the archiver flushes its open
+    segment): the first signal sets `event` while `flushing` is true and the command winds down on
+    its own; outside that, or at a second signal, it stops at once (KeyboardInterrupt).
+    `signals` counts them, so the command can tell a first signal (a clean stop) from a second."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.flushing = False
+        self.signals = 0
+
+    def install(self) -> GracefulStop:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        return self
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.signals += 1
+        self.event.set()
+        if self.signals > 1 or not self.flushing:
+            raise KeyboardInterrupt
 
 
 def add_bucket(p: argparse.ArgumentParser) -> None:
