@@ -18,12 +18,13 @@ from connectors.picolisp.format import (
     SCAN_SLICE,
     _file_name,
     block_size_of,
+    copy_range,
     hax,
     pool_files,
     pread_all,
     scan_blocks,
 )
-from connectors.picolisp.journal import JournalConsumer, journal_blocks
+from connectors.picolisp.journal import JournalConsumer, journal_blocks_fd
 from connectors.picolisp.watch import ChangeWatch
 from pipeline.checksum import RollingChecksum, block_hash
 from pipeline.errors import PipelineError
@@ -296,37 +297,52 @@ class PoolSource:
 
     # --- journal ------------------------------------------------------------------------------
 
-    def _touched(self, spooled: bytes, data: bytes) -> set[tuple[int, int]]:
-        """(file, block) pairs the spool and the journal wrote; a bad entry is refused before any change."""
+    def _touched(self, journal_fd: int | None, journal_size: int) -> set[tuple[int, int]]:
+        """(file, block) pairs the spool and the journal wrote; a bad entry is refused before any change.
+
+        Both are parsed from bounded preads (journal_blocks_fd), headers only: memory does not grow
+        with the backlog, only the set of touched blocks does."""
         want: set[tuple[int, int]] = set()
-        for chunk, what, path in ((spooled, "agent spool", self.spool_path), (data, "journal", self.journal.path)):
-            try:
-                want |= journal_blocks(chunk, self.pool.block_sizes)
-            except PipelineError as exc:
-                raise PipelineError(
-                    f"{what} {path}: {exc.message}; nothing was published and the journal is left intact",
-                    database=self.database,
-                ) from None
+        try:
+            spool_fd: int | None = os.open(self.spool_path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            spool_fd = None
+        try:
+            spool_size = 0 if spool_fd is None else os.fstat(spool_fd).st_size
+            for fd, size, what, path in (
+                (spool_fd, spool_size, "agent spool", self.spool_path),
+                (journal_fd, journal_size, "journal", self.journal.path),
+            ):
+                if fd is None:
+                    continue
+                try:
+                    want |= journal_blocks_fd(fd, size, self.pool.block_sizes)
+                except PipelineError as exc:
+                    raise PipelineError(
+                        f"{what} {path}: {exc.message}; nothing was published and the journal is left intact",
+                        database=self.database,
+                    ) from None
+        finally:
+            if spool_fd is not None:
+                os.close(spool_fd)
         return want
 
     def _check_journal(self) -> None:
         """Parse spool and journal under the journal lock, changing nothing: fail before a snapshot starts
         streaming, so that a corrupt journal leaves no aborted records in the topic."""
-        spooled = self.spool_path.read_bytes() if self.spool_path.exists() else b""
 
-        def locked(data: bytes) -> None:
+        def locked(fd: int | None, size: int) -> None:
             self.pool.refresh()  # under the lock: the journal may name a file PicoLisp created just before
-            self._touched(spooled, data)
+            self._touched(fd, size)
 
-        self.journal.read_locked(locked)
+        self.journal.locked(locked)
 
     def _take_journal(self, *, delta: bool = True) -> tuple[_Images, list[FileLayout]]:
         """Under the journal lock: parse it, copy touched and grown blocks to the image spool, spool the
         journal, truncate it. For a `delta`, refuse (retriable, changing nothing) a layout replicas would
         reject: the restarted attempt's _resume then takes a snapshot."""
-        spooled = self.spool_path.read_bytes() if self.spool_path.exists() else b""
 
-        def locked(data: bytes) -> tuple[_Images, list[FileLayout]]:
+        def locked(fd: int | None, size: int) -> tuple[_Images, list[FileLayout]]:
             self.pool.refresh()
             layout = self.pool.layout()
             # Checked before parsing: the spool and journal of an older pool need not parse with these sizes.
@@ -336,7 +352,7 @@ class PoolSource:
                     database=self.database,
                     retriable=True,
                 )
-            want = self._touched(spooled, data)
+            want = self._touched(fd, size)
             for f in layout:
                 want.update((f.file, b) for b in range(self.published.get(f.file, 0), f.blocks))
             for file, index in want:
@@ -346,14 +362,44 @@ class PoolSource:
                         f"({layout[file].blocks} blocks)",
                         database=self.database,
                     )
-            images = self._copy_images(sorted(want))
-            if data:
-                with open(self.spool_path, "ab") as spool:
-                    spool.write(data)  # survives kill -9 (page cache); PicoLisp never fsyncs the journal either
-                os.ftruncate(self.journal.fd, 0)  # type: ignore[arg-type]  # lock held: atomic, nothing lost
+            keys = sorted(want)
+            del want
+            images = self._copy_images(keys)
+            if fd is not None and size:
+                self._spool_journal(fd, size)
+                os.ftruncate(fd, 0)  # lock held: atomic, nothing lost
             return images, layout
 
-        return self.journal.read_locked(locked)
+        return self.journal.locked(locked)
+
+    def _spool_journal(self, fd: int, size: int) -> None:
+        """Append the journal's `size` bytes to the spool, copied file to file in bounded pieces.
+
+        The longer spool is built beside it and renamed over it, so a kill -9 at any point leaves the
+        old spool or the new one, each whole entries, and the journal not yet truncated in the first
+        case. Only a spool left by an unpublished round is copied again; normally there is none. No
+        fsync: like the journal, it must survive kill -9 (page cache), not a power cut."""
+        tmp = self.spool_path.with_name(self.spool_path.name + ".tmp")
+        out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            spooled = 0
+            try:
+                old = os.open(self.spool_path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                pass
+            else:
+                try:
+                    spooled = os.fstat(old).st_size
+                    copy_range(old, out, spooled)
+                finally:
+                    os.close(old)
+            copy_range(fd, out, size, 0, spooled)
+        except BaseException:
+            os.close(out)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(out)
+        os.replace(tmp, self.spool_path)
 
     def _copy_images(self, keys: list[tuple[int, int]]) -> _Images:
         """The current images of `keys` (sorted), copied into the image spool in runs of adjacent blocks.
