@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import connectors.picolisp.source as source_mod
 from connectors.picolisp.format import compare_pools
 from connectors.picolisp.replica import ReplicaDir
 from connectors.picolisp.source import PoolSource
@@ -266,6 +267,62 @@ def test_after_a_kill_the_next_round_merges_spool_and_journal(tmp_path: Path, ap
         sink.apply(txn)
         src.acknowledge(txn)
         assert not spool.exists()
+        assert compare_pools(app.db, tmp_path / "rpl") == []
+    finally:
+        sink.close()
+        src.close()
+
+
+def test_a_round_that_dies_while_spooling_the_journal_leaves_spool_and_journal_as_they_were(
+    tmp_path: Path, app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The journal goes into the spool by a chunked file-to-file copy, built beside the spool and renamed
+    over it: dying mid-copy (here an exception after half the journal; a kill -9 leaves the same files,
+    plus the half-written copy) changes neither file, and the next agent publishes spool + journal."""
+    src = source(tmp_path, app)
+    sink = replica(tmp_path)
+    try:
+        txns = src.transactions(Position(0, 0))
+        first = take(txns)
+        sink.apply(first)
+        src.acknowledge(first)
+        app.write(0, 1, b"\x22" * 128)
+        take(txns)  # round 2 went into the spool; the agent dies before its Kafka commit
+    finally:
+        src.close()
+    spool_path = tmp_path / "state" / "journal.spool"
+    spool = spool_path.read_bytes()
+    app.grow(1, b"\x77" * 256)
+    app.write(1, 0, b"cd", at=64)
+    journal = app.journal.read_bytes()
+    real = source_mod.copy_range
+
+    def dies_half_way(src_fd: int, dst: int, size: int, src_offset: int = 0, dst_offset: int = 0) -> None:
+        if src_fd == jfd:  # the journal's copy: half of it, then the process "dies"
+            real(src_fd, dst, size // 2, src_offset, dst_offset)
+            raise KeyboardInterrupt
+        real(src_fd, dst, size, src_offset, dst_offset)
+
+    monkeypatch.setattr(source_mod, "copy_range", dies_half_way)
+    src = source(tmp_path, app, first.files)
+    jfd = src.journal.fd
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            take(src.transactions(first.after))
+    finally:
+        src.close()
+    assert spool_path.read_bytes() == spool and app.journal.read_bytes() == journal
+    assert not (tmp_path / "state" / "journal.spool.tmp").exists()
+    (tmp_path / "state" / "journal.spool.tmp").write_bytes(journal[:7])  # what a kill -9 would leave
+    monkeypatch.setattr(source_mod, "copy_range", real)
+    src = source(tmp_path, app, first.files)
+    try:
+        txn = take(src.transactions(first.after))
+        assert txn.txn_id == 2 and not txn.snapshot and sorted(final_images(txn)) == [(0, 1), (1, 0), (1, 1)]
+        assert txn.checksum_after == app.checksum()
+        assert spool_path.read_bytes() == spool + journal and app.journal.read_bytes() == b""
+        sink.apply(txn)
+        src.acknowledge(txn)
         assert compare_pools(app.db, tmp_path / "rpl") == []
     finally:
         sink.close()
