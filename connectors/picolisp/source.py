@@ -24,7 +24,7 @@ from connectors.picolisp.format import (
     pread_all,
     scan_blocks,
 )
-from connectors.picolisp.journal import JournalConsumer, journal_blocks_fd
+from connectors.picolisp.journal import BlockSet, JournalConsumer, journal_blocks_fd
 from connectors.picolisp.watch import ChangeWatch
 from pipeline.checksum import RollingChecksum, block_hash
 from pipeline.errors import PipelineError
@@ -213,30 +213,26 @@ class _Images:
     """A round's final block images, in `keys` order, back to back in the image spool (see
     PoolSource._copy_images). Iterating reads them back in slices; valid until the next round."""
 
-    def __init__(self, fd: int, keys: list[tuple[int, int]], block_sizes: list[int]) -> None:
+    def __init__(self, fd: int, keys: BlockSet, block_sizes: list[int], total: int) -> None:
         self.fd = fd
         self.keys = keys
         self.block_sizes = block_sizes
+        self.total = total  # bytes in the image spool
+        self._len = len(keys)
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return self._len
 
     def __iter__(self) -> Iterator[BlockWrite]:
-        keys, sizes = self.keys, self.block_sizes
-        pos, i, n = 0, 0, len(keys)
-        while i < n:
-            j, total = i, 0
-            while j < n and (j == i or total + sizes[keys[j][0]] <= SCAN_SLICE):
-                total += sizes[keys[j][0]]
-                j += 1
-            buf = pread_all(self.fd, total, pos)
-            off = 0
-            for file, index in keys[i:j]:
-                bs = sizes[file]
-                yield BlockWrite(file, index, buf[off : off + bs])
-                off += bs
-            pos += total
-            i = j
+        sizes = self.block_sizes
+        buf, buf_pos, off = b"", 0, 0
+        for file, index in self.keys:
+            bs = sizes[file]
+            if off + bs > len(buf):
+                buf_pos += off
+                buf, off = pread_all(self.fd, max(bs, min(SCAN_SLICE, self.total - buf_pos)), buf_pos), 0
+            yield BlockWrite(file, index, buf[off : off + bs])
+            off += bs
 
 
 class PoolSource:
@@ -297,12 +293,12 @@ class PoolSource:
 
     # --- journal ------------------------------------------------------------------------------
 
-    def _touched(self, journal_fd: int | None, journal_size: int) -> set[tuple[int, int]]:
+    def _touched(self, journal_fd: int | None, journal_size: int, layout: list[FileLayout]) -> BlockSet:
         """(file, block) pairs the spool and the journal wrote; a bad entry is refused before any change.
 
         Both are parsed from bounded preads (journal_blocks_fd), headers only: memory does not grow
-        with the backlog, only the set of touched blocks does."""
-        want: set[tuple[int, int]] = set()
+        with the backlog, and the touched blocks are one bit each (BlockSet, one bitmap a file)."""
+        want = BlockSet([f.blocks for f in layout])
         try:
             spool_fd: int | None = os.open(self.spool_path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -316,7 +312,7 @@ class PoolSource:
                 if fd is None:
                     continue
                 try:
-                    want |= journal_blocks_fd(fd, size, self.pool.block_sizes)
+                    journal_blocks_fd(fd, size, self.pool.block_sizes, want)
                 except PipelineError as exc:
                     raise PipelineError(
                         f"{what} {path}: {exc.message}; nothing was published and the journal is left intact",
@@ -333,7 +329,7 @@ class PoolSource:
 
         def locked(fd: int | None, size: int) -> None:
             self.pool.refresh()  # under the lock: the journal may name a file PicoLisp created just before
-            self._touched(fd, size)
+            self._touched(fd, size, self.pool.layout())
 
         self.journal.locked(locked)
 
@@ -352,19 +348,16 @@ class PoolSource:
                     database=self.database,
                     retriable=True,
                 )
-            want = self._touched(fd, size)
+            want = self._touched(fd, size, layout)
+            if want.beyond is not None:
+                file, index = want.beyond
+                raise PipelineError(
+                    f"journal writes block {index} of file {hax(file)}, beyond its end ({layout[file].blocks} blocks)",
+                    database=self.database,
+                )
             for f in layout:
-                want.update((f.file, b) for b in range(self.published.get(f.file, 0), f.blocks))
-            for file, index in want:
-                if index >= layout[file].blocks:
-                    raise PipelineError(
-                        f"journal writes block {index} of file {hax(file)}, beyond its end "
-                        f"({layout[file].blocks} blocks)",
-                        database=self.database,
-                    )
-            keys = sorted(want)
-            del want
-            images = self._copy_images(keys)
+                want.add_range(f.file, self.published.get(f.file, 0), f.blocks)
+            images = self._copy_images(want)
             if fd is not None and size:
                 self._spool_journal(fd, size)
                 os.ftruncate(fd, 0)  # lock held: atomic, nothing lost
@@ -401,8 +394,8 @@ class PoolSource:
         os.close(out)
         os.replace(tmp, self.spool_path)
 
-    def _copy_images(self, keys: list[tuple[int, int]]) -> _Images:
-        """The current images of `keys` (sorted), copied into the image spool in runs of adjacent blocks.
+    def _copy_images(self, keys: BlockSet) -> _Images:
+        """The current images of `keys` (in order), copied into the image spool in runs of adjacent blocks.
 
         A file, not memory: one round can touch far more block bytes than its journal holds (a few
         bytes written into each of many 4 KiB blocks), and holding them all took a restarted agent
@@ -415,22 +408,29 @@ class PoolSource:
         sizes = self.pool.block_sizes
         buf = bytearray()
         written = 0
-        i, n = 0, len(keys)
-        while i < n:
-            file, first = keys[i]
-            bs = sizes[file]
-            j = i + 1
-            while j < n and keys[j] == (file, first + j - i) and (j - i) * bs < SCAN_SLICE:
-                j += 1
-            buf += pread_all(self.pool.fds[file], (j - i) * bs, first * bs)
+
+        def read_run(file: int, first: int, n: int) -> None:
+            nonlocal written
+            buf.extend(pread_all(self.pool.fds[file], n * sizes[file], first * sizes[file]))
             if len(buf) >= SCAN_SLICE:
                 os.pwrite(fd, buf, written)
                 written += len(buf)
                 buf.clear()
-            i = j
+
+        run_file, run_first, run_n = -1, 0, 0
+        for file, index in keys:
+            if file == run_file and index == run_first + run_n and (run_n + 1) * sizes[file] <= SCAN_SLICE:
+                run_n += 1
+                continue
+            if run_n:
+                read_run(run_file, run_first, run_n)
+            run_file, run_first, run_n = file, index, 1
+        if run_n:
+            read_run(run_file, run_first, run_n)
         if buf:
             os.pwrite(fd, buf, written)
-        return _Images(fd, keys, list(sizes))
+            written += len(buf)
+        return _Images(fd, keys, list(sizes), written)
 
     # --- blobs --------------------------------------------------------------------------------
 
