@@ -327,3 +327,21 @@ def test_a_round_that_dies_while_spooling_the_journal_leaves_spool_and_journal_a
     finally:
         sink.close()
         src.close()
+
+
+def test_a_journal_writing_beyond_a_files_end_is_refused_changing_nothing(tmp_path: Path, app: App) -> None:
+    src = source(tmp_path, app)
+    try:
+        txns = src.transactions(Position(0, 0))
+        first = take(txns)
+        src.acknowledge(first)
+        app.write(0, 1, b"\x22" * 128)
+        with open(app.journal, "ab") as j:  # block 1000 of file A, which has one block
+            j.write(entry(0, 1, 1000 * 256 >> SHIFTS[1], bytes(256)))
+        journal = app.journal.read_bytes()
+        with pytest.raises(PipelineError, match="block 1000 of file A, beyond its end"):
+            take(txns)
+        assert app.journal.read_bytes() == journal
+        assert not (tmp_path / "state" / "journal.spool").exists()
+    finally:
+        src.close()
