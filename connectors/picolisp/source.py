@@ -274,6 +274,7 @@ class PoolSource:
         self.journal = JournalConsumer(journal)
         self.watch = ChangeWatch(journal, blob_dir) if not once else None
         self.spool_path = state_dir / "journal.spool"
+        self.spool_mark = state_dir / "journal.spool.mark"  # the spool's length while a copy is appended to it
         self.blob_spool = state_dir / "blobs.spool"  # the blobs of the round being published, back to back
         self._spool_fd: int | None = None
         self.image_spool = state_dir / "images.spool"  # the block images of the round being published
@@ -290,6 +291,7 @@ class PoolSource:
         self._known_blobs: set[str] = set()
         self._last_delete_scan = 0.0
         self._restore_inflight_markers()
+        self._repair_spool()
 
     # --- journal ------------------------------------------------------------------------------
 
@@ -368,31 +370,57 @@ class PoolSource:
     def _spool_journal(self, fd: int, size: int) -> None:
         """Append the journal's `size` bytes to the spool, copied file to file in bounded pieces.
 
-        The longer spool is built beside it and renamed over it, so a kill -9 at any point leaves the
-        old spool or the new one, each whole entries, and the journal not yet truncated in the first
-        case. Only a spool left by an unpublished round is copied again; normally there is none. No
-        fsync: like the journal, it must survive kill -9 (page cache), not a power cut."""
-        tmp = self.spool_path.with_name(self.spool_path.name + ".tmp")
-        out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        A kill -9 at any point must leave the spool as whole entries (the journal is truncated only
+        after this returns, so a cut-off copy loses nothing). No spool yet, the usual case: the copy
+        is built beside it and renamed in. A spool left by an unpublished round (Kafka down, a kill):
+        the copy is appended in place, after noting the spool's old length in `spool_mark`; the next
+        start (or the except below) cuts the spool back to it (_repair_spool), so the spool is never
+        copied again. No fsync: like the journal, they must survive kill -9 (page cache), not a
+        power cut."""
         try:
+            spooled = os.stat(self.spool_path).st_size
+        except FileNotFoundError:
             spooled = 0
+        if not spooled:
+            tmp = self.spool_path.with_name(self.spool_path.name + ".tmp")
+            out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
             try:
-                old = os.open(self.spool_path, os.O_RDONLY | os.O_CLOEXEC)
-            except FileNotFoundError:
-                pass
-            else:
-                try:
-                    spooled = os.fstat(old).st_size
-                    copy_range(old, out, spooled)
-                finally:
-                    os.close(old)
+                copy_range(fd, out, size)
+            except BaseException:
+                os.close(out)
+                tmp.unlink(missing_ok=True)
+                raise
+            os.close(out)
+            os.replace(tmp, self.spool_path)
+            return
+        mark_tmp = self.spool_mark.with_name(self.spool_mark.name + ".tmp")
+        mark_tmp.write_text(str(spooled))
+        os.replace(mark_tmp, self.spool_mark)
+        out = os.open(self.spool_path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
             copy_range(fd, out, size, 0, spooled)
         except BaseException:
-            os.close(out)
-            tmp.unlink(missing_ok=True)
+            os.ftruncate(out, spooled)
+            self.spool_mark.unlink()
             raise
-        os.close(out)
-        os.replace(tmp, self.spool_path)
+        finally:
+            os.close(out)
+        self.spool_mark.unlink()
+
+    def _repair_spool(self) -> None:
+        """A run killed while appending to its spool left the spool's old length in `spool_mark`: cut
+        the spool back to it. The journal still holds everything that copy was taking (it is truncated
+        only after the copy), so the cut loses nothing."""
+        try:
+            spooled = int(self.spool_mark.read_text())
+        except FileNotFoundError:
+            return
+        except ValueError:  # killed while writing the mark: the append had not started
+            self.spool_mark.unlink()
+            return
+        if os.path.exists(self.spool_path):
+            os.truncate(self.spool_path, spooled)
+        self.spool_mark.unlink()
 
     def _copy_images(self, keys: BlockSet) -> _Images:
         """The current images of `keys` (in order), copied into the image spool in runs of adjacent blocks.

@@ -276,9 +276,10 @@ def test_after_a_kill_the_next_round_merges_spool_and_journal(tmp_path: Path, ap
 def test_a_round_that_dies_while_spooling_the_journal_leaves_spool_and_journal_as_they_were(
     tmp_path: Path, app: App, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The journal goes into the spool by a chunked file-to-file copy, built beside the spool and renamed
-    over it: dying mid-copy (here an exception after half the journal; a kill -9 leaves the same files,
-    plus the half-written copy) changes neither file, and the next agent publishes spool + journal."""
+    """The journal goes into the spool by a chunked file-to-file copy: into a new file renamed in when
+    there is no spool, else appended after marking the spool's length. Dying mid-copy (an exception
+    after half the journal, then what a kill -9 would leave) changes neither file in effect, and the
+    next agent publishes spool + journal."""
     src = source(tmp_path, app)
     sink = replica(tmp_path)
     try:
@@ -312,8 +313,12 @@ def test_a_round_that_dies_while_spooling_the_journal_leaves_spool_and_journal_a
     finally:
         src.close()
     assert spool_path.read_bytes() == spool and app.journal.read_bytes() == journal
-    assert not (tmp_path / "state" / "journal.spool.tmp").exists()
-    (tmp_path / "state" / "journal.spool.tmp").write_bytes(journal[:7])  # what a kill -9 would leave
+    assert not (tmp_path / "state" / "journal.spool.mark").exists()
+    # What a kill -9 in the middle of the append leaves: the old length marked, a cut-off copy after it.
+    (tmp_path / "state" / "journal.spool.mark").write_text(str(len(spool)))
+    with open(spool_path, "ab") as f:
+        f.write(journal[:7])
+    (tmp_path / "state" / "journal.spool.tmp").write_bytes(journal[:5])  # and one of an empty spool's copy
     monkeypatch.setattr(source_mod, "copy_range", real)
     src = source(tmp_path, app, first.files)
     try:
@@ -321,6 +326,7 @@ def test_a_round_that_dies_while_spooling_the_journal_leaves_spool_and_journal_a
         assert txn.txn_id == 2 and not txn.snapshot and sorted(final_images(txn)) == [(0, 1), (1, 0), (1, 1)]
         assert txn.checksum_after == app.checksum()
         assert spool_path.read_bytes() == spool + journal and app.journal.read_bytes() == b""
+        assert not (tmp_path / "state" / "journal.spool.mark").exists()
         sink.apply(txn)
         src.acknowledge(txn)
         assert compare_pools(app.db, tmp_path / "rpl") == []
@@ -343,5 +349,32 @@ def test_a_journal_writing_beyond_a_files_end_is_refused_changing_nothing(tmp_pa
             take(txns)
         assert app.journal.read_bytes() == journal
         assert not (tmp_path / "state" / "journal.spool").exists()
+    finally:
+        src.close()
+
+
+def test_a_first_spooling_that_dies_leaves_no_spool_and_the_journal_whole(
+    tmp_path: Path, app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = source(tmp_path, app)
+    try:
+        txns = src.transactions(Position(0, 0))
+        first = take(txns)
+        src.acknowledge(first)
+        app.write(0, 1, b"\x22" * 128)
+        app.write(1, 0, b"ab", at=32)
+        journal = app.journal.read_bytes()
+        real = source_mod.copy_range
+
+        def dies_half_way(src_fd: int, dst: int, size: int, src_offset: int = 0, dst_offset: int = 0) -> None:
+            real(src_fd, dst, size // 2, src_offset, dst_offset)
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(source_mod, "copy_range", dies_half_way)
+        with pytest.raises(KeyboardInterrupt):
+            take(txns)
+        state = tmp_path / "state"
+        assert app.journal.read_bytes() == journal
+        assert not (state / "journal.spool").exists() and not (state / "journal.spool.tmp").exists()
     finally:
         src.close()
