@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/vs_ssl.py [--duration 10] [--idle 10] [--backlog 160] [--ssl-sec 1]
                                      [--workloads steady200-blobs,steady200,steady1000,idle,backlog]
+                                     [--systems ssl,pool-pipeline] [--backlog-kib 1024] [--initial 2000]
 
 Runs as root. The script re-executes itself inside a private network namespace (`unshare -n`, then
 `ip link set lo up`): httpGate and PicoLisp's (port) bind the wildcard address, so the whole run,
