@@ -13,8 +13,8 @@ For each pool size S (MiB), with its own database name (topic pool.rss-<S>) on o
     process's life) is read for both. VmRSS is also sampled every 0.2 s to show the peak per phase
     (snapshot, workload).
  5. Unless --backlog 0: the agent is stopped, the app commits --backlog txns (the journal grows),
-    and a new agent process publishes that backlog; its VmHWM is reported separately, because
-    the capture round holds the journal in memory (RSS that grows with the backlog, not the pool).
+    and a new agent process publishes that backlog; its VmHWM is reported separately (the capture
+    round used to hold the journal in memory; it now reads it in bounded pieces, issue 17).
 Goal: < 200 MiB each, and independent of pool size (compare the rows). The data (pool, replica,
 Kafka log: about 3x S) lives under --base and is deleted at exit; check `df -h` first.
 """

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/vs_ssl.py [--duration 10] [--idle 10] [--backlog 160] [--ssl-sec 1]
                                      [--workloads steady200-blobs,steady200,steady1000,idle,backlog]
+                                     [--systems ssl,pool-pipeline] [--backlog-kib 1024] [--initial 2000]
 
 Runs as root. The script re-executes itself inside a private network namespace (`unshare -n`, then
 `ip link set lo up`): httpGate and PicoLisp's (port) bind the wildcard address, so the whole run,
@@ -805,6 +806,9 @@ def make_cert(root: Path) -> Path:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma list of {', '.join(WORKLOADS)}")
+    ap.add_argument(
+        "--systems", default="ssl,pool-pipeline", help="comma list of the systems to run (ssl, pool-pipeline)"
+    )
     ap.add_argument("--duration", type=float, default=10, help="seconds of each steady workload")
     ap.add_argument("--idle", type=float, default=10, help="seconds of the idle workload")
     ap.add_argument("--backlog", type=int, default=160, help="commits of the backlog workload")
@@ -858,7 +862,7 @@ def run(args, workloads: list[str]) -> int:
         shutil.rmtree(app.initial_dir, ignore_errors=True)
         k = 0
         for w in workloads:
-            for system in ("ssl", "pool-pipeline"):
+            for system in args.systems.split(","):
                 k += 1
                 log(f"run {k}: {w} with {system}")
                 res = run_one(system, w, k, app.root, root, roles, args, bs, codec)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import os
@@ -110,6 +111,35 @@ def pread_all(fd: int, size: int, offset: int = 0) -> bytes:
         parts.append(part)
         done += len(part)
     return b"".join(parts)
+
+
+COPY_CHUNK = 64 << 20  # file-to-file copies go in pieces of this size
+
+
+def copy_range(src: int, dst: int, size: int, src_offset: int = 0, dst_offset: int = 0) -> None:
+    """Copy `size` bytes of `src` at `src_offset` to `dst` at `dst_offset`, in the kernel where it can
+    (copy_file_range) and through a bounded buffer where it cannot: never the whole range in memory."""
+    done = 0
+    kernel = hasattr(os, "copy_file_range")
+    while done < size:
+        n = min(COPY_CHUNK, size - done)
+        got = 0
+        if kernel:
+            try:
+                got = os.copy_file_range(src, dst, n, src_offset + done, dst_offset + done)
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
+                    raise
+                kernel = False
+        if not kernel:
+            data = os.pread(src, min(n, 1 << 24), src_offset + done)
+            got = len(data)
+            view, written = memoryview(data), 0
+            while written < got:
+                written += os.pwrite(dst, view[written:], dst_offset + done + written)
+        if not got:
+            raise PipelineError(f"file shrank while copying: got {done} of {size} bytes", retriable=True)
+        done += got
 
 
 def scan_blocks(fd_of: Callable[[int], int], layout: Iterable[FileLayout]) -> Iterator[BlockWrite]:

@@ -18,12 +18,13 @@ from connectors.picolisp.format import (
     SCAN_SLICE,
     _file_name,
     block_size_of,
+    copy_range,
     hax,
     pool_files,
     pread_all,
     scan_blocks,
 )
-from connectors.picolisp.journal import JournalConsumer, journal_blocks
+from connectors.picolisp.journal import BlockSet, JournalConsumer, journal_blocks_fd
 from connectors.picolisp.watch import ChangeWatch
 from pipeline.checksum import RollingChecksum, block_hash
 from pipeline.errors import PipelineError
@@ -212,30 +213,26 @@ class _Images:
     """A round's final block images, in `keys` order, back to back in the image spool (see
     PoolSource._copy_images). Iterating reads them back in slices; valid until the next round."""
 
-    def __init__(self, fd: int, keys: list[tuple[int, int]], block_sizes: list[int]) -> None:
+    def __init__(self, fd: int, keys: BlockSet, block_sizes: list[int], total: int) -> None:
         self.fd = fd
         self.keys = keys
         self.block_sizes = block_sizes
+        self.total = total  # bytes in the image spool
+        self._len = len(keys)
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return self._len
 
     def __iter__(self) -> Iterator[BlockWrite]:
-        keys, sizes = self.keys, self.block_sizes
-        pos, i, n = 0, 0, len(keys)
-        while i < n:
-            j, total = i, 0
-            while j < n and (j == i or total + sizes[keys[j][0]] <= SCAN_SLICE):
-                total += sizes[keys[j][0]]
-                j += 1
-            buf = pread_all(self.fd, total, pos)
-            off = 0
-            for file, index in keys[i:j]:
-                bs = sizes[file]
-                yield BlockWrite(file, index, buf[off : off + bs])
-                off += bs
-            pos += total
-            i = j
+        sizes = self.block_sizes
+        buf, buf_pos, off = b"", 0, 0
+        for file, index in self.keys:
+            bs = sizes[file]
+            if off + bs > len(buf):
+                buf_pos += off
+                buf, off = pread_all(self.fd, max(bs, min(SCAN_SLICE, self.total - buf_pos)), buf_pos), 0
+            yield BlockWrite(file, index, buf[off : off + bs])
+            off += bs
 
 
 class PoolSource:
@@ -277,6 +274,7 @@ class PoolSource:
         self.journal = JournalConsumer(journal)
         self.watch = ChangeWatch(journal, blob_dir) if not once else None
         self.spool_path = state_dir / "journal.spool"
+        self.spool_mark = state_dir / "journal.spool.mark"  # the spool's length while a copy is appended to it
         self.blob_spool = state_dir / "blobs.spool"  # the blobs of the round being published, back to back
         self._spool_fd: int | None = None
         self.image_spool = state_dir / "images.spool"  # the block images of the round being published
@@ -293,40 +291,56 @@ class PoolSource:
         self._known_blobs: set[str] = set()
         self._last_delete_scan = 0.0
         self._restore_inflight_markers()
+        self._repair_spool()
 
     # --- journal ------------------------------------------------------------------------------
 
-    def _touched(self, spooled: bytes, data: bytes) -> set[tuple[int, int]]:
-        """(file, block) pairs the spool and the journal wrote; a bad entry is refused before any change."""
-        want: set[tuple[int, int]] = set()
-        for chunk, what, path in ((spooled, "agent spool", self.spool_path), (data, "journal", self.journal.path)):
-            try:
-                want |= journal_blocks(chunk, self.pool.block_sizes)
-            except PipelineError as exc:
-                raise PipelineError(
-                    f"{what} {path}: {exc.message}; nothing was published and the journal is left intact",
-                    database=self.database,
-                ) from None
+    def _touched(self, journal_fd: int | None, journal_size: int, layout: list[FileLayout]) -> BlockSet:
+        """(file, block) pairs the spool and the journal wrote; a bad entry is refused before any change.
+
+        Both are parsed from bounded preads (journal_blocks_fd), headers only: memory does not grow
+        with the backlog, and the touched blocks are one bit each (BlockSet, one bitmap a file)."""
+        want = BlockSet([f.blocks for f in layout])
+        try:
+            spool_fd: int | None = os.open(self.spool_path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            spool_fd = None
+        try:
+            spool_size = 0 if spool_fd is None else os.fstat(spool_fd).st_size
+            for fd, size, what, path in (
+                (spool_fd, spool_size, "agent spool", self.spool_path),
+                (journal_fd, journal_size, "journal", self.journal.path),
+            ):
+                if fd is None:
+                    continue
+                try:
+                    journal_blocks_fd(fd, size, self.pool.block_sizes, want)
+                except PipelineError as exc:
+                    raise PipelineError(
+                        f"{what} {path}: {exc.message}; nothing was published and the journal is left intact",
+                        database=self.database,
+                    ) from None
+        finally:
+            if spool_fd is not None:
+                os.close(spool_fd)
         return want
 
     def _check_journal(self) -> None:
         """Parse spool and journal under the journal lock, changing nothing: fail before a snapshot starts
         streaming, so that a corrupt journal leaves no aborted records in the topic."""
-        spooled = self.spool_path.read_bytes() if self.spool_path.exists() else b""
 
-        def locked(data: bytes) -> None:
+        def locked(fd: int | None, size: int) -> None:
             self.pool.refresh()  # under the lock: the journal may name a file PicoLisp created just before
-            self._touched(spooled, data)
+            self._touched(fd, size, self.pool.layout())
 
-        self.journal.read_locked(locked)
+        self.journal.locked(locked)
 
     def _take_journal(self, *, delta: bool = True) -> tuple[_Images, list[FileLayout]]:
         """Under the journal lock: parse it, copy touched and grown blocks to the image spool, spool the
         journal, truncate it. For a `delta`, refuse (retriable, changing nothing) a layout replicas would
         reject: the restarted attempt's _resume then takes a snapshot."""
-        spooled = self.spool_path.read_bytes() if self.spool_path.exists() else b""
 
-        def locked(data: bytes) -> tuple[_Images, list[FileLayout]]:
+        def locked(fd: int | None, size: int) -> tuple[_Images, list[FileLayout]]:
             self.pool.refresh()
             layout = self.pool.layout()
             # Checked before parsing: the spool and journal of an older pool need not parse with these sizes.
@@ -336,27 +350,80 @@ class PoolSource:
                     database=self.database,
                     retriable=True,
                 )
-            want = self._touched(spooled, data)
+            want = self._touched(fd, size, layout)
+            if want.beyond is not None:
+                file, index = want.beyond
+                raise PipelineError(
+                    f"journal writes block {index} of file {hax(file)}, beyond its end ({layout[file].blocks} blocks)",
+                    database=self.database,
+                )
             for f in layout:
-                want.update((f.file, b) for b in range(self.published.get(f.file, 0), f.blocks))
-            for file, index in want:
-                if index >= layout[file].blocks:
-                    raise PipelineError(
-                        f"journal writes block {index} of file {hax(file)}, beyond its end "
-                        f"({layout[file].blocks} blocks)",
-                        database=self.database,
-                    )
-            images = self._copy_images(sorted(want))
-            if data:
-                with open(self.spool_path, "ab") as spool:
-                    spool.write(data)  # survives kill -9 (page cache); PicoLisp never fsyncs the journal either
-                os.ftruncate(self.journal.fd, 0)  # type: ignore[arg-type]  # lock held: atomic, nothing lost
+                want.add_range(f.file, self.published.get(f.file, 0), f.blocks)
+            images = self._copy_images(want)
+            if fd is not None and size:
+                self._spool_journal(fd, size)
+                os.ftruncate(fd, 0)  # lock held: atomic, nothing lost
             return images, layout
 
-        return self.journal.read_locked(locked)
+        return self.journal.locked(locked)
 
-    def _copy_images(self, keys: list[tuple[int, int]]) -> _Images:
-        """The current images of `keys` (sorted), copied into the image spool in runs of adjacent blocks.
+    def _spool_journal(self, fd: int, size: int) -> None:
+        """Append the journal's `size` bytes to the spool, copied file to file in bounded pieces.
+
+        A kill -9 at any point must leave the spool as whole entries (the journal is truncated only
+        after this returns, so a cut-off copy loses nothing). No spool yet, the usual case: the copy
+        is built beside it and renamed in. A spool left by an unpublished round (Kafka down, a kill):
+        the copy is appended in place, after noting the spool's old length in `spool_mark`; the next
+        start (or the except below) cuts the spool back to it (_repair_spool), so the spool is never
+        copied again. No fsync: like the journal, they must survive kill -9 (page cache), not a
+        power cut."""
+        try:
+            spooled = os.stat(self.spool_path).st_size
+        except FileNotFoundError:
+            spooled = 0
+        if not spooled:
+            tmp = self.spool_path.with_name(self.spool_path.name + ".tmp")
+            out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            try:
+                copy_range(fd, out, size)
+            except BaseException:
+                os.close(out)
+                tmp.unlink(missing_ok=True)
+                raise
+            os.close(out)
+            os.replace(tmp, self.spool_path)
+            return
+        mark_tmp = self.spool_mark.with_name(self.spool_mark.name + ".tmp")
+        mark_tmp.write_text(str(spooled))
+        os.replace(mark_tmp, self.spool_mark)
+        out = os.open(self.spool_path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            copy_range(fd, out, size, 0, spooled)
+        except BaseException:
+            os.ftruncate(out, spooled)
+            self.spool_mark.unlink()
+            raise
+        finally:
+            os.close(out)
+        self.spool_mark.unlink()
+
+    def _repair_spool(self) -> None:
+        """A run killed while appending to its spool left the spool's old length in `spool_mark`: cut
+        the spool back to it. The journal still holds everything that copy was taking (it is truncated
+        only after the copy), so the cut loses nothing."""
+        try:
+            spooled = int(self.spool_mark.read_text())
+        except FileNotFoundError:
+            return
+        except ValueError:  # killed while writing the mark: the append had not started
+            self.spool_mark.unlink()
+            return
+        if os.path.exists(self.spool_path):
+            os.truncate(self.spool_path, spooled)
+        self.spool_mark.unlink()
+
+    def _copy_images(self, keys: BlockSet) -> _Images:
+        """The current images of `keys` (in order), copied into the image spool in runs of adjacent blocks.
 
         A file, not memory: one round can touch far more block bytes than its journal holds (a few
         bytes written into each of many 4 KiB blocks), and holding them all took a restarted agent
@@ -369,22 +436,29 @@ class PoolSource:
         sizes = self.pool.block_sizes
         buf = bytearray()
         written = 0
-        i, n = 0, len(keys)
-        while i < n:
-            file, first = keys[i]
-            bs = sizes[file]
-            j = i + 1
-            while j < n and keys[j] == (file, first + j - i) and (j - i) * bs < SCAN_SLICE:
-                j += 1
-            buf += pread_all(self.pool.fds[file], (j - i) * bs, first * bs)
+
+        def read_run(file: int, first: int, n: int) -> None:
+            nonlocal written
+            buf.extend(pread_all(self.pool.fds[file], n * sizes[file], first * sizes[file]))
             if len(buf) >= SCAN_SLICE:
                 os.pwrite(fd, buf, written)
                 written += len(buf)
                 buf.clear()
-            i = j
+
+        run_file, run_first, run_n = -1, 0, 0
+        for file, index in keys:
+            if file == run_file and index == run_first + run_n and (run_n + 1) * sizes[file] <= SCAN_SLICE:
+                run_n += 1
+                continue
+            if run_n:
+                read_run(run_file, run_first, run_n)
+            run_file, run_first, run_n = file, index, 1
+        if run_n:
+            read_run(run_file, run_first, run_n)
         if buf:
             os.pwrite(fd, buf, written)
-        return _Images(fd, keys, list(sizes))
+            written += len(buf)
+        return _Images(fd, keys, list(sizes), written)
 
     # --- blobs --------------------------------------------------------------------------------
 

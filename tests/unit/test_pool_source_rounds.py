@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import connectors.picolisp.source as source_mod
 from connectors.picolisp.format import compare_pools
 from connectors.picolisp.replica import ReplicaDir
 from connectors.picolisp.source import PoolSource
@@ -269,4 +270,111 @@ def test_after_a_kill_the_next_round_merges_spool_and_journal(tmp_path: Path, ap
         assert compare_pools(app.db, tmp_path / "rpl") == []
     finally:
         sink.close()
+        src.close()
+
+
+def test_a_round_that_dies_while_spooling_the_journal_leaves_spool_and_journal_as_they_were(
+    tmp_path: Path, app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The journal goes into the spool by a chunked file-to-file copy: into a new file renamed in when
+    there is no spool, else appended after marking the spool's length. Dying mid-copy (an exception
+    after half the journal, then what a kill -9 would leave) changes neither file in effect, and the
+    next agent publishes spool + journal."""
+    src = source(tmp_path, app)
+    sink = replica(tmp_path)
+    try:
+        txns = src.transactions(Position(0, 0))
+        first = take(txns)
+        sink.apply(first)
+        src.acknowledge(first)
+        app.write(0, 1, b"\x22" * 128)
+        take(txns)  # round 2 went into the spool; the agent dies before its Kafka commit
+    finally:
+        src.close()
+    spool_path = tmp_path / "state" / "journal.spool"
+    spool = spool_path.read_bytes()
+    app.grow(1, b"\x77" * 256)
+    app.write(1, 0, b"cd", at=64)
+    journal = app.journal.read_bytes()
+    real = source_mod.copy_range
+
+    def dies_half_way(src_fd: int, dst: int, size: int, src_offset: int = 0, dst_offset: int = 0) -> None:
+        if src_fd == jfd:  # the journal's copy: half of it, then the process "dies"
+            real(src_fd, dst, size // 2, src_offset, dst_offset)
+            raise KeyboardInterrupt
+        real(src_fd, dst, size, src_offset, dst_offset)
+
+    monkeypatch.setattr(source_mod, "copy_range", dies_half_way)
+    src = source(tmp_path, app, first.files)
+    jfd = src.journal.fd
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            take(src.transactions(first.after))
+    finally:
+        src.close()
+    assert spool_path.read_bytes() == spool and app.journal.read_bytes() == journal
+    assert not (tmp_path / "state" / "journal.spool.mark").exists()
+    # What a kill -9 in the middle of the append leaves: the old length marked, a cut-off copy after it.
+    (tmp_path / "state" / "journal.spool.mark").write_text(str(len(spool)))
+    with open(spool_path, "ab") as f:
+        f.write(journal[:7])
+    (tmp_path / "state" / "journal.spool.tmp").write_bytes(journal[:5])  # and one of an empty spool's copy
+    monkeypatch.setattr(source_mod, "copy_range", real)
+    src = source(tmp_path, app, first.files)
+    try:
+        txn = take(src.transactions(first.after))
+        assert txn.txn_id == 2 and not txn.snapshot and sorted(final_images(txn)) == [(0, 1), (1, 0), (1, 1)]
+        assert txn.checksum_after == app.checksum()
+        assert spool_path.read_bytes() == spool + journal and app.journal.read_bytes() == b""
+        assert not (tmp_path / "state" / "journal.spool.mark").exists()
+        sink.apply(txn)
+        src.acknowledge(txn)
+        assert compare_pools(app.db, tmp_path / "rpl") == []
+    finally:
+        sink.close()
+        src.close()
+
+
+def test_a_journal_writing_beyond_a_files_end_is_refused_changing_nothing(tmp_path: Path, app: App) -> None:
+    src = source(tmp_path, app)
+    try:
+        txns = src.transactions(Position(0, 0))
+        first = take(txns)
+        src.acknowledge(first)
+        app.write(0, 1, b"\x22" * 128)
+        with open(app.journal, "ab") as j:  # block 1000 of file A, which has one block
+            j.write(entry(0, 1, 1000 * 256 >> SHIFTS[1], bytes(256)))
+        journal = app.journal.read_bytes()
+        with pytest.raises(PipelineError, match="block 1000 of file A, beyond its end"):
+            take(txns)
+        assert app.journal.read_bytes() == journal
+        assert not (tmp_path / "state" / "journal.spool").exists()
+    finally:
+        src.close()
+
+
+def test_a_first_spooling_that_dies_leaves_no_spool_and_the_journal_whole(
+    tmp_path: Path, app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = source(tmp_path, app)
+    try:
+        txns = src.transactions(Position(0, 0))
+        first = take(txns)
+        src.acknowledge(first)
+        app.write(0, 1, b"\x22" * 128)
+        app.write(1, 0, b"ab", at=32)
+        journal = app.journal.read_bytes()
+        real = source_mod.copy_range
+
+        def dies_half_way(src_fd: int, dst: int, size: int, src_offset: int = 0, dst_offset: int = 0) -> None:
+            real(src_fd, dst, size // 2, src_offset, dst_offset)
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(source_mod, "copy_range", dies_half_way)
+        with pytest.raises(KeyboardInterrupt):
+            take(txns)
+        state = tmp_path / "state"
+        assert app.journal.read_bytes() == journal
+        assert not (state / "journal.spool").exists() and not (state / "journal.spool.tmp").exists()
+    finally:
         src.close()
