@@ -114,7 +114,10 @@ def test_a_commit_the_cluster_never_answers_is_given_up_and_the_producer_rebuilt
         for pid in cluster3.pids:
             os.kill(pid, signal.SIGSTOP)
         try:
-            wait_for(lambda: "retry" in agent.stderr(), 60, "the agent to give up on the frozen cluster")
+            try:
+                wait_for(lambda: "retry" in agent.stderr(), 90, "the agent to give up on the frozen cluster")
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}\n{agent.output()}") from None
             assert wl.wait(timeout=120) == 0
         finally:
             for pid in cluster3.pids:
