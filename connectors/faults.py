@@ -128,12 +128,29 @@ def classify(exc: BaseException) -> tuple[bool, str]:
             "Cancelled",
         ):
             return True, ""  # the producer or consumer is rebuilt and the step retried
+        if names[0] == "KafkaError" and any(name in str(exc) for name in _retriable_kafka_names()):
+            # kafka-python wraps a failed transactional request in a plain KafkaError that only names the
+            # cause ("Could not execute transactional request ...: RequestTimedOutError ..."): a frozen
+            # coordinator must be waited out, not taken for a permanent failure.
+            return True, ""
         return False, ""
     if isinstance(exc, (ConnectionError, TimeoutError, socket.timeout)):
         return True, ""
     if isinstance(exc, OSError):
         return False, ""
     return False, ""
+
+
+def _retriable_kafka_names() -> set[str]:
+    """Names of kafka-python's retriable error classes (imported here: this module loads without kafka)."""
+    import kafka.errors as kafka_errors
+
+    names = {"KafkaConnectionError", "NodeNotReadyError", "KafkaTimeoutError"}
+    for value in vars(kafka_errors).values():
+        if isinstance(value, type) and issubclass(value, kafka_errors.RetriableError):
+            names.add(value.__name__)
+    names.discard("RetriableError")
+    return names
 
 
 def _classify_s3(exc: BaseException) -> tuple[bool, str]:

@@ -89,6 +89,16 @@ def test_s3_errors(exc: BaseException, retriable: bool) -> None:
     assert classify(exc)[0] is retriable
 
 
+def test_a_transactional_request_that_timed_out_is_retriable() -> None:
+    """Seen with a frozen coordinator: kafka-python wraps the cause in a plain KafkaError."""
+    wrapped = ke.KafkaError(
+        "Could not execute transactional request for unknown reasons: [Error 7] RequestTimedOutError: "
+        "Request timed out after 4999 ms"
+    )
+    assert classify(wrapped)[0] is True
+    assert classify(ke.KafkaError("something else entirely"))[0] is False
+
+
 def test_a_pipeline_error_keeps_its_own_flag() -> None:
     assert classify(PipelineError("x", retriable=True)) == (True, "")
     assert classify(PipelineError("x")) == (False, "")
