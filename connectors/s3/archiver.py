@@ -13,12 +13,15 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from connectors.faults import as_pipeline_error
 from connectors.picolisp.blobs import blob_files
 from connectors.picolisp.format import hax
 from connectors.picolisp.replica import ReplicaDir
+from connectors.s3.compactor import compact
 from connectors.s3.restore import materialise
 from connectors.s3.store import Store, retrying
 from pipeline.archive import (
+    CompactionPolicy,
     Framer,
     Manifest,
     Rotation,
@@ -113,6 +116,8 @@ class Archiver:
         on_archived: Callable[[Transaction], None] = lambda txn: None,
         part_bytes: int = PART_BYTES,
         max_delay: float | None = None,
+        compaction: CompactionPolicy | None = None,
+        compact_every: float = 10.0,
     ) -> None:
         if part_bytes < MIN_PART_BYTES:
             raise PipelineError(
@@ -147,6 +152,10 @@ class Archiver:
         self.next_offset = 0
         self._since_snapshot = (0, 0)  # txns, bytes archived after the newest base snapshot
         self.archived: list[Segment] = []
+        self.compaction = compaction  # None: segments stay as uploaded (`archive compact` merges them later)
+        self.compact_every = compact_every
+        self._compacting: Future | None = None
+        self._compacted_at = 0.0
 
     def close(self) -> None:
         os.close(self._lock_fd)
@@ -221,11 +230,13 @@ class Archiver:
         self._stopping = threading.Event()
         seg: _OpenSegment | None = None
         uploads: deque[tuple[Future, _OpenSegment]] = deque()
+        compactor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="archive-compact")
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="archive-upload") as pool:
             try:
                 for rec in records:
                     while uploads and uploads[0][0].done():
                         self._uploaded(*uploads.popleft())
+                    self._compact_maybe(compactor)
                     if stop is not None and stop.is_set():
                         if seg is not None and seg.txns and framer.open is not None:
                             seg, rest = self._split(seg, framer)
@@ -290,10 +301,46 @@ class Archiver:
             finally:
                 self._stopping.set()  # an upload retrying through an outage gives up, unacknowledged
                 pool.shutdown(wait=True, cancel_futures=True)
+                compactor.shutdown(wait=True, cancel_futures=True)  # a merge ends at its next step
+                self._compact_result()
                 for unfinished in ([seg] if seg is not None else []) + [pending for _, pending in uploads]:
                     if unfinished.upload is not None and unfinished.upload.upload_id is not None:
                         self.store.abort_upload(unfinished.upload.key, unfinished.upload.upload_id)
                     unfinished.file.close()
+
+    def _compact_maybe(self, compactor: ThreadPoolExecutor) -> None:
+        """Start a compaction pass every `compact_every` s, one at a time, beside the uploads."""
+        if self.compaction is None or (self._compacting is not None and not self._compacting.done()):
+            return
+        self._compact_result()
+        if not self.archived or time.monotonic() - self._compacted_at < self.compact_every:
+            return
+        self._compacted_at = time.monotonic()
+        self._compacting = compactor.submit(
+            compact,
+            self.store,
+            self.codec,
+            self.topic,
+            self.work_dir,
+            self.compaction,
+            self.log,
+            should_stop=self._stopping.is_set,
+        )
+
+    def _compact_result(self) -> None:
+        """Report a finished pass's failure: compaction only saves objects, so archiving goes on."""
+        done, self._compacting = self._compacting, None
+        if done is None or not done.done() or done.cancelled() or done.exception() is None:
+            return
+        exc = as_pipeline_error("compacting", done.exception(), database=self.database)  # type: ignore[arg-type]
+        if exc.retriable:
+            self.log(f"archive {self.database}: compaction failed, tried again in {self.compact_every:g} s: {exc}")
+            return
+        self.log(
+            f"archive {self.database}: error: compaction stopped for this run (archiving goes on; "
+            f"`archive compact` retries it): {exc}"
+        )
+        self.compaction = None
 
     def _close_on_time(
         self,

@@ -7,7 +7,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
+from pipeline.archive import CompactionPolicy
 from pipeline.codec import Codec
+from pipeline.errors import PipelineError
 from pipeline.model import Transaction, check_database_name
 from pool_pipeline.cli.common import (
     EXIT_USAGE,
@@ -29,9 +31,10 @@ def archive_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="archive",
         description="Archive a database's change stream to S3 exactly once (action run, the "
-        "default), list what is archived (ls), write a base snapshot now (snapshot), or apply retention (retain).",
+        "default), list what is archived (ls), write a base snapshot now (snapshot), apply retention (retain), "
+        "or merge small segments now (compact; `run` does it as it goes).",
     )
-    p.add_argument("action", nargs="?", choices=("run", "ls", "snapshot", "retain"), default="run")
+    p.add_argument("action", nargs="?", choices=("run", "ls", "snapshot", "retain", "compact"), default="run")
     p.add_argument("--database", required=True)
     add_bucket(p)
     p.add_argument("--group", default="archive", help="consumer group (offsets committed after each upload)")
@@ -66,6 +69,13 @@ def archive_parser() -> argparse.ArgumentParser:
         help="close and upload the open segment (at a whole txn) at most N seconds after its first "
         "txn was read, also when nothing more comes (default 1; the other rules still apply; "
         "--once archives the tail at its end instead)",
+    )
+    p.add_argument(
+        "--compact",
+        default="60,3600",
+        metavar="SECONDS,...",
+        help="merge the segments of each window of this many seconds of source time into one, level by level "
+        "(default 60,3600: minutes, then hours), so a restore fetches few objects; 'off' keeps every segment",
     )
     p.add_argument(
         "--snapshot-every-txns",
@@ -104,6 +114,20 @@ def _archive(args: argparse.Namespace) -> int:
     if args.action == "ls":
         print(describe(store.catalog(), store.url))
         return 0
+    compaction = _compaction(args.compact)
+    if args.action == "compact":
+        from connectors.s3.compactor import compact
+
+        if compaction is None:
+            fail("compact needs compaction windows: --compact SECONDS,...", EXIT_USAGE)
+        work_dir = Path(args.work_dir) if args.work_dir else state_home() / "archive" / database
+        log = lambda line: print(line, flush=True)  # noqa: E731
+        merged = with_retries(
+            f"archive {database}: compact",
+            lambda: len(compact(store, Codec(load_schemas()), topic_for(database), work_dir, compaction, log)),
+        )
+        print(f"archive {database}: {merged or 'no'} merged segments written", flush=True)
+        return 0
     if args.action == "retain":
         if args.keep_snapshots is None and args.keep_days is None:
             fail("retain needs --keep-snapshots K and/or --keep-days D", EXIT_USAGE)
@@ -124,6 +148,7 @@ def _archive(args: argparse.Namespace) -> int:
         topic=topic_for(database),
         log=lambda line: print(line, flush=True),
         max_delay=None if args.once else args.max_delay,  # --once archives the tail when it ends
+        compaction=compaction,
         **({"part_bytes": args.part_bytes} if args.part_bytes is not None else {}),
     )
     if args.action == "snapshot":
@@ -179,6 +204,17 @@ def _archive(args: argparse.Namespace) -> int:
         return 0
     finally:
         archiver.close()
+
+
+def _compaction(spec: str) -> CompactionPolicy | None:
+    """--compact: 'off', or growing window widths in seconds."""
+    if spec.strip().lower() in ("off", "no", "none", "0"):
+        return None
+    try:
+        widths = tuple(int(float(w) * 1000) for w in spec.split(","))
+        return CompactionPolicy(widths)
+    except (ValueError, PipelineError):
+        fail(f"--compact takes growing window widths in seconds, like 60,3600, or 'off'; got {spec!r}", EXIT_USAGE)
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
