@@ -453,6 +453,19 @@ class Catalog:
             )
         return plans[-1]
 
+    def continuing(self, txn: int) -> RestorePlan | None:
+        """The plan that brings a replica at `txn` to the end of the archive's run holding txn+1, applying
+        segments only (no base, so the replica stays at a txn boundary throughout); None if no segment
+        holds txn+1 (retention removed it, or the archive has not reached it)."""
+        for run in self.runs():
+            if run[0].first_txn <= txn + 1 <= run[-1].last_txn:
+                return RestorePlan(None, [s for s in run if s.last_txn > txn], None, None)
+        return None
+
+    @property
+    def restorable(self) -> bool:
+        return bool(self.restore_points())
+
 
 @dataclass(frozen=True)
 class RetentionPlan:

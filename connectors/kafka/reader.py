@@ -137,8 +137,8 @@ class TopicSource:
             begin = self.consumer.beginning_offsets([self.tp])[self.tp]
             if start_offset < begin:
                 raise PipelineError(
-                    f"the replica needs offset {start_offset} but topic {self.topic} starts at {begin} "
-                    "(retention removed it); start a fresh replica",
+                    f"reading needs offset {start_offset} but topic {self.topic} starts at {begin} "
+                    "(retention removed it); a replica catches up with --archive s3://BUCKET/PREFIX",
                     database=database,
                     offset=start_offset,
                 )

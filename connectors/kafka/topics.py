@@ -189,6 +189,19 @@ def wait_for_topic(
         consumer.close()
 
 
+def offset_range(kafka: Kafka, database: str) -> tuple[int, int]:
+    """(first, end) offsets of the database's topic: retention moves the first up."""
+    topic = topic_for(database)
+    tp = TopicPartition(topic, PARTITION)
+    consumer = committed_consumer(kafka, None)
+    try:
+        return consumer.beginning_offsets([tp])[tp], consumer.end_offsets([tp])[tp]
+    except KafkaError as exc:
+        raise broker_error(f"cannot read the offsets of topic {topic}", exc, database=database) from exc
+    finally:
+        consumer.close()
+
+
 class LastCommit(NamedTuple):
     position: Position
     files: list[FileLayout]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -44,6 +45,14 @@ def replica_parser() -> argparse.ArgumentParser:
         help="the way past a bad record: start at the newest snapshot txn after the replica's position "
         "(publish one with `capture-agent --snapshot`), skipping what lies before it",
     )
+    p.add_argument(
+        "--archive",
+        metavar="s3://BUCKET/PREFIX",
+        default=os.environ.get("POOL_PIPELINE_ARCHIVE") or None,
+        help="the S3 archive of the database (what `archive --bucket` writes; default: $POOL_PIPELINE_ARCHIVE): "
+        "a new replica, or one behind the topic's retention, first restores from it, then continues from "
+        "Kafka. The endpoint and credentials come from boto3's standard settings (AWS_ENDPOINT_URL_S3, ...)",
+    )
     add_kafka(p)
     return p
 
@@ -65,7 +74,7 @@ def _replica(args: argparse.Namespace) -> int:
     def attempt() -> int:
         if not topic_ready(args.kafka, args.database, args.once, f"replica {args.database}"):
             return 0
-        start = _start_offset(args.kafka, args.database, codec, sink, args.skip_to_snapshot)
+        start = _start_offset(args.kafka, args.database, codec, sink, args.skip_to_snapshot, args.archive)
         print(f"replica {args.database}: at {sink.position()}, reading from offset {start}", flush=True)
         source = TopicSource(args.kafka, args.database, codec, args.group, start, once=args.once)
         if sink.position().txn_id > 0:  # the group offset shows where the replica really is, not a stale one
@@ -83,22 +92,92 @@ def _replica(args: argparse.Namespace) -> int:
         sink.close()
 
 
-def _start_offset(kafka: KafkaSettings, database: str, codec: Codec, sink: ReplicaDir, skip: bool = False) -> int:
-    """Where a replica reads from: its stored position, or for an empty one the newest snapshot."""
-    from connectors.kafka.topics import latest_snapshot
+def _start_offset(
+    kafka: KafkaSettings,
+    database: str,
+    codec: Codec,
+    sink: ReplicaDir,
+    skip: bool = False,
+    archive: str | None = None,
+) -> int:
+    """Where a replica reads from: its stored position; for an empty one the archive's end (with
+    --archive) or else the newest snapshot in the topic; for one behind the topic's retention, the
+    archive's end (with --archive) or else an error saying so."""
+    from connectors.kafka.topics import latest_snapshot, offset_range, topic_for
 
-    if sink.position().txn_id > 0 and skip:
-        return skip_to_snapshot(kafka, database, codec, sink.next_offset, sink.position().txn_id, "replica")
-    if sink.position().txn_id > 0:
+    at = sink.position().txn_id
+    if at > 0 and skip:
+        return skip_to_snapshot(kafka, database, codec, sink.next_offset, at, "replica")
+    first, _ = offset_range(kafka, database)
+    if at > 0 and sink.next_offset >= first:
         return sink.next_offset
+    if at > 0 and archive is None:
+        raise PipelineError(
+            f"replica {database} is at txn {at} and needs offset {sink.next_offset}, but topic "
+            f"{topic_for(database)} now starts at offset {first} (retention deleted the records between): "
+            "run it with --archive s3://BUCKET/PREFIX (the archive of this database) to catch up from S3",
+            database=database,
+            txn_id=at,
+            offset=sink.next_offset,
+        )
+    if archive is not None and _from_archive(archive, database, codec, sink):
+        if sink.next_offset < first:
+            raise PipelineError(
+                f"replica {database}: the archive {archive} ends at txn {sink.position().txn_id} (Kafka offset "
+                f"{sink.next_offset - 1}), but topic {topic_for(database)} now starts at offset {first}: the txns "
+                "between are in neither. Is the archiver running (`archive --database ...`)? Once it has caught "
+                "up, or after `capture-agent --snapshot`, start again",
+                database=database,
+                txn_id=sink.position().txn_id,
+                offset=sink.next_offset,
+            )
+        return sink.next_offset
+    if sink.position().txn_id > 0:  # the archive does not hold the txn after this replica's
+        raise PipelineError(
+            f"replica {database} is at txn {sink.position().txn_id} and needs offset {sink.next_offset}, but "
+            f"topic {topic_for(database)} now starts at offset {first} and the archive {archive} holds no txn "
+            f"{sink.position().txn_id + 1} (see `archive ls`): start a new, empty replica with --archive",
+            database=database,
+            txn_id=sink.position().txn_id,
+            offset=sink.next_offset,
+        )
     snapshot = latest_snapshot(kafka, database, codec)
     if snapshot is None:
+        if first > 0:
+            raise PipelineError(
+                f"replica {database}: topic {topic_for(database)} no longer holds a snapshot to start from (it "
+                f"starts at offset {first}; retention deleted the first): run with --archive s3://BUCKET/PREFIX to "
+                "start from the S3 archive, or publish a snapshot with `capture-agent --snapshot`",
+                database=database,
+                offset=first,
+            )
         return 0
     print(
         f"replica {database}: empty, starting at the newest snapshot (txn {snapshot[0]}, offset {snapshot[1]})",
         flush=True,
     )
     return snapshot[1]
+
+
+def _from_archive(archive: str, database: str, codec: Codec, sink: ReplicaDir) -> bool:
+    """Restore what the replica lacks from the S3 archive; False if the archive holds nothing it can use."""
+    from connectors.kafka.topics import topic_for
+    from connectors.s3.restore import bootstrap
+    from connectors.s3.store import open_store
+
+    before = sink.position().txn_id
+    what = "empty" if before == 0 else f"at txn {before}"
+    print(f"replica {database}: {what}, restoring from the archive {archive}", flush=True)
+    position = bootstrap(open_store(archive, database), codec, sink, topic_for(database))
+    if position is None:
+        print(f"replica {database}: the archive {archive} holds nothing to start from", flush=True)
+        return False
+    print(
+        f"replica {database}: restored txns {before + 1}..{position.txn_id} from the archive; continuing "
+        f"from Kafka at offset {sink.next_offset}",
+        flush=True,
+    )
+    return True
 
 
 def _replica_group(args: argparse.Namespace) -> int:
@@ -142,7 +221,7 @@ def _replica_group(args: argparse.Namespace) -> int:
             args.group,
             args.pattern,
             codec,
-            lambda db: _start_offset(args.kafka, db, codec, sink_for(db), args.skip_to_snapshot),
+            lambda db: _start_offset(args.kafka, db, codec, sink_for(db), args.skip_to_snapshot, args.archive),
             once=args.once,
             on_revoked=release,
             log=lambda line: print(line, file=sys.stderr, flush=True),
