@@ -108,9 +108,9 @@ def _start_offset(
     at = sink.position().txn_id
     if at > 0 and skip:
         return skip_to_snapshot(kafka, database, codec, sink.next_offset, at, "replica")
-    first, _ = offset_range(kafka, database)
-    if at > 0 and sink.next_offset >= first:
-        return sink.next_offset
+    first, end = offset_range(kafka, database)
+    if at > 0 and (start := _seam(kafka, database, codec, sink, first, end)) is not None:
+        return start
     if at > 0 and archive is None:
         raise PipelineError(
             f"replica {database} is at txn {at} and needs offset {sink.next_offset}, but topic "
@@ -121,17 +121,19 @@ def _start_offset(
             offset=sink.next_offset,
         )
     if archive is not None and _from_archive(archive, database, codec, sink):
-        if sink.next_offset < first:
+        start = _seam(kafka, database, codec, sink, first, end)
+        if start is None:
             raise PipelineError(
                 f"replica {database}: the archive {archive} ends at txn {sink.position().txn_id} (Kafka offset "
-                f"{sink.next_offset - 1}), but topic {topic_for(database)} now starts at offset {first}: the txns "
-                "between are in neither. Is the archiver running (`archive --database ...`)? Once it has caught "
-                "up, or after `capture-agent --snapshot`, start again",
+                f"{sink.next_offset - 1}), but topic {topic_for(database)} now starts at offset {first}, after "
+                f"txn {sink.position().txn_id + 1} began: the txns between are in neither. Is the archiver "
+                "running (`archive --database ...`)? Once it has caught up, or after `capture-agent --snapshot`, "
+                "start again",
                 database=database,
                 txn_id=sink.position().txn_id,
                 offset=sink.next_offset,
             )
-        return sink.next_offset
+        return start
     if sink.position().txn_id > 0:  # the archive does not hold the txn after this replica's
         raise PipelineError(
             f"replica {database} is at txn {sink.position().txn_id} and needs offset {sink.next_offset}, but "
@@ -157,6 +159,21 @@ def _start_offset(
         flush=True,
     )
     return snapshot[1]
+
+
+def _seam(kafka: KafkaSettings, database: str, codec: Codec, sink: ReplicaDir, first: int, end: int) -> int | None:
+    """The offset to continue the replica's txn from, or None if the topic no longer holds its next txn.
+
+    Retention may have cut just past the replica's last commit (its marker, say): what counts is that
+    the topic still holds the next txn from its beginning. replicate() then checks its checksum."""
+    from connectors.kafka.topics import first_txn_from
+
+    if sink.next_offset >= first:
+        return sink.next_offset
+    if first >= end:
+        return first  # nothing left to compare with: the next txn to arrive is checked by replicate()
+    found = first_txn_from(kafka, database, codec, first)
+    return found[1] if found is not None and found[0] == sink.position().txn_id + 1 else None
 
 
 def _from_archive(archive: str, database: str, codec: Codec, sink: ReplicaDir) -> bool:
