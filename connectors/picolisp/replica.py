@@ -864,16 +864,22 @@ class ReplicaDir:
     def _adopt(self) -> None:
         """Move the restored pool files and blobs in, then its position; safe to repeat after a kill."""
         staged_db, staged_blob = self.bootstrap_dir / "db", self.bootstrap_dir / "blob"
-        for index, path in enumerate(pool_files(f"{staged_db}/")):
-            os.replace(path, self._path(index))
-        if self.blob_dir is not None and staged_blob.exists():
-            for rel in blob_files(staged_blob):
-                dest = self.blob_target(rel)
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(staged_blob / rel, dest)
-        fsync_dir(self.pool_dir)
         staged_position = state_dir_for(f"{staged_db}/") / "position.json"
-        if staged_position.exists():
+        if staged_position.exists():  # else it was moved last: everything else is in place
+            # The layout, not a listing: after a kill some files are moved already.
+            for layout in json.loads(staged_position.read_text())["files"]:
+                src = staged_db / hax(layout["file"])
+                if src.exists():
+                    os.replace(src, self._path(layout["file"]))
+            dirs = {self.pool_dir}
+            if self.blob_dir is not None and staged_blob.exists():
+                for rel in blob_files(staged_blob):
+                    dest = self.blob_target(rel)
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(staged_blob / rel, dest)
+                    dirs.add(dest.parent)
+            for d in sorted(dirs):
+                fsync_dir(d)
             os.replace(staged_position, self._pos_file)
             fsync_dir(self.state)
         for fd in self._fds.values():  # descriptors of files the pool had before, if any

@@ -139,6 +139,11 @@ def bootstrap(
     time like any replica; it can use the archive only if a segment holds txn N+1.
     Afterwards the sink's next_offset is the Kafka offset after the last restored txn's commit.
     """
+    if store.database != sink.database:
+        raise PipelineError(
+            f"the archive {store.url} is of database {store.database!r}, the replica of {sink.database!r}",
+            database=sink.database,
+        )
     catalog = store.catalog()
     work_dir = sink.bootstrap_dir
     at = sink.position().txn_id

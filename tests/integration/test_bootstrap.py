@@ -3,7 +3,6 @@ restored from SeaweedFS and continued from a real broker, on a real PicoLisp poo
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
