@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -48,8 +47,7 @@ def replica_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--archive",
         metavar="s3://BUCKET/PREFIX",
-        default=os.environ.get("POOL_PIPELINE_ARCHIVE") or None,
-        help="the S3 archive of the database (what `archive --bucket` writes; default: $POOL_PIPELINE_ARCHIVE): "
+        help="the S3 archive of the database (what `archive --bucket` writes): "
         "a new replica, or one behind the topic's retention, first restores from it, then continues from "
         "Kafka. The endpoint and credentials come from boto3's standard settings (AWS_ENDPOINT_URL_S3, ...)",
     )

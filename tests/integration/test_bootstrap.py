@@ -12,6 +12,7 @@ from tests.integration.test_archive import archive_args, run_stage, s3_env, stor
 from tests.picolisp_fixtures import *  # noqa: F401,F403
 from tests.picolisp_fixtures import PicoApp
 from tests.pipeline_helpers import (
+    BIN,
     Cli,
     committed_transactions,
     ok,
@@ -75,6 +76,15 @@ def test_replicas_behind_retention_bootstrap_from_the_archive(app: PicoApp, cli:
     t3 = run_stage(cli, app, 60, seed=4)  # only in Kafka
     txns = {t.txn_id: t for t in committed_transactions(cli.bootstrap_servers, cli.database)}
     assert t3 > t2 + 2, (t2, t3)
+
+    # pipeline status --bucket: the newest archived txn and how far it is behind the source.
+    out = ok(
+        cli.run([str(BIN / "pipeline"), "status", "--database", cli.database, "--bucket", f"s3://{s3.bucket}/arch"]),
+        "pipeline status --bucket",
+    ).stdout
+    line = next(line for line in out.splitlines() if "(archive)" in line)
+    seconds = (txns[t3].source_time_ms - txns[t2].source_time_ms) / 1000
+    assert line.split()[1:4] == [str(t2), str(t3 - t2), f"{seconds:.1f}"], out
 
     # Retention: the topic now starts at txn t2+1, past the old replica's position and the first snapshot.
     first = delete_records_before(cli, txns[t2 + 1].offset)

@@ -10,7 +10,7 @@ import pytest
 from connectors.picolisp import replica as replica_module
 from connectors.picolisp.replica import ReplicaDir
 from connectors.s3.restore import bootstrap
-from pipeline.archive import Catalog, Segment
+from pipeline.archive import Catalog, Segment, Snapshot
 from pipeline.codec import StreamRecord
 from pipeline.model import Transaction
 from pipeline.replicate import replicate
@@ -188,3 +188,21 @@ def test_continuing_plans_the_segments_after_a_txn_within_its_run() -> None:
     assert catalog.continuing(6) is None  # txn 7 is in a gap of the archive
     assert catalog.continuing(8) is not None and catalog.continuing(8).segments == segs[2:]  # type: ignore[union-attr]
     assert catalog.continuing(12) is None  # the archive has not reached txn 13
+
+
+def test_behind_says_the_newest_archived_txn_and_how_far_the_source_is_ahead() -> None:
+    assert Catalog(DB).behind(7, 5_000) == {
+        "archived_txn": None,
+        "archived_time_ms": None,
+        "behind_txns": 7,
+        "behind_seconds": None,
+    }
+    catalog = Catalog(DB, [Segment(1, 3, 0, 1_000, 2_000), Segment(4, 6, 9, 2_500, 3_000)], [Snapshot(6, 3_000)])
+    assert catalog.newest() == (6, 3_000)
+    assert catalog.behind(10, 4_500) == {
+        "archived_txn": 6,
+        "archived_time_ms": 3_000,
+        "behind_txns": 4,
+        "behind_seconds": 1.5,
+    }
+    assert catalog.behind(6, 3_000)["behind_txns"] == 0 and catalog.behind(6, 3_000)["behind_seconds"] == 0.0
