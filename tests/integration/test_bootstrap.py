@@ -3,6 +3,7 @@ restored from SeaweedFS and continued from a real broker, on a real PicoLisp poo
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -121,3 +122,26 @@ def test_replicas_behind_retention_bootstrap_from_the_archive(app: PicoApp, cli:
     assert result.returncode == 1, result.stdout + result.stderr
     assert f"ends at txn {t2} (Kafka offset {txns[t2].end_offset})" in result.stderr, result.stderr
     assert f"now starts at offset {first}" in result.stderr, result.stderr
+
+
+def test_a_replica_group_bootstraps_its_databases_from_the_archive(app: PicoApp, cli: Cli, s3: Any) -> None:
+    """`replica --pattern --root --archive`: the same start, per database, inside a consumer group."""
+    app.workload(25, seed=11)
+    ok(cli.agent_once(), "capture-agent --once")
+    t1 = run_stage(cli, app, 40, seed=12)
+    ok(cli.run(archive_args(cli, s3.bucket, "--once")), "archive --once")
+    t2 = run_stage(cli, app, 30, seed=13)
+    txns = {t.txn_id: t for t in committed_transactions(cli.bootstrap_servers, cli.database)}
+    assert t2 > t1 + 1
+    delete_records_before(cli, txns[t1 + 1].offset)
+    db = cli.database
+    group = [str(BIN / "replica"), "--pattern", re.escape(db), "--root", "grp", "--group", f"{db}-g", "--once"]
+
+    result = cli.run(group)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"error: replica {db} stopped" in result.stderr and "--archive" in result.stderr, result.stderr
+
+    result = ok(cli.run([*group, "--archive", f"s3://{s3.bucket}/arch"]), "replica --pattern --archive")
+    assert f"restored txns 1..{t1} from the archive" in result.stdout, result.stdout
+    assert replica_txn(app.root / "grp" / db / "db") == t2
+    assert cli.differences(f"grp/{db}/db/", f"grp/{db}/blob/") == []
