@@ -138,7 +138,9 @@ class TopicSource:
             if start_offset < begin:
                 raise PipelineError(
                     f"reading needs offset {start_offset} but topic {self.topic} starts at {begin} "
-                    "(retention removed it); a replica catches up with --archive s3://BUCKET/PREFIX",
+                    "(retention deleted the records before it): a replica catches up with --archive "
+                    "s3://BUCKET/PREFIX; an archive cannot, it continues after `capture-agent --snapshot` "
+                    "with `archive --skip-to-snapshot` (a gap in the archive)",
                     database=database,
                     offset=start_offset,
                 )

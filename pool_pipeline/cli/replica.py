@@ -179,11 +179,15 @@ def _from_archive(archive: str, database: str, codec: Codec, sink: ReplicaDir) -
     from connectors.kafka.topics import topic_for
     from connectors.s3.restore import bootstrap
     from connectors.s3.store import open_store
+    from pool_pipeline.cli.restore import _TransferProgress
 
     before = sink.position().txn_id
     what = "empty" if before == 0 else f"at txn {before}"
     print(f"replica {database}: {what}, restoring from the archive {archive}", flush=True)
-    position = bootstrap(open_store(archive, database), codec, sink, topic_for(database))
+    progress = _TransferProgress(f"replica {database}: from the archive")
+    position = bootstrap(open_store(archive, database), codec, sink, topic_for(database), progress=progress)
+    if progress.txns or progress.done:
+        progress.draw(end="\n")
     if position is None:
         print(f"replica {database}: the archive {archive} holds nothing to start from", flush=True)
         return False
