@@ -825,12 +825,14 @@ class ReplicaDir:
         same filesystem as the pool files (and, like the stage dir, as the blobs)."""
         return self.state / "bootstrap"
 
-    def adopt(self) -> None:
+    def adopt(self, checksum: RollingChecksum | None = None) -> None:
         """Take over the replica restored in bootstrap_dir (its db/ with its own position, and blob/).
 
         Only an empty replica (txn 0, no pool files, no blobs) adopts, so nothing anyone reads is
         replaced. The marker file `adopt` is the commit point: after it the files are moved in by
         rename and position.json comes last; a restart after a kill finishes the moves (_recover).
+        `checksum`: the restored replica's own, kept as it was verified (renaming does not change a
+        byte), which spares reading the whole pool again; without it the files are scanned.
         """
         staged = self.bootstrap_dir / "db"
         if self._position.txn_id != 0 or pool_files(self.prefix):
@@ -852,7 +854,7 @@ class ReplicaDir:
         fsync_dir(self.state)
         self._adopt()
         self._load_position()
-        self.checksum = self._scan_checksum()
+        self.checksum = checksum if checksum is not None else self._scan_checksum()
         if self.checksum.value != self._position.checksum:
             raise PipelineError(
                 f"the pool adopted from the archive in {self.prefix} has checksum {self.checksum.value:016x}, "

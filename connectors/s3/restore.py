@@ -166,8 +166,9 @@ def bootstrap(
     restored = materialise(
         store, codec, plan, work_dir / "db", work_dir / "blob", topic, work_dir, reuse=True, progress=progress
     )
+    checksum = restored.checksum
     restored.close()
-    sink.adopt()
+    sink.adopt(checksum)
     return sink.position()
 
 

@@ -160,7 +160,7 @@ def test_a_kill_before_adopting_leaves_an_empty_replica_and_the_next_run_reuses_
     archive(store, tmp_path / "work", records, every_txns=4)
     sink = open_replica(tmp_path / "rpl")
 
-    def killed(self: object) -> None:
+    def killed(self: object, checksum: object = None) -> None:
         raise Killed()
 
     monkeypatch.setattr(replica_module.ReplicaDir, "adopt", killed)
