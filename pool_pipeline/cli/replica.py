@@ -144,10 +144,15 @@ def _start_offset(
     snapshot = latest_snapshot(kafka, database, codec)
     if snapshot is None:
         if first > 0:
+            fix = (
+                "run with --archive s3://BUCKET/PREFIX to start from the S3 archive"
+                if archive is None
+                else f"the archive {archive} holds nothing restorable yet either: let `archive` catch up"
+            )
             raise PipelineError(
                 f"replica {database}: topic {topic_for(database)} no longer holds a snapshot to start from (it "
-                f"starts at offset {first}; retention deleted the first): run with --archive s3://BUCKET/PREFIX to "
-                "start from the S3 archive, or publish a snapshot with `capture-agent --snapshot`",
+                f"starts at offset {first}; retention deleted the first): {fix}, or publish a snapshot with "
+                "`capture-agent --snapshot`",
                 database=database,
                 offset=first,
             )
@@ -191,6 +196,9 @@ def _from_archive(archive: str, database: str, codec: Codec, sink: ReplicaDir) -
     if position is None:
         print(f"replica {database}: the archive {archive} holds nothing to start from", flush=True)
         return False
+    if position.txn_id == before:
+        print(f"replica {database}: the archive {archive} holds nothing after txn {before}", flush=True)
+        return True
     print(
         f"replica {database}: restored txns {before + 1}..{position.txn_id} from the archive; continuing "
         f"from Kafka at offset {sink.next_offset}",
