@@ -79,6 +79,13 @@ def _replica(args: argparse.Namespace) -> int:
             source.offsets.at(source.tp, start, sink.position().txn_id, sink.source_time_ms)
         try:
             final = replicate(source, sink, on_applied=progress)
+        except PipelineError as exc:
+            if exc.retriable:
+                raise
+            behind = _overtaken(args.kafka, args.database, sink, args.archive)
+            if behind is None:
+                raise
+            raise behind from exc
         finally:
             source.close()
         print(f"replica {args.database}: at {final}", flush=True)
@@ -162,6 +169,32 @@ def _start_offset(
         flush=True,
     )
     return snapshot[1]
+
+
+def _overtaken(kafka: KafkaSettings, database: str, sink: ReplicaDir, archive: str | None) -> PipelineError | None:
+    """If retention deleted the replica's next records while it was reading, the error to report instead
+    of the gap the consumer then saw (it jumps to the first offset): with --archive a retriable one, so
+    the next attempt catches up from the archive; None if the topic still holds them."""
+    from connectors.kafka.topics import offset_range, topic_for
+
+    first, _ = offset_range(kafka, database)
+    if sink.next_offset >= first:
+        return None
+    at = sink.position().txn_id
+    what = (
+        f"replica {database} is at txn {at} and needs offset {sink.next_offset}, but retention deleted the "
+        f"records of topic {topic_for(database)} before offset {first} while it was reading"
+    )
+    if archive is None:
+        return PipelineError(
+            f"{what}: run it with --archive s3://BUCKET/PREFIX to catch up from the S3 archive",
+            database=database,
+            txn_id=at,
+            offset=sink.next_offset,
+        )
+    return PipelineError(
+        f"{what}; catching up from the archive {archive}", database=database, txn_id=at, retriable=True
+    )
 
 
 def _seam(kafka: KafkaSettings, database: str, codec: Codec, sink: ReplicaDir, first: int, end: int) -> int | None:

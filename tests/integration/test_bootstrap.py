@@ -3,7 +3,10 @@ restored from SeaweedFS and continued from a real broker, on a real PicoLisp poo
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import time
 from typing import Any
 
 import pytest
@@ -20,6 +23,7 @@ from tests.pipeline_helpers import (
     replica_position,
     replica_txn,
     unique_name,
+    wait_for,
 )
 
 pytestmark = pytest.mark.integration
@@ -145,3 +149,38 @@ def test_a_replica_group_bootstraps_its_databases_from_the_archive(app: PicoApp,
     assert f"restored txns 1..{t1} from the archive" in result.stdout, result.stdout
     assert replica_txn(app.root / "grp" / db / "db") == t2
     assert cli.differences(f"grp/{db}/db/", f"grp/{db}/blob/") == []
+
+
+def test_a_running_replica_overtaken_by_retention_catches_up_from_the_archive(app: PicoApp, cli: Cli, s3: Any) -> None:
+    """Retention deletes what two following replicas (frozen with SIGSTOP) read next: the one with
+    --archive catches up from S3 by itself and follows on; the other stops naming --archive."""
+    app.workload(25, seed=21)
+    ok(cli.agent_once(), "capture-agent --once")
+    t1 = run_stage(cli, app, 30, seed=22)
+    archive = ["--archive", f"s3://{s3.bucket}/arch"]
+    with_archive = cli.start_replica("rpl/a/db/", "rpl/a/blob/", "follow-a", *archive, name="replica-a")
+    without = cli.start_replica("rpl/b/db/", "rpl/b/blob/", "follow-b", name="replica-b")
+    wait_for(
+        lambda: replica_txn(app.root / "rpl/a/db") == t1 == replica_txn(app.root / "rpl/b/db"), 60, "both to follow"
+    )
+    time.sleep(1)  # the group offsets and an idle fetch: nothing in flight
+    for proc in (with_archive, without):
+        os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        t2 = run_stage(cli, app, 40, seed=23)
+        ok(cli.run(archive_args(cli, s3.bucket, "--once")), "archive --once")
+        txns = {t.txn_id: t for t in committed_transactions(cli.bootstrap_servers, cli.database)}
+        delete_records_before(cli, txns[t2].offset)  # all but the last txn
+    finally:
+        for proc in (with_archive, without):
+            os.kill(proc.pid, signal.SIGCONT)
+    assert without.wait(60) == 1, without.output()
+    assert "--archive" in without.stderr() and "while it was reading" in without.stderr(), without.output()
+    assert replica_txn(app.root / "rpl/b/db") >= t1
+    wait_for(lambda: replica_txn(app.root / "rpl/a/db") == t2, 90, f"replica a to catch up to txn {t2}")
+    assert with_archive.alive(), with_archive.output()
+    assert "catching up from the archive" in with_archive.stderr(), with_archive.output()
+    t3 = run_stage(cli, app, 10, seed=24)  # and it follows Kafka again
+    wait_for(lambda: replica_txn(app.root / "rpl/a/db") == t3, 60, f"replica a to follow to txn {t3}")
+    with_archive.stop()
+    assert cli.differences("rpl/a/db/", "rpl/a/blob/") == []
