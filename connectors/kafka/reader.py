@@ -369,6 +369,13 @@ class GroupReader(GroupMember):
                     yield PartitionSource(self, tp)
             self._pause_failed()
 
+    def restart(self, database: str) -> None:
+        """Start the database again where start_offset() says, at the next poll (as if newly assigned)."""
+        tp = TopicPartition(topic_for(database), PARTITION)
+        if tp in self.consumer.assignment():
+            self.consumer.pause(tp)  # nothing more of it until it is positioned again
+            self._new.add(tp)
+
     def fail(self, database: str) -> None:
         self.failed.add(database)
         self._pause_failed()

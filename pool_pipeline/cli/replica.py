@@ -26,6 +26,7 @@ from schemas import load_schemas
 
 if TYPE_CHECKING:
     from connectors.kafka.client import KafkaSettings
+    from connectors.kafka.reader import PartitionSource
     from connectors.picolisp.replica import ReplicaDir
 
 
@@ -286,15 +287,24 @@ def _replica_group(args: argparse.Namespace) -> int:
             on_revoked=release,
             log=lambda line: print(line, file=sys.stderr, flush=True),
         )
+
+        def step(source: PartitionSource) -> None:
+            sink = sink_for(source.database)
+            try:
+                replicate(source, sink, on_applied=progress[source.database])
+            except PipelineError as exc:
+                behind = None if exc.retriable else _overtaken(args.kafka, source.database, sink, args.archive)
+                if behind is None:
+                    raise
+                if not behind.retriable:
+                    raise behind from exc
+                print(f"replica {source.database}: {behind}", file=sys.stderr, flush=True)
+                reader.restart(source.database)  # its next start catches up from the archive
+
         try:
             for source in reader.sources():
                 busy[:] = [source.database]
-                _guarded(
-                    reader,
-                    source.database,
-                    lambda: replicate(source, sink_for(source.database), on_applied=progress[source.database]),  # noqa: B023 - called at once
-                    None,
-                )
+                _guarded(reader, source.database, lambda: step(source), None)  # noqa: B023 - called at once
                 busy.clear()
                 for database in list(revoked):
                     revoked.discard(database)

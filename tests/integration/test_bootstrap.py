@@ -152,19 +152,28 @@ def test_a_replica_group_bootstraps_its_databases_from_the_archive(app: PicoApp,
 
 
 def test_a_running_replica_overtaken_by_retention_catches_up_from_the_archive(app: PicoApp, cli: Cli, s3: Any) -> None:
-    """Retention deletes what two following replicas (frozen with SIGSTOP) read next: the one with
-    --archive catches up from S3 by itself and follows on; the other stops naming --archive."""
+    """Retention deletes what following replicas (frozen with SIGSTOP) read next: the ones with --archive
+    (one alone, one a --pattern group member) catch up from S3 by themselves and follow on; the other
+    stops naming --archive."""
     app.workload(25, seed=21)
     ok(cli.agent_once(), "capture-agent --once")
     t1 = run_stage(cli, app, 30, seed=22)
     archive = ["--archive", f"s3://{s3.bucket}/arch"]
     with_archive = cli.start_replica("rpl/a/db/", "rpl/a/blob/", "follow-a", *archive, name="replica-a")
     without = cli.start_replica("rpl/b/db/", "rpl/b/blob/", "follow-b", name="replica-b")
+    db = cli.database
+    member = cli.start(
+        "member",
+        [str(BIN / "replica"), "--pattern", re.escape(db), "--root", "grp", "--group", f"{db}-g", *archive],
+    )
+    grp = app.root / "grp" / db / "db"
     wait_for(
-        lambda: replica_txn(app.root / "rpl/a/db") == t1 == replica_txn(app.root / "rpl/b/db"), 60, "both to follow"
+        lambda: replica_txn(app.root / "rpl/a/db") == t1 == replica_txn(app.root / "rpl/b/db") == replica_txn(grp),
+        60,
+        "all three to follow",
     )
     time.sleep(1)  # the group offsets and an idle fetch: nothing in flight
-    for proc in (with_archive, without):
+    for proc in (with_archive, without, member):
         os.kill(proc.pid, signal.SIGSTOP)
     try:
         t2 = run_stage(cli, app, 40, seed=23)
@@ -172,7 +181,7 @@ def test_a_running_replica_overtaken_by_retention_catches_up_from_the_archive(ap
         txns = {t.txn_id: t for t in committed_transactions(cli.bootstrap_servers, cli.database)}
         delete_records_before(cli, txns[t2].offset)  # all but the last txn
     finally:
-        for proc in (with_archive, without):
+        for proc in (with_archive, without, member):
             os.kill(proc.pid, signal.SIGCONT)
     assert without.wait(60) == 1, without.output()
     assert "--archive" in without.stderr() and "while it was reading" in without.stderr(), without.output()
@@ -180,7 +189,12 @@ def test_a_running_replica_overtaken_by_retention_catches_up_from_the_archive(ap
     wait_for(lambda: replica_txn(app.root / "rpl/a/db") == t2, 90, f"replica a to catch up to txn {t2}")
     assert with_archive.alive(), with_archive.output()
     assert "catching up from the archive" in with_archive.stderr(), with_archive.output()
-    t3 = run_stage(cli, app, 10, seed=24)  # and it follows Kafka again
+    wait_for(lambda: replica_txn(grp) == t2, 90, f"the group member to catch up to txn {t2}")
+    assert member.alive() and "catching up from the archive" in member.stderr(), member.output()
+    t3 = run_stage(cli, app, 10, seed=24)  # and they follow Kafka again
     wait_for(lambda: replica_txn(app.root / "rpl/a/db") == t3, 60, f"replica a to follow to txn {t3}")
+    wait_for(lambda: replica_txn(grp) == t3, 60, f"the group member to follow to txn {t3}")
     with_archive.stop()
+    member.stop()
     assert cli.differences("rpl/a/db/", "rpl/a/blob/") == []
+    assert cli.differences(f"grp/{db}/db/", f"grp/{db}/blob/") == []
