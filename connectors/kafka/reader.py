@@ -137,8 +137,10 @@ class TopicSource:
             begin = self.consumer.beginning_offsets([self.tp])[self.tp]
             if start_offset < begin:
                 raise PipelineError(
-                    f"the replica needs offset {start_offset} but topic {self.topic} starts at {begin} "
-                    "(retention removed it); start a fresh replica",
+                    f"reading needs offset {start_offset} but topic {self.topic} starts at {begin} "
+                    "(retention deleted the records before it): a replica catches up with --archive "
+                    "s3://BUCKET/PREFIX; an archive cannot, it continues after `capture-agent --snapshot` "
+                    "with `archive --skip-to-snapshot` (a gap in the archive)",
                     database=database,
                     offset=start_offset,
                 )
@@ -374,16 +376,16 @@ class GroupReader(GroupMember):
                     yield PartitionSource(self, tp)
             self._pause_failed()
 
+    def restart(self, database: str) -> None:
+        """Start the database again where start_offset() says, at the next poll (as if newly assigned)."""
+        tp = TopicPartition(topic_for(database), PARTITION)
+        if tp in self.consumer.assignment():
+            self.consumer.pause(tp)  # nothing more of it until it is positioned again
+            self._new.add(tp)
+
     def fail(self, database: str) -> None:
         self.failed.add(database)
         self._pause_failed()
-
-    def restart(self, database: str) -> None:
-        """Read `database` again from its sink's own position (after a retriable error mid-stream)."""
-        for tp in self.consumer.assignment():
-            if database_for(tp.topic) == database:
-                self.consumer.pause(tp)
-                self._new.add(tp)
 
     def _pause_failed(self) -> None:
         stopped = [tp for tp in self.consumer.assignment() if database_for(tp.topic) in self.failed]

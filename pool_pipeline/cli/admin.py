@@ -14,6 +14,7 @@ from pipeline.codec import Codec
 from pipeline.errors import PipelineError
 from pool_pipeline.cli.common import (
     EXIT_USAGE,
+    add_bucket,
     add_kafka,
     dev_state_dir,
     fail,
@@ -80,6 +81,7 @@ def pipeline_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="per database: last captured txn, and each group's applied txn and lag")
     status.add_argument("--database", action="append", help="only these databases (repeatable)")
     add_kafka(status)
+    add_bucket(status, required=False, what="also show how far the archive there is behind the source: ")
     return p
 
 
@@ -140,6 +142,16 @@ def _status(args: argparse.Namespace) -> int:
     if not rows:
         print(f"no database topics (pool.*) on {args.kafka.bootstrap_servers}")
         return 0
+    if args.bucket:
+        from connectors.s3.store import open_store
+
+        for row in rows:
+            try:
+                catalog = open_store(args.bucket, row["database"], args.endpoint_url).catalog()
+            except PipelineError as exc:  # the Kafka side is still worth showing
+                row["archive_error"] = str(exc)
+                continue
+            row["archive"] = catalog.behind(row["captured_txn"], row["captured_time_ms"])
 
     def fmt_bytes(n: int | None) -> str:
         if n is None:
@@ -162,6 +174,13 @@ def _status(args: argparse.Namespace) -> int:
                 f"{'':<16} {'':>9} {g['group']:<18} {str(g['applied_txn']):>9} {str(g['lag_txns']):>9} "
                 f"{fmt_bytes(g['lag_bytes']):>10} {lag_s:>7}"
             )
+        if "archive_error" in row:
+            print(f"{'':<16} {'':>9} {'(archive)':<18} {row['archive_error']}")
+        if "archive" in row:
+            a = row["archive"]
+            lag_s = f"{a['behind_seconds']:.1f}" if a["behind_seconds"] is not None else "-"
+            archived = "none" if a["archived_txn"] is None else str(a["archived_txn"])
+            print(f"{'':<16} {'':>9} {'(archive)':<18} {archived:>9} {a['behind_txns']:>9} {'':>10} {lag_s:>7}")
     return 0
 
 
