@@ -165,6 +165,16 @@ def _classify_s3(exc: BaseException) -> tuple[bool, str]:
         if status in (401, 403):
             return False, "check the S3 credentials and the bucket policy"
         return False, ""
+    text = str(exc)
+    if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
+        if "mismatch" in text.lower() or "doesn't match" in text.lower():
+            return False, "the S3 server's certificate is not valid for the endpoint's host name"
+        return False, (
+            "the S3 server's certificate is not signed by a CA this client trusts: set AWS_CA_BUNDLE to the CA "
+            "that signed it"
+        )
+    if "WRONG_VERSION_NUMBER" in text or "wrong version number" in text:
+        return False, "the S3 endpoint does not speak TLS here: check http:// versus https:// in the endpoint URL"
     if type(exc).__name__ in ("NoCredentialsError", "PartialCredentialsError"):
         return False, "set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or a profile"
     if type(exc).__name__ in ("ParamValidationError", "InvalidS3AddressingStyleError", "InvalidEndpointURL"):

@@ -1,4 +1,4 @@
-"""The secured dev stack's parts: a SCRAM principal per role, its client config, the brokers' SASL_SSL settings, ACLs."""
+"""The secured dev stack: a SCRAM principal per role, its client config, SASL_SSL broker settings, ACLs."""
 
 from __future__ import annotations
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from connectors.files import write_atomic
+from pool_pipeline import devsecure
 from pool_pipeline.devcerts import DevCerts, write_private
 from pool_pipeline.devsecure import KafkaSecurity, admin_options, broker_properties
 
@@ -1132,8 +1133,16 @@ def dev_up(
     kafka_port: int = 9092,
     s3_port: int = 8333,
     progress: Callable[[str], None] = print,
+    *,
+    secure: bool = False,
+    stats_databases: Sequence[str] = ("app",),
 ) -> dict[str, Any]:
     """Start (or find running) a local Kafka + SeaweedFS S3 stack for development; return its info.
+
+    secure: Kafka listens with SASL_SSL only and S3 with https only (pool_pipeline/devsecure.py): a CA
+    and server certificate made on the fly (state_dir/secure/tls), a SCRAM-SHA-512 principal per role
+    (agent, replica, archive, analytics, admin) with its client config state_dir/secure/<role>.properties
+    (mode 0600), ACLs per role; only analytics may write pool.<db>.stats of `stats_databases`.
 
     Ports: Kafka client ports kafka_port, kafka_port+2, kafka_port+4 (one per broker), each
     node's controller on its client port + 1 (1 broker: 9092 + controller 9093). S3 on s3_port,
@@ -1149,12 +1158,14 @@ def dev_up(
     if status["recorded"]:
         info: dict[str, Any] = status["info"]
         if status["healthy"]:
-            if (info.get("brokers"), info.get("kafka_port"), info.get("s3_port")) == (brokers, kafka_port, s3_port):
+            wanted = (brokers, kafka_port, s3_port, secure)
+            if (info.get("brokers"), info.get("kafka_port"), info.get("s3_port"), bool(info.get("secure"))) == wanted:
                 progress(f"local stack already running (Kafka {info['bootstrap_servers']}, S3 {info['s3_endpoint']})")
                 return info
             raise StackError(
                 f"a local stack is already running in {state_dir} with {info.get('brokers')} broker(s) on "
-                f"{info.get('bootstrap_servers')} and S3 on {info.get('s3_endpoint')}; run `dev down` first"
+                f"{info.get('bootstrap_servers')} and S3 on {info.get('s3_endpoint')}"
+                f"{' (secured)' if info.get('secure') else ''}; run `dev down` first"
             )
         progress("recorded local stack is not (fully) running; cleaning up leftovers")
         dev_down(state_dir, progress=progress)
@@ -1183,22 +1194,36 @@ def dev_up(
     layout_file = kafka_dir / "cluster.json"
     if layout_file.is_file():
         try:
-            old_brokers = json.loads(layout_file.read_text()).get("brokers")
+            layout = json.loads(layout_file.read_text())
         except ValueError:
-            old_brokers = None
-        if old_brokers != brokers:
-            progress(f"removing Kafka data of the previous {old_brokers}-broker stack in {kafka_dir}")
+            layout = {}
+        old_brokers, old_secure = layout.get("brokers"), bool(layout.get("secure"))
+        if old_brokers != brokers or old_secure != secure:
+            kind = "secured " if old_secure else ""
+            progress(f"removing Kafka data of the previous {kind}{old_brokers}-broker stack in {kafka_dir}")
             shutil.rmtree(kafka_dir)
+    security = devsecure.prepare(state_dir / "secure") if secure else None
 
     jars = kafka_jars(progress=progress)
     t0 = time.monotonic()
     progress(f"starting Kafka: {brokers} broker(s) on {', '.join(f'127.0.0.1:{p}' for p in clients)}")
-    cluster = start_kafka(kafka_dir, brokers=brokers, ports=clients, jars=jars)
-    progress(f"Kafka ready in {time.monotonic() - t0:.1f} s")
+    cluster = start_kafka(kafka_dir, brokers=brokers, ports=clients, jars=jars, secure=security)
+    _write_json_atomic(layout_file, {**json.loads(layout_file.read_text()), "secure": secure})
+    progress(f"Kafka ready in {time.monotonic() - t0:.1f} s" + (" (SASL_SSL, SCRAM-SHA-512)" if secure else ""))
+    client_configs: dict[str, str] = {}
     t1 = time.monotonic()
-    progress(f"starting SeaweedFS S3 on 127.0.0.1:{s3_port}")
     try:
-        s3 = start_s3(state_dir / "s3", port=s3_port)
+        if security is not None:
+            admin = cluster.settings().admin(client_id="pool-pipeline-devstack", request_timeout_ms=30_000)
+            try:
+                count = devsecure.create_acls(admin, stats_databases)
+            finally:
+                admin.close()
+            client_configs = devsecure.write_client_configs(security, state_dir / "secure", cluster.bootstrap_servers)
+            roles = ", ".join(devsecure.ROLES)
+            progress(f"{count} ACLs for principals {roles}; client configs in {state_dir / 'secure'}")
+        progress(f"starting SeaweedFS S3 on 127.0.0.1:{s3_port}" + (" (https)" if secure else ""))
+        s3 = start_s3(state_dir / "s3", port=s3_port, tls=security.certs if security is not None else None)
     except BaseException:
         cluster.stop(timeout=10)
         raise
@@ -1230,6 +1255,9 @@ def dev_up(
         "state_dir": str(state_dir),
         "processes": processes,
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "secure": secure,
+        "kafka_client_configs": client_configs,  # role -> properties file (secured stack)
+        "ca_bundle": str(security.certs.ca) if security is not None else None,
     }
     _write_json_atomic(state_dir / STATE_FILE, info)
     progress(f"local stack up in {time.monotonic() - t0:.1f} s; state in {state_dir / STATE_FILE}")
@@ -1345,6 +1373,7 @@ def dev_broker_start(
         log_files=[Path(q["log"]) for q in kafka],
         commands=[list(q.get("argv") or [q.get("marker") or ""]) for q in kafka],
         _procs=procs,
+        client_options=_admin_client_options(info),
     )
     try:
         # Only this broker must be back: others may be down on purpose (fault tests).
@@ -1356,8 +1385,26 @@ def dev_broker_start(
     return proc.pid
 
 
-def env_exports(info: dict[str, Any]) -> str:
-    """Shell `export` lines pointing clients at the stack described by info (as returned by dev_up)."""
+def _admin_client_options(info: Mapping[str, Any]) -> dict[str, Any]:
+    """kafka-python options of the recorded stack's admin principal ({} for a stack without security)."""
+    path = (info.get("kafka_client_configs") or {}).get(devsecure.ADMIN)
+    if not path:
+        return {}
+    from connectors.kafka.client import load_client_config
+
+    return load_client_config(path)[1]
+
+
+def env_exports(info: dict[str, Any], role: str | None = None) -> str:
+    """Shell `export` lines pointing clients at the stack described by info (as returned by dev_up).
+
+    A secured stack adds KAFKA_CLIENT_CONFIG (the client config of `role`, default admin) and
+    AWS_CA_BUNDLE (the CA boto3 checks the S3 server's certificate with)."""
+    configs = info.get("kafka_client_configs") or {}
+    if role is not None and not info.get("secure"):
+        raise StackError("--role needs a secured stack: start it with `pipeline dev up --secure`")
+    if info.get("secure") and (role or devsecure.ADMIN) not in configs:
+        raise StackError(f"no client config for role {role!r}; roles: {', '.join(sorted(configs))}")
     pairs = [
         ("KAFKA_BOOTSTRAP_SERVERS", info["bootstrap_servers"]),
         ("AWS_ENDPOINT_URL_S3", info["s3_endpoint"]),
@@ -1366,4 +1413,6 @@ def env_exports(info: dict[str, Any]) -> str:
         ("AWS_DEFAULT_REGION", info["region"]),
         ("POOL_PIPELINE_BUCKET", info["bucket"]),
     ]
+    if info.get("secure"):
+        pairs += [("KAFKA_CLIENT_CONFIG", configs[role or devsecure.ADMIN]), ("AWS_CA_BUNDLE", info["ca_bundle"])]
     return "\n".join(f"export {k}={shlex.quote(str(v))}" for k, v in pairs) + "\n"

@@ -84,6 +84,13 @@ def archive_parser() -> argparse.ArgumentParser:
         help="segment spool and the materialised copy snapshots are taken from "
         "(default: $POOL_PIPELINE_HOME/archive/<database>)",
     )
+    p.add_argument(
+        "--sse",
+        choices=("AES256", "aws:kms"),
+        help="server-side encryption of every object the archiver writes (segments, multipart uploads, "
+        "snapshot files and manifests): AES256 (SSE-S3) or aws:kms (SSE-KMS)",
+    )
+    p.add_argument("--sse-kms-key-id", metavar="ID", help="with --sse aws:kms: the KMS key (default: the bucket's)")
     p.add_argument("--keep-snapshots", type=int, help="retain: keep the newest K base snapshots")
     p.add_argument("--keep-days", type=float, help="retain: keep every restore point of the last D days")
     p.add_argument("--dry-run", action="store_true", help="retain: only show what would be deleted")
@@ -96,11 +103,13 @@ def _archive(args: argparse.Namespace) -> int:
     from connectors.kafka.topics import topic_for
     from connectors.s3.archiver import Archiver
     from connectors.s3.retention import apply_retention, describe
-    from connectors.s3.store import open_store
+    from connectors.s3.store import open_store, sse_args
     from pipeline.archive import Rotation, SnapshotPolicy
 
     database = check_database_name(args.database)
-    store = open_store(args.bucket, database, args.endpoint_url)
+    if args.sse_kms_key_id and args.sse != "aws:kms":
+        fail("--sse-kms-key-id needs --sse aws:kms", EXIT_USAGE)
+    store = open_store(args.bucket, database, args.endpoint_url, sse_args(args.sse, args.sse_kms_key_id))
     if args.action == "ls":
         print(describe(store.catalog(), store.url))
         return 0
