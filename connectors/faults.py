@@ -78,6 +78,15 @@ def register_secret(value: str) -> None:
         _SECRETS.add(value)
 
 
+_PRINCIPAL: list[str] = []
+
+
+def register_principal(principal: str) -> None:
+    """Remember the principal this process authenticates as (User:<SASL user name>), so that an
+    authorization error says whose ACLs are missing."""
+    _PRINCIPAL[:] = [principal]
+
+
 def redact(text: str) -> str:
     """`text` with every registered secret replaced by ***."""
     for secret in sorted(_SECRETS, key=len, reverse=True):
@@ -187,6 +196,8 @@ def as_pipeline_error(what: str, exc: BaseException, **ctx: object) -> PipelineE
     if isinstance(exc, PipelineError):
         return exc.with_context(**ctx)
     retriable, fix = classify(exc)
+    if fix and _PRINCIPAL and any("AuthorizationFailed" in c.__name__ for c in type(exc).__mro__):
+        fix = f"principal {_PRINCIPAL[0]}: {fix}"
     text = str(exc) or type(exc).__name__
     if not text.startswith(type(exc).__name__):
         text = f"{type(exc).__name__}: {text}"
