@@ -194,6 +194,7 @@ def _refused(cli: Cli, args: list[str], what: str, *needles: str, secret: str | 
         assert needle in output, f"{what}: {needle!r} not in:\n{output[-3000:]}"
     if secret is not None:
         assert secret not in output
+    print(f"--- {what} (exit 1 after {took:.1f} s):\n{output[-1500:]}")  # shown with -rP
     return output
 
 
@@ -254,6 +255,23 @@ def test_a_wrong_password_or_no_security_settings_are_refused_fast_without_the_p
     del replica.extra_env["KAFKA_CLIENT_CONFIG"]
     _refused(replica, [str(BIN / "pipeline"), "status"], "pipeline status without security settings", "--kafka-config")
 
+    # A client that trusts another CA than the one that signed the broker's certificate.
+    from pool_pipeline.devcerts import make_certs
+
+    other = make_certs(tmp_path / "other-ca")
+    untrusting = tmp_path / "untrusting.properties"
+    untrusting.write_text(good.replace(str(stack["info"]["ca_bundle"]), str(other.ca)))
+    untrusting.chmod(0o600)
+    replica.extra_env["KAFKA_CLIENT_CONFIG"] = str(untrusting)
+    _refused(
+        replica,
+        replica.replica_args("rpl/db/app/", "rpl/blob/app/", "replica", "--once"),
+        "replica trusting another CA",
+        "certificate verify failed",
+        "ssl.ca.location",
+        secret=real,
+    )
+
 
 def test_s3_with_a_ca_bundle_that_did_not_sign_the_server_is_refused_clearly(
     app: PicoApp, stack: dict[str, Any], tmp_path: Path
@@ -266,5 +284,9 @@ def test_s3_with_a_ca_bundle_that_did_not_sign_the_server_is_refused_clearly(
     ls = [str(BIN / "archive"), "ls", "--database", archive.database, "--bucket", f"s3://{bucket}/ca"]
     archive.extra_env["AWS_CA_BUNDLE"] = str(other.ca)
     _refused(archive, ls, "archive ls trusting another CA", "AWS_CA_BUNDLE", "certificate verify failed")
+    run = [str(BIN / "archive"), "--database", archive.database, "--bucket", f"s3://{bucket}/ca", "--once"]
+    _refused(archive, run, "archive --once trusting another CA", "AWS_CA_BUNDLE", "certificate verify failed")
+    restore = [str(BIN / "restore"), "--database", archive.database, "--bucket", f"s3://{bucket}/ca", "--list"]
+    _refused(archive, restore, "restore --list trusting another CA", "AWS_CA_BUNDLE")
     archive.extra_env["AWS_CA_BUNDLE"] = str(tmp_path / "missing.pem")
     _refused(archive, ls, "archive ls with a missing CA bundle", "AWS_CA_BUNDLE", "no such file")
