@@ -183,6 +183,45 @@ def test_capture_replica_archive_restore_over_sasl_ssl_and_https_with_sse(
             c.stop_all()
 
 
+def test_only_analytics_writes_the_stats_topic(app: PicoApp, stack: dict[str, Any]) -> None:
+    from connectors.kafka.client import KafkaSettings
+
+    agent = role_cli(app, stack, "agent", STATS_DB)
+    analytics = role_cli(app, stack, "analytics", STATS_DB)
+    for seed in (5, 6, 7):  # three capture rounds a second apart: windows of 0.2 s close
+        app.workload(5, seed=seed)
+        ok(agent.agent_once(), "capture-agent --once as agent")
+        time.sleep(1)
+    ok(
+        analytics.run([str(BIN / "analytics"), "--database", STATS_DB, "--window", "0.2", "--once"]),
+        "analytics --once as analytics",
+    )
+    stats_topic = f"pool.{STATS_DB}.stats"
+    admin = KafkaSettings.from_properties(stack["env"]["admin"]["KAFKA_CLIENT_CONFIG"])
+    consumer = admin.consumer(group_id=None, isolation_level="read_committed", auto_offset_reset="earliest")
+    try:
+        from kafka.structs import TopicPartition
+
+        tp = TopicPartition(stats_topic, 0)
+        assert consumer.end_offsets([tp])[tp] > 0, f"analytics wrote nothing to {stats_topic}"
+    finally:
+        consumer.close()
+
+    # The agent's prefixed grant on pool. does not reach the stats topic (a DENY on it), nor may it
+    # create another *.stats topic; replica may not write either.
+    for role in ("agent", "replica"):
+        settings = KafkaSettings.from_properties(stack["env"][role]["KAFKA_CLIENT_CONFIG"])
+        producer = settings.producer(
+            acks="all", enable_idempotence=False, max_block_ms=10_000, request_timeout_ms=10_000
+        )
+        try:
+            with pytest.raises(Exception) as refused:
+                producer.send(stats_topic, b"not a stats record").get(timeout=20)
+            assert "TopicAuthorizationFailed" in type(refused.value).__name__, repr(refused.value)
+        finally:
+            producer.close(timeout=5)
+
+
 def _refused(cli: Cli, args: list[str], what: str, *needles: str, secret: str | None = None) -> str:
     started = time.monotonic()
     result = cli.run(args, timeout=90)
