@@ -178,6 +178,17 @@ def test_capture_replica_archive_restore_over_sasl_ssl_and_https_with_sse(
         finally:
             os.environ.pop("AWS_CA_BUNDLE", None)
         assert s3.head_object(Bucket=bucket, Key=key)["ServerSideEncryption"] == "AES256"
+
+        # At rest: SeaweedFS's data files hold an object written without SSE in the clear, and one written
+        # with SSE-S3 not (random bytes, so no compression hides the clear copy).
+        clear, sealed = os.urandom(96 * 1024), os.urandom(96 * 1024)
+        s3.put_object(Bucket=bucket, Key=f"{store.root}/clear", Body=clear)
+        store.put_new(f"{store.root}/sealed", sealed)
+        assert s3.get_object(Bucket=bucket, Key=f"{store.root}/sealed")["Body"].read() == sealed
+        time.sleep(1)
+        stored = b"".join(p.read_bytes() for p in (stack["state"] / "s3" / "data").rglob("*") if p.is_file())
+        assert clear[4096:4160] in stored, "the clear control object is not found in SeaweedFS's files"
+        assert sealed[4096:4160] not in stored, "an SSE-S3 object is stored in the clear"
     finally:
         for c in (agent, replica, archive):
             c.stop_all()
