@@ -1088,7 +1088,8 @@ def format_status(status: Mapping[str, Any]) -> str:
     overall = "healthy" if status["healthy"] else "degraded" if status["running"] else "stopped"
     lines = [
         f"stack:   {overall} (state {status['state_file']})",
-        f"kafka:   {info.get('bootstrap_servers')}",
+        f"kafka:   {info.get('bootstrap_servers')}"
+        + (" (SASL_SSL, SCRAM-SHA-512, ACLs)" if info.get("secure") else ""),
         f"{'process':<8} {'node':>4} {'port':>6} {'pid':>8}  state",
     ]
     for b in status["brokers"]:
