@@ -112,10 +112,10 @@ def test_capture_replica_archive_restore_over_sasl_ssl_and_https_with_sse(
     agent, replica, archive = (role_cli(app, stack, r, database) for r in ("agent", "replica", "archive"))
     try:
         app.workload(40, seed=11)
-        ok(agent.agent_once(), "capture-agent --once as agent")
+        outputs = [ok(agent.agent_once(), "capture-agent --once as agent")]
         app.workload(30, seed=12)
-        ok(agent.agent_once(), "capture-agent --once as agent (2)")
-        ok(replica.replica_once(), "replica --once as replica")
+        outputs.append(ok(agent.agent_once(), "capture-agent --once as agent (2)"))
+        outputs.append(ok(replica.replica_once(), "replica --once as replica"))
         assert not replica.differences(), replica.differences()
         expected = tmp_path / "expected"
         copy_pool(app.prefix, expected / "db")
@@ -123,8 +123,10 @@ def test_capture_replica_archive_restore_over_sasl_ssl_and_https_with_sse(
 
         bucket = stack["info"]["bucket"]
         base = [str(BIN / "archive"), "--database", database, "--bucket", f"s3://{bucket}/sec", "--work-dir", "aw"]
-        ok(archive.run([*base, "--once", "--sse", "AES256"]), "archive --once --sse AES256 as archive")
-        ok(archive.run([base[0], "snapshot", *base[1:], "--sse", "AES256"]), "archive snapshot --sse AES256")
+        outputs.append(ok(archive.run([*base, "--once", "--sse", "AES256"]), "archive --once --sse AES256"))
+        outputs.append(ok(archive.run([base[0], "snapshot", *base[1:], "--sse", "AES256"]), "archive snapshot"))
+        text = "".join(r.stdout + r.stderr for r in outputs)
+        assert "txn" in text and not any(secret in text for secret in passwords(stack).values())
         target = tmp_path / "restored"
         ok(
             archive.run(
