@@ -125,3 +125,44 @@ def test_an_untrusted_s3_certificate_is_permanent_and_names_aws_ca_bundle() -> N
     )
     retriable, fix = classify(exc)
     assert retriable is False and "AWS_CA_BUNDLE" in fix
+
+
+class _Recorder:
+    """Stands in for boto3's client in a unit test: records the parameters of every write call."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict]] = []
+
+    def put_object(self, **kw: object) -> dict:
+        self.calls.append(("put_object", kw))
+        return {}
+
+    def create_multipart_upload(self, **kw: object) -> dict:
+        self.calls.append(("create_multipart_upload", kw))
+        return {"UploadId": "u1"}
+
+    def upload_file(self, **kw: object) -> None:
+        self.calls.append(("upload_file", kw))
+
+
+@pytest.mark.parametrize(
+    "mode, key_id", [("AES256", None), ("aws:kms", None), ("aws:kms", "arn:aws:kms:us-east-1:1:key/k")]
+)
+def test_every_archive_write_asks_for_the_encryption(mode: str, key_id: str | None, tmp_path: Path) -> None:
+    from connectors.s3.store import ArchiveStore
+
+    client = _Recorder()
+    store = ArchiveStore(client, "b", "p", "app", sse_args(mode, key_id))
+    store.put_new("p/app/segments/x.avro", b"data")
+    store.start_upload("p/app/segments/y.avro")
+    (tmp_path / "f").write_bytes(b"pool file")
+    store.upload_file("p/app/snapshots/s/db/@", tmp_path / "f")
+    expected = sse_args(mode, key_id)
+    put, create, upload = (kw for _, kw in client.calls)
+    assert {k: put[k] for k in expected} == expected and put["IfNoneMatch"] == "*"
+    assert {k: create[k] for k in expected} == expected
+    assert upload["ExtraArgs"] == expected
+    plain = ArchiveStore(_Recorder(), "b", "p", "app")
+    plain.put_new("k", b"d")
+    plain.upload_file("k2", tmp_path / "f")
+    assert "ServerSideEncryption" not in plain.client.calls[0][1] and plain.client.calls[1][1]["ExtraArgs"] is None
