@@ -220,17 +220,18 @@ def test_only_analytics_writes_the_stats_topic(app: PicoApp, stack: dict[str, An
     finally:
         consumer.close()
 
-    # The agent's prefixed grant on pool. does not reach the stats topic (a DENY on it), nor may it
-    # create another *.stats topic; replica may not write either.
-    for role in ("agent", "replica"):
+    # The agent's prefixed grant on pool. does not reach the stats topic (a DENY on it); replica and
+    # analytics may not write the database topic, nor replica the stats topic.
+    for role, topic in (("agent", stats_topic), ("replica", stats_topic), ("replica", f"pool.{STATS_DB}"),
+                        ("analytics", f"pool.{STATS_DB}")):  # fmt: skip
         settings = KafkaSettings.from_properties(stack["env"][role]["KAFKA_CLIENT_CONFIG"])
         producer = settings.producer(
             acks="all", enable_idempotence=False, max_block_ms=10_000, request_timeout_ms=10_000
         )
         try:
             with pytest.raises(Exception) as refused:
-                producer.send(stats_topic, b"not a stats record").get(timeout=20)
-            assert "TopicAuthorizationFailed" in type(refused.value).__name__, repr(refused.value)
+                producer.send(topic, b"not a pool record").get(timeout=20)
+            assert "TopicAuthorizationFailed" in type(refused.value).__name__, (role, topic, repr(refused.value))
         finally:
             producer.close(timeout=5)
 
