@@ -124,6 +124,7 @@ class TopicSource:
         self.once = once
         self.idle = idle
         self.tp = TopicPartition(self.topic, PARTITION)
+        self.group = group
         self.consumer = committed_consumer(kafka, group)
         self.offsets = OffsetCommitter(self.consumer)
         try:
@@ -162,7 +163,12 @@ class TopicSource:
     def _poll(self) -> None:
         # max_records is high so that one poll hands over everything the client already fetched:
         # that is what buffered() reports, and so what one group commit of the replica may cover.
-        self._buf.extend(self.consumer.poll(timeout_ms=100, max_records=POLL_RECORDS).get(self.tp, []))
+        try:
+            self._buf.extend(self.consumer.poll(timeout_ms=100, max_records=POLL_RECORDS).get(self.tp, []))
+        except KafkaError as exc:  # e.g. GroupAuthorizationFailedError: the group's ACLs are missing
+            raise broker_error(
+                f"cannot read topic {self.topic} as consumer group {self.group}", exc, database=self.database
+            ) from exc
         if not self._buf:
             self.offsets.flush()  # idle: make the lag display exact
             if self.idle is not None:

@@ -54,10 +54,29 @@ def pipeline_parser() -> argparse.ArgumentParser:
     up.add_argument("--brokers", type=int, choices=(1, 3), default=1)
     up.add_argument("--kafka-port", type=int, default=9092)
     up.add_argument("--s3-port", type=int, default=8333)
+    up.add_argument(
+        "--secure",
+        action="store_true",
+        help="Kafka with SASL_SSL only (SCRAM-SHA-512 user per role, ACLs) and S3 over https, with a CA made "
+        "on the fly; `dev env` then exports KAFKA_CLIENT_CONFIG and AWS_CA_BUNDLE",
+    )
+    up.add_argument(
+        "--database",
+        action="append",
+        dest="stats_databases",
+        metavar="NAME",
+        help="with --secure: databases whose pool.<NAME>.stats topic analytics may write (repeatable; "
+        "Kafka ACLs cannot match a suffix; default app)",
+    )
     dev_status = dev_sub.add_parser("status", help="each broker's and S3's node id, port, pid and state")
     dev_status.add_argument("--json", action="store_true", help="the full status as JSON")
     dev_sub.add_parser("down", help="stop every process of the stack, restarted brokers included")
-    dev_sub.add_parser("env", help="shell exports for the stack (also while some brokers are down)")
+    env = dev_sub.add_parser("env", help="shell exports for the stack (also while some brokers are down)")
+    env.add_argument(
+        "--role",
+        choices=("agent", "replica", "archive", "analytics", "admin"),
+        help="secured stack: KAFKA_CLIENT_CONFIG of this principal (default admin)",
+    )
     broker = dev_sub.add_parser("broker", help="kill, stop or restart one broker (fault tests)")
     broker_sub = broker.add_subparsers(dest="broker_action", required=True)
     for name, what in (
@@ -90,11 +109,23 @@ def _dev(args: argparse.Namespace) -> int:
 
     try:
         if args.action == "up":
+            if args.stats_databases and not args.secure:
+                fail("--database is for ACLs: it needs --secure", EXIT_USAGE)
             info = devstack.dev_up(
-                args.state_dir, brokers=args.brokers, kafka_port=args.kafka_port, s3_port=args.s3_port
+                args.state_dir,
+                brokers=args.brokers,
+                kafka_port=args.kafka_port,
+                s3_port=args.s3_port,
+                secure=args.secure,
+                stats_databases=args.stats_databases or ("app",),
             )
-            print(f"kafka:  {info['bootstrap_servers']} ({info['brokers']} broker(s))")
+            secured = " SASL_SSL, SCRAM-SHA-512, ACLs" if info.get("secure") else ""
+            print(f"kafka:  {info['bootstrap_servers']} ({info['brokers']} broker(s){secured})")
             print(f"s3:     {info['s3_endpoint']} bucket {info['bucket']}")
+            if info.get("secure"):
+                print(f"ca:     {info['ca_bundle']}")
+                for role, path in sorted(info["kafka_client_configs"].items()):
+                    print(f"client config of {role + ':':<10} {path}")
             print('use it:  eval "$(pipeline dev env)"')
         elif args.action == "status":
             status = devstack.dev_status(args.state_dir)
@@ -112,7 +143,7 @@ def _dev(args: argparse.Namespace) -> int:
             down = [p["name"] for p in status["processes"] if not p["alive"]]
             if down:
                 print(f"warning: not running: {', '.join(down)}", file=sys.stderr)
-            print(devstack.env_exports(status["info"]))
+            print(devstack.env_exports(status["info"], args.role))
         elif args.action == "broker":
             if args.broker_action == "start":
                 devstack.dev_broker_start(args.state_dir, args.node, ready_timeout=args.timeout)
