@@ -181,7 +181,7 @@ class TopicSource:
         return bool(self._buf)
 
     def transactions(self, after: Position) -> Iterator[Transaction]:
-        return self.codec.read_transactions(self._records(), self.database)
+        return self.codec.read_transactions(self._records(), self.database, batches=True)
 
     def records(self) -> Iterator[Record]:
         """The raw committed records, for consumers that keep them as they are."""
@@ -454,7 +454,7 @@ class PartitionSource:
         return bool(self._buf) or inside
 
     def transactions(self, after: Position) -> Iterator[Transaction]:
-        return self.reader.codec.read_transactions(self._records(), self.database)
+        return self.reader.codec.read_transactions(self._records(), self.database, batches=True)
 
     def records(self) -> Iterator[Record]:
         """The raw committed records, for consumers that keep them as they are (the archiver)."""

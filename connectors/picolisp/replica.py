@@ -31,6 +31,7 @@ from pipeline.errors import PipelineError
 from pipeline.model import (
     BlobChunk,
     BlobDelete,
+    BlockBatch,
     BlockWrite,
     FileLayout,
     Position,
@@ -603,36 +604,47 @@ class ReplicaDir:
         pool_hash = self.checksum.hash_at
         try:
             for change in txn.changes:
-                count += 1
-                if type(change) is BlockWrite:
+                kind = type(change)
+                if kind is BlockBatch or kind is BlockWrite:
                     if blob is not None:
                         raise txn.error(
                             f"blob {blob.chunk.path} is incomplete: chunk {blob.next_index} of "
                             f"{blob.chunk.count} missing"
                         )
-                    file, index, data = change.file, change.index, change.data
+                    # A run of one file's blocks as it travelled (a BlockBatch), or one block.
+                    if kind is BlockBatch:
+                        file, width, indexes, data = change.file, change.block_size, change.indexes, change.data  # type: ignore[union-attr]
+                    else:
+                        file, width, indexes, data = change.file, len(change.data), [change.index], change.data  # type: ignore[union-attr]
+                    count += len(indexes)
                     size = sizes.get(file)
                     if size is None:
-                        size = sizes[file] = len(data)
-                    elif size != len(data):
-                        raise txn.error(f"file {file}: blocks of {size} and {len(data)} bytes")
-                    if index > max_index.get(file, -1):
-                        max_index[file] = index
-                    redo_write(pack(file, index, size))
-                    redo_write(data)
-                    new = block_hash(file, index, data)
-                    if fresh is not None:
-                        fresh.set_hash(file, index, new)
-                    else:
-                        key = (file, index)
-                        old = over.get(key)
-                        if old is None:
-                            old = batch_hash(key)
+                        size = sizes[file] = width
+                    elif size != width:
+                        raise txn.error(f"file {file}: blocks of {size} and {width} bytes")
+                    top = max(indexes)
+                    if top > max_index.get(file, -1):
+                        max_index[file] = top
+                    view = memoryview(data)
+                    for k, index in enumerate(indexes):
+                        block = view[k * size : (k + 1) * size]
+                        redo_write(pack(file, index, size))
+                        redo_write(block)
+                        new = block_hash(file, index, block)
+                        if fresh is not None:
+                            fresh.set_hash(file, index, new)
+                        else:
+                            key = (file, index)
+                            old = over.get(key)
                             if old is None:
-                                old = pool_hash(file, index)
-                        value ^= old ^ new
-                        over[key] = new
-                elif isinstance(change, BlobChunk):
+                                old = batch_hash(key)
+                                if old is None:
+                                    old = pool_hash(file, index)
+                            value ^= old ^ new
+                            over[key] = new
+                    continue
+                count += 1
+                if isinstance(change, BlobChunk):
                     blob = self._stage_chunk(txn, blob, change, batch, ops, held)
                 else:
                     assert isinstance(change, BlobDelete), f"unexpected change {type(change).__name__}"

@@ -85,7 +85,7 @@ class _SegmentSource:
         return self.plan.time_ms is not None and txn.source_time_ms > self.plan.time_ms
 
     def transactions(self, after: Position) -> Iterator[Transaction]:
-        txns = self.codec.read_transactions(self._records(after), self.store.database)
+        txns = self.codec.read_transactions(self._records(after), self.store.database, batches=True)
         return itertools.takewhile(lambda t: not self._beyond(t), txns)
 
     def buffered(self) -> bool:

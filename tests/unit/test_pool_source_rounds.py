@@ -15,7 +15,7 @@ from connectors.picolisp.replica import ReplicaDir
 from connectors.picolisp.source import PoolSource
 from pipeline.checksum import checksum_of
 from pipeline.errors import PipelineError
-from pipeline.model import BlockWrite, FileLayout, Position, Transaction
+from pipeline.model import BlockBatch, BlockWrite, FileLayout, Position, Transaction
 from tests.unit.test_picolisp_journal import entry, make_pool
 
 DB = "app"
@@ -81,7 +81,8 @@ def take(txns: Iterator[Transaction]) -> Transaction:
 
 def final_images(txn: Transaction) -> dict[tuple[int, int], bytes]:
     """The last image of every block the txn writes (a snapshot may carry a block twice: later wins)."""
-    return {(c.file, c.index): c.data for c in txn.changes if isinstance(c, BlockWrite)}
+    blocks = (b for c in txn.changes for b in (c.blocks() if isinstance(c, BlockBatch) else [c]))
+    return {(b.file, b.index): b.data for b in blocks if isinstance(b, BlockWrite)}
 
 
 def replica(root: Path) -> ReplicaDir:
