@@ -216,11 +216,20 @@ def test_kill_9_mid_window_writes_each_window_once_and_a_replay_is_identical(
     written_by_killed = 0
     try:
         agent = cli.start_agent()
+        # The bootstrap snapshot first: a workload it swallowed whole would leave no window to close.
+        wait_for(lambda: "topic is at" in agent.stdout(), 60, "the agent to start")
         before = 0
         for i in range(4):
             wl = app.workload_proc(150, seed=20 + i, sleep_ms=3)
             proc = cli.start(f"analytics-{i}", analytics_argv(*args))
-            time.sleep(rng.uniform(1.2, 2.8))
+            # Killed at a random point once it is writing windows (a fixed sleep missed that under load).
+            wait_for(
+                lambda b=before: len(stats(bs, f"{db}.stats")) > b,  # type: ignore[misc]
+                90,
+                f"analytics-{i} to write a window",
+                interval=0.2,
+            )
+            time.sleep(rng.uniform(0.0, 0.8))
             assert proc.alive(), proc.output()
             proc.kill9()
             now = len(stats(bs, f"{db}.stats"))
