@@ -13,6 +13,7 @@ from pool_pipeline.cli.common import (
     EXIT_USAGE,
     GracefulStop,
     add_bucket,
+    add_encryption,
     add_kafka,
     fail,
     parse,
@@ -88,6 +89,7 @@ def archive_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-days", type=float, help="retain: keep every restore point of the last D days")
     p.add_argument("--dry-run", action="store_true", help="retain: only show what would be deleted")
     add_kafka(p)
+    add_encryption(p)
     return p
 
 
@@ -113,7 +115,7 @@ def _archive(args: argparse.Namespace) -> int:
     if args.max_delay < 0:
         fail("--max-delay must be 0 or more seconds", EXIT_USAGE)
     store.ensure_bucket()
-    codec = Codec(load_schemas())
+    codec = Codec(load_schemas(), keyring=args.keyring)
     work_dir = Path(args.work_dir) if args.work_dir else state_home() / "archive" / database
     archiver = Archiver(
         store,
