@@ -41,7 +41,7 @@ SEGMENT_LEVEL = 1
 _SEGMENT = re.compile(
     r"^p(?P<partition>\d+)/(?P<first_offset>\d{20})(?:-(?P<last_offset>\d{20}))?"
     r"_txn(?P<first_txn>\d{12})-(?P<last_txn>\d{12})_ms(?P<first_ms>\d{13})-(?P<last_ms>\d{13})"
-    r"(?P<snap>_snap)?\.avro$"
+    r"(?:_L(?P<level>\d+))?(?P<snap>_snap)?\.avro$"
 )
 _SNAPSHOT = re.compile(r"^(?P<txn>\d{12})_ms(?P<ms>\d{13})/(?P<rest>.+)$")
 
@@ -63,6 +63,8 @@ class Segment:
     partition: int = 0
     starts_with_snapshot: bool = False  # its first txn is a full image: a restore may start there
     size: int = 0
+    # 0: written by the archiver; n > 0: compacted from lower levels over a window of CompactionPolicy.
+    level: int = field(default=0, compare=False)
     # Keys written by earlier builds also carried the last offset. It was dropped so that a big segment's
     # key is known when it opens and its upload can run while it is written; old keys still parse.
     legacy_last_offset: int | None = field(default=None, compare=False)
@@ -72,7 +74,7 @@ class Segment:
         return (
             f"{root}/segments/p{self.partition}/{self.first_offset:020d}{legacy}"
             f"_txn{self.first_txn:012d}-{self.last_txn:012d}_ms{self.first_ms:013d}-{self.last_ms:013d}"
-            f"{'_snap' if self.starts_with_snapshot else ''}.avro"
+            f"{f'_L{self.level}' if self.level else ''}{'_snap' if self.starts_with_snapshot else ''}.avro"
         )
 
     @classmethod
@@ -90,6 +92,7 @@ class Segment:
             int(m["partition"]),
             bool(m["snap"]),
             size,
+            int(m["level"] or 0),
             int(m["last_offset"]) if m["last_offset"] else None,
         )
 
@@ -357,9 +360,18 @@ class Catalog:
     database: str
     segments: list[Segment] = field(default_factory=list)
     snapshots: list[Snapshot] = field(default_factory=list)
+    # Segments whose txns another segment holds too: the sources of a compaction that stopped before
+    # deleting them. Nothing reads them; compaction and retention delete them.
+    superseded: list[Segment] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.segments.sort()
+        kept: list[Segment] = []
+        for seg in sorted(self.segments, key=lambda s: (s.partition, s.first_txn, -s.last_txn, -s.level)):
+            if kept and kept[-1].partition == seg.partition and seg.last_txn <= kept[-1].last_txn:
+                self.superseded.append(seg)  # sorted by first txn: kept[-1] starts at or before it
+            else:
+                kept.append(seg)
+        self.segments = sorted(kept)
         self.snapshots.sort()
 
     @property
@@ -454,6 +466,91 @@ class Catalog:
         return plans[-1]
 
 
+# --- compaction -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CompactionPolicy:
+    """Which segments merge into one: level n merges the lower-level segments whose first txn falls
+    in one window of `windows_ms[n - 1]` of source time (Litestream's levels), up to `max_bytes`.
+
+    With the defaults a day of one-second segments becomes 24 hourly objects, plus at most an hour
+    of minutes and a minute of seconds at the head.
+    """
+
+    windows_ms: tuple[int, ...] = (60_000, 3_600_000)
+    max_bytes: int = 256 << 20
+
+    def __post_init__(self) -> None:
+        if (
+            not self.windows_ms
+            or any(w <= 0 for w in self.windows_ms)
+            or list(self.windows_ms) != sorted(self.windows_ms)
+        ):
+            raise PipelineError(f"compaction windows must be positive and growing, got {self.windows_ms}")
+
+
+@dataclass(frozen=True)
+class Compaction:
+    """Contiguous segments to merge into one of `level`."""
+
+    level: int
+    sources: list[Segment]
+
+    @property
+    def target(self) -> Segment:
+        first, last = self.sources[0], self.sources[-1]
+        return Segment(
+            first.first_txn,
+            last.last_txn,
+            first.first_offset,
+            first.first_ms,
+            last.last_ms,
+            first.partition,
+            first.starts_with_snapshot,
+            sum(s.size for s in self.sources),
+            self.level,
+        )
+
+
+def compaction_plan(catalog: Catalog, policy: CompactionPolicy) -> list[Compaction]:
+    """The merges due now; deterministic, so archivers that race write the same objects.
+
+    A group is merged only when the segment right after it is already stored and continues it:
+    then no segment of the window is still being uploaded. A segment that starts with a snapshot
+    starts a group (a restore may begin there), and a group stops before `max_bytes`.
+    """
+    plans: list[Compaction] = []
+    claimed: set[Segment] = set()
+    segs = catalog.segments
+    for level in range(len(policy.windows_ms), 0, -1):
+        width = policy.windows_ms[level - 1]
+        group: list[Segment] = []
+        for seg in [*segs, None]:
+            prev = group[-1] if group else None
+            joins = (
+                seg is not None
+                and prev is not None
+                and seg not in claimed
+                and seg.level < level
+                and seg.partition == prev.partition
+                and seg.first_txn == prev.last_txn + 1
+                and seg.first_ms // width == group[0].first_ms // width
+                and not seg.starts_with_snapshot
+                and sum(s.size for s in group) + seg.size <= policy.max_bytes
+            )
+            if joins:
+                assert seg is not None
+                group.append(seg)
+                continue
+            closed = seg is not None and prev is not None and seg.first_txn == prev.last_txn + 1
+            if len(group) > 1 and closed:
+                plans.append(Compaction(level, group))
+                claimed.update(group)
+            group = [seg] if seg is not None and seg not in claimed and seg.level < level else []
+    return sorted(plans, key=lambda c: c.sources[0])
+
+
 @dataclass(frozen=True)
 class RetentionPlan:
     keep_from: Snapshot | None  # the oldest retained restore point
@@ -492,5 +589,5 @@ def retention_plan(
     return RetentionPlan(
         keep,
         [s for s in catalog.snapshots if s.txn < keep.txn],
-        [s for s in catalog.segments if s.last_txn <= keep.txn],
+        [s for s in catalog.segments if s.last_txn <= keep.txn] + catalog.superseded,
     )

@@ -290,12 +290,18 @@ class GroupReader(GroupMember):
         once: bool = False,
         on_revoked: Callable[[str], None] = lambda database: None,
         log: Callable[[str], None] = print,
+        idle: Callable[[], None] = lambda: None,
+        should_stop: Callable[[], bool] = lambda: False,
+        role: str = "replica",
     ) -> None:
         self.codec = codec
         self.once = once
         self.start_offset = start_offset
         self.on_revoked = on_revoked
         self.log = log
+        self.idle = idle  # after each poll that found nothing (the archiver closes segments on time)
+        self.should_stop = should_stop  # sources() ends (a SIGTERM the archiver winds down after)
+        self.role = role
         # A member that dies hands its databases over after session_timeout_ms (10 s, not 45). Database
         # topics have one partition each, so the default range assignor would give all to one member;
         # sticky spreads them and moves as few as possible on a rebalance.
@@ -338,7 +344,7 @@ class GroupReader(GroupMember):
                 if exc.retriable:
                     self.consumer.pause(tp)
                     continue
-                self.log(f"error: replica {database} stopped: {exc}")
+                self.log(f"error: {self.role} {database} stopped: {exc}")
                 self.fail(database)
                 self._new.discard(tp)
                 continue
@@ -348,13 +354,14 @@ class GroupReader(GroupMember):
 
     def sources(self) -> Iterator[PartitionSource]:
         """Sources for databases with records waiting, round robin; ends when idle in --once mode."""
-        while True:
+        while not self.should_stop():
             batch = self._poll_group(200, 1)
             new = set(self._new)  # assigned during that poll: start at the replica's own position
             self._seek_new()
             batch = {tp: recs for tp, recs in batch.items() if tp not in self._new}  # still waiting
             if not batch:
                 self.offsets.flush()
+                self.idle()
                 if self.once and self.consumer.assignment() and not self._new and self._caught_up():
                     return
                 continue
@@ -370,6 +377,13 @@ class GroupReader(GroupMember):
     def fail(self, database: str) -> None:
         self.failed.add(database)
         self._pause_failed()
+
+    def restart(self, database: str) -> None:
+        """Read `database` again from its sink's own position (after a retriable error mid-stream)."""
+        for tp in self.consumer.assignment():
+            if database_for(tp.topic) == database:
+                self.consumer.pause(tp)
+                self._new.add(tp)
 
     def _pause_failed(self) -> None:
         stopped = [tp for tp in self.consumer.assignment() if database_for(tp.topic) in self.failed]
@@ -433,6 +447,10 @@ class PartitionSource:
 
     def transactions(self, after: Position) -> Iterator[Transaction]:
         return self.reader.codec.read_transactions(self._records(), self.database)
+
+    def records(self) -> Iterator[Record]:
+        """The raw committed records, for consumers that keep them as they are (the archiver)."""
+        return self._records()
 
     def acknowledge(self, txn: Transaction) -> None:
         self.reader.offsets.applied(self.tp, txn)

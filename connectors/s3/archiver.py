@@ -13,13 +13,16 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from connectors.faults import as_pipeline_error
 from connectors.picolisp.blobs import blob_files
 from connectors.picolisp.format import hax
 from connectors.picolisp.replica import ReplicaDir
+from connectors.s3.compactor import compact
 from connectors.s3.restore import materialise
 from connectors.s3.sealed import blob_key, put_bytes, put_file
 from connectors.s3.store import Store, retrying
 from pipeline.archive import (
+    CompactionPolicy,
     Framer,
     Manifest,
     Rotation,
@@ -115,6 +118,8 @@ class Archiver:
         on_archived: Callable[[Transaction], None] = lambda txn: None,
         part_bytes: int = PART_BYTES,
         max_delay: float | None = None,
+        compaction: CompactionPolicy | None = None,
+        compact_every: float = 10.0,
     ) -> None:
         if part_bytes < MIN_PART_BYTES:
             raise PipelineError(
@@ -149,6 +154,10 @@ class Archiver:
         self.next_offset = 0
         self._since_snapshot = (0, 0)  # txns, bytes archived after the newest base snapshot
         self.archived: list[Segment] = []
+        self.compaction = compaction  # None: segments stay as uploaded (`archive compact` merges them later)
+        self.compact_every = compact_every
+        self._compacting: Future | None = None
+        self._compacted_at = 0.0
 
     def close(self) -> None:
         os.close(self._lock_fd)
@@ -211,7 +220,7 @@ class Archiver:
 
         A closed segment uploads on a background thread while the next one fills (at most two in
         flight), and a big one-txn segment already while it is written (_stream); acknowledgements
-        still happen here, in order, once each upload succeeded.
+        still happen on the caller's thread, in order, once each upload succeeded.
 
         A None in `records` means nothing new has come (TopicSource.records_or_idle): with
         `max_delay`, the open segment closes at its last whole txn once its first commit was read
@@ -219,83 +228,141 @@ class Archiver:
         segment closes at its last whole txn (a txn still being read is left for the next run),
         the uploads in flight finish, and run() returns.
         """
-        framer = Framer(self.codec, self.database, self.position)
+        self.start()
+        try:
+            for rec in records:
+                if stop is not None and stop.is_set():
+                    break
+                self.feed(rec)
+            else:
+                # The stream ended (--once reached the end it saw at start): archive the tail.
+                if self._seg is not None and self._seg.txns and self._framer.open is not None:
+                    raise PipelineError(
+                        "the stream ended inside a transaction",
+                        database=self.database,
+                        txn_id=self._framer.open.txn_id,
+                        offset=self._framer.open.offset,
+                        retriable=True,
+                    )
+            self.finish()
+        finally:
+            self.shutdown()
+
+    def start(self) -> None:
+        """Begin archiving at the position `resume()` found; then `feed()` records, and `finish()`."""
+        self._framer = Framer(self.codec, self.database, self.position)
         self._stopping = threading.Event()
-        seg: _OpenSegment | None = None
-        uploads: deque[tuple[Future, _OpenSegment]] = deque()
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="archive-upload") as pool:
-            try:
-                for rec in records:
-                    while uploads and uploads[0][0].done():
-                        self._uploaded(*uploads.popleft())
-                    if stop is not None and stop.is_set():
-                        if seg is not None and seg.txns and framer.open is not None:
-                            seg, rest = self._split(seg, framer)
-                            if rest is not None:
-                                rest.file.close()
-                        break
-                    if rec is None:
-                        if seg is not None and seg.due is not None and time.monotonic() >= seg.due:
-                            seg = self._close_on_time(seg, framer, pool, uploads)
-                        continue
-                    frame = framer.begin(rec)
-                    if frame is not None:
-                        if seg is not None and self.rotation.close_before(
-                            seg.txns, seg.first_ms, frame.time_ms, frame.snapshot
-                        ):
-                            self._close(seg, pool, uploads)
-                            seg = None
-                        if seg is None:
-                            seg = _OpenSegment(
-                                self.work_dir,
-                                self.codec,
-                                self.database,
-                                rec.partition,
-                                rec.offset,
-                                frame.txn_id,
-                                frame.time_ms,
-                                frame.snapshot,
-                            )
-                        seg.writer.write(rec)
-                        continue
-                    done = framer.record(rec)
-                    assert seg is not None  # framer.record refuses a record outside a transaction
-                    seg.writer.write(rec)
-                    if seg.txns == 0 and seg.writer.bytes >= max(self.rotation.max_bytes, self.part_bytes):
-                        self._stream(seg, pool)
-                    if done is not None:
-                        seg.txns += 1
-                        seg.last = done
-                        now = time.monotonic()
-                        if seg.due is None and self.max_delay is not None:
-                            seg.due = now + self.max_delay
-                        if self.rotation.close_after(seg.txns, seg.writer.bytes) or (
-                            seg.due is not None and now >= seg.due
-                        ):
-                            self._close(seg, pool, uploads)
-                            seg = None
-                else:
-                    # The stream ended (--once reached the end it saw at start): archive the tail.
-                    if seg is not None and seg.txns and framer.open is not None:
-                        raise PipelineError(
-                            "the stream ended inside a transaction",
-                            database=self.database,
-                            txn_id=framer.open.txn_id,
-                            offset=framer.open.offset,
-                            retriable=True,
-                        )
-                if seg is not None and seg.txns:
-                    self._close(seg, pool, uploads)
-                    seg = None
-                while uploads:
-                    self._uploaded(*uploads.popleft())
-            finally:
-                self._stopping.set()  # an upload retrying through an outage gives up, unacknowledged
-                pool.shutdown(wait=True, cancel_futures=True)
-                for unfinished in ([seg] if seg is not None else []) + [pending for _, pending in uploads]:
-                    if unfinished.upload is not None and unfinished.upload.upload_id is not None:
-                        self.store.abort_upload(unfinished.upload.key, unfinished.upload.upload_id)
-                    unfinished.file.close()
+        self._seg: _OpenSegment | None = None
+        self._uploads: deque[tuple[Future, _OpenSegment]] = deque()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="archive-upload")
+        self._compactor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="archive-compact")
+
+    def feed(self, rec: Record | None) -> None:
+        """One record of the stream, or None: nothing new came (the open segment may be due, --max-delay)."""
+        framer, pool, uploads = self._framer, self._pool, self._uploads
+        while uploads and uploads[0][0].done():
+            self._uploaded(*uploads.popleft())
+        self._compact_maybe(self._compactor)
+        seg = self._seg
+        if rec is None:
+            if seg is not None and seg.due is not None and time.monotonic() >= seg.due:
+                self._seg = self._close_on_time(seg, framer, pool, uploads)
+            return
+        frame = framer.begin(rec)
+        if frame is not None:
+            if seg is not None and self.rotation.close_before(seg.txns, seg.first_ms, frame.time_ms, frame.snapshot):
+                self._close(seg, pool, uploads)
+                seg = self._seg = None
+            if seg is None:
+                seg = self._seg = _OpenSegment(
+                    self.work_dir,
+                    self.codec,
+                    self.database,
+                    rec.partition,
+                    rec.offset,
+                    frame.txn_id,
+                    frame.time_ms,
+                    frame.snapshot,
+                )
+            seg.writer.write(rec)
+            return
+        done = framer.record(rec)
+        assert seg is not None  # framer.record refuses a record outside a transaction
+        seg.writer.write(rec)
+        if seg.txns == 0 and seg.writer.bytes >= max(self.rotation.max_bytes, self.part_bytes):
+            self._stream(seg, pool)
+        if done is not None:
+            seg.txns += 1
+            seg.last = done
+            now = time.monotonic()
+            if seg.due is None and self.max_delay is not None:
+                seg.due = now + self.max_delay
+            if self.rotation.close_after(seg.txns, seg.writer.bytes) or (seg.due is not None and now >= seg.due):
+                self._close(seg, pool, uploads)
+                self._seg = None
+
+    def finish(self) -> None:
+        """Close the open segment at its last whole txn (a txn still being read is left for the next
+        run) and wait for every upload to be acknowledged."""
+        seg = self._seg
+        if seg is not None and seg.txns and self._framer.open is not None:
+            seg, rest = self._split(seg, self._framer)
+            if rest is not None:
+                rest.file.close()
+        self._seg = None
+        if seg is not None and seg.txns:
+            self._close(seg, self._pool, self._uploads)
+        elif seg is not None:
+            seg.file.close()
+        while self._uploads:
+            self._uploaded(*self._uploads.popleft())
+
+    def shutdown(self) -> None:
+        """Stop the background work; what is not uploaded yet is dropped (the next run writes it again)."""
+        self._stopping.set()  # an upload retrying through an outage gives up, unacknowledged
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._compactor.shutdown(wait=True, cancel_futures=True)  # a merge ends at its next step
+        self._compact_result()
+        for unfinished in ([self._seg] if self._seg is not None else []) + [pending for _, pending in self._uploads]:
+            if unfinished.upload is not None and unfinished.upload.upload_id is not None:
+                self.store.abort_upload(unfinished.upload.key, unfinished.upload.upload_id)
+            unfinished.file.close()
+        self._seg = None
+        self._uploads.clear()
+
+    def _compact_maybe(self, compactor: ThreadPoolExecutor) -> None:
+        """Start a compaction pass every `compact_every` s, one at a time, beside the uploads."""
+        if self.compaction is None or (self._compacting is not None and not self._compacting.done()):
+            return
+        self._compact_result()
+        if not self.archived or time.monotonic() - self._compacted_at < self.compact_every:
+            return
+        self._compacted_at = time.monotonic()
+        self._compacting = compactor.submit(
+            compact,
+            self.store,
+            self.codec,
+            self.topic,
+            self.work_dir,
+            self.compaction,
+            self.log,
+            should_stop=self._stopping.is_set,
+        )
+
+    def _compact_result(self) -> None:
+        """Report a finished pass's failure: compaction only saves objects, so archiving goes on."""
+        done, self._compacting = self._compacting, None
+        if done is None or not done.done() or done.cancelled() or done.exception() is None:
+            return
+        exc = as_pipeline_error("compacting", done.exception(), database=self.database)  # type: ignore[arg-type]
+        if exc.retriable:
+            self.log(f"archive {self.database}: compaction failed, tried again in {self.compact_every:g} s: {exc}")
+            return
+        self.log(
+            f"archive {self.database}: error: compaction stopped for this run (archiving goes on; "
+            f"`archive compact` retries it): {exc}"
+        )
+        self.compaction = None
 
     def _close_on_time(
         self,

@@ -16,6 +16,7 @@ from connectors.s3.store import PROGRESS, Store
 from pipeline.archive import (
     Manifest,
     RestorePlan,
+    Segment,
     Snapshot,
     read_segment,
 )
@@ -24,6 +25,8 @@ from pipeline.crypto import Keyring, snapshot_context
 from pipeline.errors import PipelineError
 from pipeline.model import Position, Transaction, safe_blob_path
 from pipeline.replicate import replicate
+
+_MAX_RELISTS = 5  # compaction moves a segment once per level; more means something else deletes them
 
 
 class _SegmentSource:
@@ -37,18 +40,46 @@ class _SegmentSource:
         self.last: Transaction | None = None
 
     def _records(self, after: Position) -> Iterator[Record]:
-        for seg in self.plan.segments:
-            if seg.last_txn <= after.txn_id:
+        segments = list(self.plan.segments)
+        next_txn = after.txn_id + 1  # the first txn the segments still to read must hold
+        relisted = 0
+        while segments:
+            seg = segments.pop(0)
+            if seg.last_txn < next_txn:
                 self.progress({"bytes": seg.size})
                 continue
             key = seg.key(self.store.root)
             tmp = self.work_dir / f".segment-{os.getpid()}"
             try:
-                self.store.download(key, tmp, lambda n: self.progress({"bytes": n}))
+                try:
+                    self.store.download(key, tmp, lambda n: self.progress({"bytes": n}))
+                except PipelineError:
+                    # Compaction may have merged it into a bigger object since we listed: list again
+                    # and go on from the same txn (replicate() skips the txns applied already).
+                    if relisted >= _MAX_RELISTS or self._listed(key):
+                        raise
+                    relisted += 1
+                    segments = self._segments_from(next_txn)
+                    continue
                 with open(tmp, "rb") as fo:
                     yield from read_segment(fo, self.store.database, self.topic, key)
+                next_txn = seg.last_txn + 1
             finally:
                 tmp.unlink(missing_ok=True)
+
+    def _listed(self, key: str) -> bool:
+        return any(k == key for k, _ in self.store.list(key))
+
+    def _segments_from(self, txn: int) -> list[Segment]:
+        """The stored segments that continue the restore at `txn` (after a compaction moved them)."""
+        segments = [s for s in self.store.catalog().segments if s.last_txn >= txn]
+        if not segments or segments[0].first_txn > txn:
+            raise PipelineError(
+                f"txn {txn} is no longer in the archive at {self.store.url} (retention deleted it?)",
+                database=self.store.database,
+                txn_id=txn,
+            )
+        return segments
 
     def _beyond(self, txn: Transaction) -> bool:
         if self.plan.target_txn is not None:

@@ -25,7 +25,14 @@ def describe(catalog: Catalog, url: str) -> str:
     for s in catalog.snapshots:
         lines.append(f"  txn {s.txn:>10}  {_when(s.time_ms)}")
     runs = catalog.runs()
-    lines.append(f"segments: {len(catalog.segments)} objects, {sum(s.size for s in catalog.segments)} bytes")
+    levels = sorted({s.level for s in catalog.segments})
+    by_level = ", ".join(f"level {n}: {sum(1 for s in catalog.segments if s.level == n)}" for n in levels)
+    lines.append(
+        f"segments: {len(catalog.segments)} objects, {sum(s.size for s in catalog.segments)} bytes"
+        + (f" ({by_level})" if len(levels) > 1 or levels[-1:] != [0] else "")
+    )
+    if catalog.superseded:
+        lines.append(f"  {len(catalog.superseded)} more already merged into others, deleted by the next compaction")
     for i, run in enumerate(runs):
         if i:
             lines.append(f"  GAP: txns {runs[i - 1][-1].last_txn + 1}-{run[0].first_txn - 1} are missing")

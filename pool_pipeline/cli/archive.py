@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+import contextlib
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
+from pipeline.archive import CompactionPolicy
 from pipeline.codec import Codec
+from pipeline.errors import PipelineError
 from pipeline.model import Transaction, check_database_name
 from pool_pipeline.cli.common import (
     EXIT_USAGE,
@@ -25,15 +29,25 @@ from pool_pipeline.cli.common import (
 )
 from schemas import load_schemas
 
+if TYPE_CHECKING:
+    from connectors.s3.archiver import Archiver
+    from connectors.s3.store import ArchiveStore
+
 
 def archive_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="archive",
         description="Archive a database's change stream to S3 exactly once (action run, the "
-        "default), list what is archived (ls), write a base snapshot now (snapshot), or apply retention (retain).",
+        "default), list what is archived (ls), write a base snapshot now (snapshot), apply retention (retain), "
+        "or merge small segments now (compact; `run` does it as it goes).",
     )
-    p.add_argument("action", nargs="?", choices=("run", "ls", "snapshot", "retain"), default="run")
-    p.add_argument("--database", required=True)
+    p.add_argument("action", nargs="?", choices=("run", "ls", "snapshot", "retain", "compact"), default="run")
+    p.add_argument("--database", help="the database to archive (or --pattern)")
+    p.add_argument(
+        "--pattern",
+        help="run: archive every database whose name matches this regex, spread over the members of "
+        "--group (start one archiver per machine; each database lands under the same --bucket)",
+    )
     add_bucket(p)
     p.add_argument("--group", default="archive", help="consumer group (offsets committed after each upload)")
     p.add_argument(
@@ -69,6 +83,13 @@ def archive_parser() -> argparse.ArgumentParser:
         "--once archives the tail at its end instead)",
     )
     p.add_argument(
+        "--compact",
+        default="60,3600",
+        metavar="SECONDS,...",
+        help="merge the segments of each window of this many seconds of source time into one, level by level "
+        "(default 60,3600: minutes, then hours), so a restore fetches few objects; 'off' keeps every segment",
+    )
+    p.add_argument(
         "--snapshot-every-txns",
         type=int,
         default=100_000,
@@ -93,18 +114,61 @@ def archive_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _archiver(args: argparse.Namespace, store: ArchiveStore, codec: Codec, work_dir: Path) -> Archiver:
+    """The archiver of one database, as the options say."""
+    from connectors.kafka.topics import topic_for
+    from connectors.s3.archiver import Archiver
+    from pipeline.archive import Rotation, SnapshotPolicy
+
+    return Archiver(
+        store,
+        codec,
+        rotation=Rotation(args.segment_txns, args.segment_bytes, int(args.segment_span * 1000)),
+        snapshots=SnapshotPolicy(args.snapshot_every_txns, args.snapshot_every_bytes),
+        work_dir=work_dir,
+        topic=topic_for(store.database),
+        log=lambda line: print(line, flush=True),
+        max_delay=None if args.once else args.max_delay,  # --once archives the tail when it ends
+        compaction=_compaction(args.compact),
+        **({"part_bytes": args.part_bytes} if args.part_bytes is not None else {}),
+    )
+
+
 def _archive(args: argparse.Namespace) -> int:
     from connectors.kafka.reader import TopicSource
     from connectors.kafka.topics import topic_for
-    from connectors.s3.archiver import Archiver
     from connectors.s3.retention import apply_retention, describe
     from connectors.s3.store import open_store
-    from pipeline.archive import Rotation, SnapshotPolicy
 
+    if args.max_delay < 0:
+        fail("--max-delay must be 0 or more seconds", EXIT_USAGE)
+    if args.pattern is not None:
+        if args.database or args.action != "run" or args.skip_to_snapshot:
+            fail(
+                "--pattern goes with the run action, instead of --database (and without --skip-to-snapshot)", EXIT_USAGE
+            )
+        return _archive_group(args)
+    if not args.database:
+        fail("give --database NAME (or, to run, --pattern REGEX)", EXIT_USAGE)
     database = check_database_name(args.database)
     store = open_store(args.bucket, database, args.endpoint_url)
     if args.action == "ls":
         print(describe(store.catalog(), store.url))
+        return 0
+    compaction = _compaction(args.compact)
+    if args.action == "compact":
+        from connectors.s3.compactor import compact
+
+        if compaction is None:
+            fail("compact needs compaction windows: --compact SECONDS,...", EXIT_USAGE)
+        work_dir = Path(args.work_dir) if args.work_dir else state_home() / "archive" / database
+        log = lambda line: print(line, flush=True)  # noqa: E731
+        sealed = Codec(load_schemas(), keyring=args.keyring)  # merging frames the records: it decrypts
+        merged = with_retries(
+            f"archive {database}: compact",
+            lambda: len(compact(store, sealed, topic_for(database), work_dir, compaction, log)),
+        )
+        print(f"archive {database}: {merged or 'no'} merged segments written", flush=True)
         return 0
     if args.action == "retain":
         if args.keep_snapshots is None and args.keep_days is None:
@@ -112,22 +176,10 @@ def _archive(args: argparse.Namespace) -> int:
         keep_ms = int(args.keep_days * 86_400_000) if args.keep_days is not None else None
         apply_retention(store, keep_snapshots=args.keep_snapshots, keep_ms=keep_ms, dry_run=args.dry_run)
         return 0
-    if args.max_delay < 0:
-        fail("--max-delay must be 0 or more seconds", EXIT_USAGE)
     store.ensure_bucket()
     codec = Codec(load_schemas(), keyring=args.keyring)
     work_dir = Path(args.work_dir) if args.work_dir else state_home() / "archive" / database
-    archiver = Archiver(
-        store,
-        codec,
-        rotation=Rotation(args.segment_txns, args.segment_bytes, int(args.segment_span * 1000)),
-        snapshots=SnapshotPolicy(args.snapshot_every_txns, args.snapshot_every_bytes),
-        work_dir=work_dir,
-        topic=topic_for(database),
-        log=lambda line: print(line, flush=True),
-        max_delay=None if args.once else args.max_delay,  # --once archives the tail when it ends
-        **({"part_bytes": args.part_bytes} if args.part_bytes is not None else {}),
-    )
+    archiver = _archiver(args, store, codec, work_dir)
     if args.action == "snapshot":
         try:
             archiver.resume(abort_unfinished=False)  # a running archiver's upload may be in flight
@@ -181,6 +233,145 @@ def _archive(args: argparse.Namespace) -> int:
         return 0
     finally:
         archiver.close()
+
+
+def _archive_group(args: argparse.Namespace) -> int:
+    """Many databases in one consumer group: Kafka spreads them over the members, and each member
+    runs one archiver per database it holds, fed from its one consumer. A database whose archive
+    fails for good stops alone; the others go on."""
+    from kafka.structs import TopicPartition
+
+    from connectors.kafka.reader import GroupReader
+    from connectors.kafka.topics import PARTITION, topic_for
+    from connectors.s3.store import open_store
+
+    codec = Codec(load_schemas(), keyring=args.keyring)
+    work_root = Path(args.work_dir) if args.work_dir else state_home() / "archive"
+    archivers: dict[str, Archiver] = {}
+    busy: list[str] = []  # the database being archived right now
+    revoked: set[str] = set()
+    stop = GracefulStop().install()
+    stop.flushing = True  # a signal ends the loop; every archiver then flushes what it holds
+    readers: list[GroupReader] = []
+
+    def start_offset(database: str) -> int:
+        """A database was assigned to us: S3 says where its archive ends, we read on from there."""
+        if database in archivers:  # a restart after a retriable error: begin again from S3
+            drop(database)
+        store = open_store(args.bucket, database, args.endpoint_url)
+        store.ensure_bucket()
+        archiver = _archiver(args, store, codec, work_root / database)
+        try:
+            offset = archiver.resume()
+        except BaseException:
+            archiver.close()
+            raise
+        tp = TopicPartition(topic_for(database), PARTITION)
+        archiver.on_archived = lambda txn: readers[0].offsets.applied(tp, txn)
+        archiver.start()
+        archivers[database] = archiver
+        held = f"up to {archiver.position}" if archiver.position else "nothing yet"
+        print(f"archive {database}: assigned; {store.url} holds {held}; reading from offset {offset}", flush=True)
+        return offset
+
+    def drop(database: str, flush: bool = False) -> None:
+        archiver = archivers.pop(database, None)
+        if archiver is None:
+            return
+        try:
+            if flush:
+                archiver.finish()
+        finally:
+            archiver.shutdown()
+            archiver.close()
+        print(f"archive {database}: archived up to {archiver.position or 'nothing'}; released", flush=True)
+
+    def release(database: str) -> None:
+        """Kafka moved the database to another member: flush what it holds, then let go."""
+        if database in busy:
+            revoked.add(database)  # released once its current step ends
+            return
+        guarded(database, lambda: drop(database, flush=True))
+        readers[0].offsets.flush()  # what the flush archived, before the partition changes hands
+
+    def guarded(database: str, step: Callable[[], object]) -> None:
+        """One database's step; an error stops (or, if retriable, restarts) that database only."""
+        try:
+            step()
+        except PipelineError as exc:
+            reader = readers[0]
+            if exc.retriable:
+                print(f"archive {database}: {exc} (starting again from what S3 holds)", file=sys.stderr, flush=True)
+                with contextlib.suppress(PipelineError):
+                    drop(database)
+                reader.restart(database)
+            else:
+                print(f"error: archive {database} stopped: {exc}", file=sys.stderr, flush=True)
+                with contextlib.suppress(PipelineError):
+                    drop(database)
+                reader.fail(database)
+
+    def tick() -> None:
+        for database, archiver in list(archivers.items()):
+            guarded(database, lambda a=archiver: a.feed(None))  # type: ignore[misc]
+
+    def attempt() -> int:
+        reader = GroupReader(
+            args.kafka,
+            args.group,
+            args.pattern,
+            codec,
+            start_offset,
+            once=args.once,
+            on_revoked=release,
+            log=lambda line: print(line, file=sys.stderr, flush=True),
+            idle=tick,
+            should_stop=stop.event.is_set,
+            role="archive",
+        )
+        readers[:] = [reader]
+        try:
+            for source in reader.sources():
+                database = source.database
+                archiver = archivers.get(database)
+                if archiver is None:
+                    continue
+                busy[:] = [database]
+
+                def feed_all() -> None:
+                    for rec in source.records():  # noqa: B023 - called at once
+                        archiver.feed(rec)  # noqa: B023
+
+                guarded(database, feed_all)
+                busy.clear()
+                for database in list(revoked):
+                    revoked.discard(database)
+                    guarded(database, lambda: drop(database, flush=True))  # noqa: B023
+                tick()
+            for database in sorted(archivers):
+                guarded(database, lambda: drop(database, flush=True))  # noqa: B023 - called at once
+        finally:
+            for database in list(archivers):
+                with contextlib.suppress(PipelineError):
+                    drop(database)
+            reader.close()
+        if reader.failed:
+            print(f"archive: stopped databases: {', '.join(sorted(reader.failed))}", file=sys.stderr)
+            return 1
+        return 0
+
+    return with_retries(f"archive group {args.group}", attempt, kafka=args.kafka)
+
+
+def _compaction(spec: str) -> CompactionPolicy | None:
+    """--compact: 'off', or growing window widths in seconds."""
+    if spec.strip().lower() in ("off", "no", "none", "0"):
+        return None
+    try:
+        widths = tuple(int(float(w) * 1000) for w in spec.split(","))
+        return CompactionPolicy(widths)
+    except (ValueError, PipelineError):
+        fail(f"--compact takes growing window widths in seconds, like 60,3600, or 'off'; got {spec!r}", EXIT_USAGE)
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:

@@ -88,7 +88,9 @@ def test_archiver_killed_at_random_points_with_a_short_max_delay_archives_every_
 ) -> None:
     rng = random.Random(20261127)
     # No base snapshots: writing one holds the archiver for seconds (test_archive.py kills it there).
-    flags = ["--max-delay", "0.2", "--snapshot-every-txns", "0", "--snapshot-every-bytes", "0"]
+    # Compaction windows of 1 s and 4 s: each archiver merges right after its first upload, so
+    # kills also land while it merges and deletes.
+    flags = ["--max-delay", "0.2", "--snapshot-every-txns", "0", "--snapshot-every-bytes", "0", "--compact", "1,4"]
     store = store_for(s3_client, s3.bucket, "arch", cli.database)
     agent = cli.start_agent()
     wait_for(lambda: "topic is at" in agent.stdout(), 60, "the agent to start")
@@ -110,13 +112,24 @@ def test_archiver_killed_at_random_points_with_a_short_max_delay_archives_every_
     last = committed_transactions(cli.bootstrap_servers, cli.database)[-1].txn_id
     # The last archiver follows and archives the tail on its own (max delay), then stops cleanly.
     wait_for(lambda: last_archived(store) >= last, 60, f"txn {last} in the archive", interval=0.05)
+    ok(cli.run(archive_args(cli, s3.bucket, *flags, action="compact")), "archive compact")
     assert archiver.stop() == 0, archiver.output()
     assert kills == 8
 
     source_ids = [t.txn_id for t in committed_transactions(cli.bootstrap_servers, cli.database)]
     assert archived_txn_ids(store) == source_ids == list(range(1, last + 1))
-    assert len(store.catalog().segments) >= 3  # cut on time, not by the 10 000-txn rule
+    catalog = store.catalog()
+    assert len(catalog.segments) >= 3  # cut on time, not by the 10 000-txn rule
+    assert any(s.level for s in catalog.segments), [s.key(store.root) for s in catalog.segments]
+    assert not catalog.superseded  # `archive compact` deleted what the killed merges left
     expected = source_copy(app, tmp_path / "source")
     target = tmp_path / "restored"
     ok(cli.run(restore_args(cli, s3.bucket, "--target", str(target))), "restore")
     assert_same(expected, target, app)
+    # Earlier points too: every txn's rolling checksum is checked on the way to each.
+    for txn in sorted(rng.sample(range(2, last), 3)):
+        result = ok(
+            cli.run(restore_args(cli, s3.bucket, "--target", str(tmp_path / f"at-{txn}"), "--txn", str(txn))),
+            f"restore to txn {txn}",
+        )
+        assert f"txn {txn} " in result.stdout, result.stdout
