@@ -18,7 +18,7 @@ from schemas import load_schemas
 from tests.integration.test_archive import archive_args, assert_same, restore_args, s3_env, source_copy
 from tests.picolisp_fixtures import *  # noqa: F401,F403
 from tests.picolisp_fixtures import PicoApp
-from tests.pipeline_helpers import BIN, Cli, ok, read_committed_records, replica_position, unique_name
+from tests.pipeline_helpers import BIN, Cli, ok, read_committed_records, replica_position, unique_name, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -77,6 +77,14 @@ def test_encrypted_capture_replica_archive_restore_and_nothing_readable_without_
     commit_markers(app, 100_002)
     enc = ("--encryption-key", str(key_file))
     ok(cli.agent_once(*enc), "capture-agent --once --encryption-key")
+    # Many small txns (a following agent), so that the archive has segments to compact.
+    agent = cli.start_agent(*enc)
+    wait_for(lambda: "topic is at" in agent.stdout(), 60, "the agent to start")
+    wl = app.workload_proc(150, seed=5, sleep_ms=10)
+    out, err = wl.communicate(timeout=180)
+    assert wl.returncode == 0, f"workload failed: {out[-500:]} {err[-1500:]}"
+    agent.stop()  # SIGTERM: exit 130, the agent stops between rounds
+    ok(cli.agent_once(*enc), "capture-agent --once: the rest")
     source = source_copy(app, tmp_path / "source")
     assert marker in (source / "db" / "A").read_bytes() + (source / "db" / "C").read_bytes()  # the app wrote it
 
@@ -103,15 +111,24 @@ def test_encrypted_capture_replica_archive_restore_and_nothing_readable_without_
 
     # Archive with a base snapshot, then look at every object raw and inside the Avro containers.
     ok(
-        cli.run(archive_args(cli, s3.bucket, "--once", "--snapshot-every-txns", "1", *enc, prefix="enc")),
+        cli.run(
+            archive_args(
+                cli, s3.bucket, "--once", "--segment-txns", "2", "--snapshot-every-txns", "1", *enc, prefix="enc"
+            )
+        ),
         "archive --once",
     )
+    # Compaction frames the records it merges, so it needs the key as well.
+    result = cli.run(archive_args(cli, s3.bucket, "--compact", "1,5", action="compact", prefix="enc"))
+    assert result.returncode == 1 and key_id in result.stderr, result.stderr
+    ok(cli.run(archive_args(cli, s3.bucket, "--compact", "1,5", *enc, action="compact", prefix="enc")), "compact")
     keys = [
         o["Key"]
         for page in s3_client.get_paginator("list_objects_v2").paginate(Bucket=s3.bucket, Prefix="enc/")
         for o in page.get("Contents", [])
     ]
     segments = [k for k in keys if "/segments/" in k]
+    assert any("_L1" in k for k in segments), segments  # merged segments are sealed records too
     snapshot_files = [k for k in keys if "/snapshots/" in k]
     assert segments and any(k.endswith("manifest.json") for k in snapshot_files), keys
     assert any("/blob/" in k for k in snapshot_files), snapshot_files
