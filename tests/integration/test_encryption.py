@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -128,7 +129,8 @@ def test_encrypted_capture_replica_archive_restore_and_nothing_readable_without_
         for o in page.get("Contents", [])
     ]
     segments = [k for k in keys if "/segments/" in k]
-    assert any("_L1" in k for k in segments), segments  # merged segments are sealed records too
+    # Merged segments (compacted by `archive compact` with the key) hold encrypted records too.
+    assert any(re.search(r"_L[12]\.avro$", k) for k in segments), segments
     snapshot_files = [k for k in keys if "/snapshots/" in k]
     assert segments and any(k.endswith("manifest.json") for k in snapshot_files), keys
     assert any("/blob/" in k for k in snapshot_files), snapshot_files
@@ -176,6 +178,18 @@ def test_encrypted_capture_replica_archive_restore_and_nothing_readable_without_
     os.chmod(loose, 0o644)
     result = cli.replica_once("rpl/db/app/", "rpl/blob/app/", "replica", "--encryption-key", str(loose))
     assert result.returncode == 1 and "chmod 600" in result.stderr, result.stderr
+    # The group replica (--pattern) and `pipeline status` read through the same codec.
+    group = [str(BIN / "replica"), "--pattern", re.escape(cli.database), "--root", "rplg", "--group", "g", "--once"]
+    ok(cli.run(group + list(enc)), "replica --pattern --once with the key")
+    ok(cli.verify(f"rplg/{cli.database}/db/", f"rplg/{cli.database}/blob/"), "verify the group replica")
+    status = [str(BIN / "pipeline"), "status", "--database", cli.database]
+    result = cli.run(status)
+    assert result.returncode == 1 and key_id in result.stderr, result.stderr
+    sealed = Codec(load_schemas(), keyring=load_keyring(key_file))
+    records = read_committed_records(cli.bootstrap_servers, cli.database)
+    last_txn = [t.txn_id for t in sealed.read_transactions(records, cli.database)][-1]
+    shown = ok(cli.run(status + list(enc)), "pipeline status with the key").stdout
+    assert re.search(rf"^{re.escape(cli.database)}\s+{last_txn} \(last capture", shown, re.M), shown
     # With the key it carries on, md5-equal again.
     ok(cli.replica_once("rpl/db/app/", "rpl/blob/app/", "replica", *enc), "replica --once with the key again")
     ok(cli.verify(), "verify after the refused runs")
@@ -199,5 +213,5 @@ def test_encrypted_capture_replica_archive_restore_and_nothing_readable_without_
     )
     stats = read_committed_records(cli.bootstrap_servers, cli.database + ".stats")
     assert stats and all(r.value[:2] == RECORD_MAGIC for r in stats)
-    sealed = Codec(load_schemas(), keyring=load_keyring(key_file))
-    assert {sealed.decode(r.value, database=cli.database)[0] for r in stats} == {"pool.pipeline.WindowStats"}
+    rotated = Codec(load_schemas(), keyring=load_keyring(key_file))
+    assert {rotated.decode(r.value, database=cli.database)[0] for r in stats} == {"pool.pipeline.WindowStats"}
