@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -9,10 +10,10 @@ import os
 import shutil
 import time
 from array import array
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
-from connectors.files import write_atomic
+from connectors.files import fsync_dir, write_atomic, write_synced
 from connectors.picolisp.blobs import blob_files, blob_markers
 from connectors.picolisp.format import (
     SCAN_SLICE,
@@ -235,6 +236,14 @@ class _Images:
             off += bs
 
 
+def _boot_id() -> str:
+    """This boot of the kernel: the page cache, and what the state dir holds unsynced, lives as long."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return "unknown"
+
+
 class PoolSource:
     """Yields the transactions of one PicoLisp pool (a Source for the capture agent).
 
@@ -258,6 +267,7 @@ class PoolSource:
         force_snapshot: bool = False,
         once: bool = False,
         poll_interval: float = 0.02,
+        min_interval: float = 0.0,
         delete_scan_interval: float = 1.0,
         log: Callable[[str], None] = print,
     ) -> None:
@@ -267,6 +277,7 @@ class PoolSource:
         self.blob_dir = blob_dir
         self.once = once
         self.poll_interval = poll_interval
+        self.min_interval = min_interval  # between the starts of two rounds that publish
         self.delete_scan_interval = delete_scan_interval
         self.log = log
         self.force_snapshot = force_snapshot
@@ -282,7 +293,11 @@ class PoolSource:
         self._inflight_ready = False
         shutil.rmtree(state_dir / "blobs", ignore_errors=True)  # a file per blob, from earlier versions
         self.known_blobs_path = state_dir / "known-blobs.json"
+        self.known_log_path = state_dir / "known-blobs.log"  # changes since known-blobs.json, one a line
+        self._known_log_lines = 0
         self.last_txn_path = state_dir / "last-txn.json"
+        self.lost_marker = state_dir / "needs-snapshot"  # the state was lost: only a snapshot may follow
+        self._last_record: dict[str, object] = {}
         self.published = {f.file: f.blocks for f in (last_layout or [])}
         self.published_layout: list[FileLayout] = list(last_layout or [])  # what replicas hold: see layout_change
         self._refused: set[str] = set()  # blob entries already warned about (once per name, not per round)
@@ -290,6 +305,7 @@ class PoolSource:
         self._ack: Callable[[], None] | None = None
         self._known_blobs: set[str] = set()
         self._last_delete_scan = 0.0
+        self._untrusted = self._lost_state()
         self._restore_inflight_markers()
         self._repair_spool()
 
@@ -474,11 +490,9 @@ class PoolSource:
                     os.unlink(src)  # the app made a newer marker for the same blob
                 else:
                     os.replace(src, dst)
-        if self.known_blobs_path.exists():
-            # An earlier version recorded names it could not publish: their delete would wedge the agent too.
-            self._known_blobs = set(filter(self._publishable, json.loads(self.known_blobs_path.read_text())))
-        else:
-            self._known_blobs = set(self._blob_paths())
+        known = self._load_known_blobs()
+        # An earlier version recorded names it could not publish: their delete would wedge the agent too.
+        self._known_blobs = set(filter(self._publishable, known)) if known is not None else set(self._blob_paths())
 
     def _open_blob_spool(self) -> int:
         """The round's blob spool, emptied: one file reused by every round. A file per blob cost an
@@ -629,14 +643,59 @@ class PoolSource:
         self._ack = self._acknowledger(layout, puts, deletes, markers, snapshot=snapshot)
         return txn
 
+    # --- the agent's state: kept in the page cache, trusted only on the boot it was written in ---
+    #
+    # Like the spool (and PicoLisp's own journal), the state files are not fsynced each round: two
+    # fsyncs cost 5 ms of wall time and 0.6 ms of CPU here, several times a round (bench/agent_cpu.py).
+    # They survive a kill -9. A power cut or a kernel crash may lose or tear them, so last-txn.json
+    # carries the boot id it was written under, and a start on another boot takes a snapshot instead
+    # of trusting them, unless the agent stopped cleanly and synced them first (close()).
+
+    def _lost_state(self) -> bool:
+        """True if the state dir was written on another boot and not synced at a clean stop: the machine
+        went down meanwhile, so the spool, last-txn.json and known blobs may be torn or stale."""
+        if self.lost_marker.exists():
+            return True  # found earlier; the snapshot that settles it is not committed yet
+        try:
+            last = json.loads(self.last_txn_path.read_text())
+        except FileNotFoundError:
+            return False
+        except ValueError:
+            last = {"boot_id": None}  # torn
+        if not isinstance(last, dict):
+            return False
+        if last.get("synced") or "boot_id" not in last:
+            # Synced at a clean stop, or written by an earlier version (which fsynced): trusted. Claim it
+            # for this boot, durably, so that a crash later in this boot cannot leave it looking synced.
+            last = {**{k: v for k, v in last.items() if k != "synced"}, "boot_id": _boot_id()}
+            write_atomic(self.last_txn_path, json.dumps(last).encode())
+            return False
+        if last["boot_id"] == _boot_id():
+            return False
+        write_atomic(self.lost_marker, b"the machine restarted without a clean stop of the agent\n")
+        for path in (self.spool_path, self.spool_mark, self.known_blobs_path, self.known_log_path, self.last_txn_path):
+            path.unlink(missing_ok=True)
+        return True
+
     def _record_txn(self, txn_id: int, checksum_before: int | None, checksum_after: int) -> None:
         """Note, before it is committed, which txn this state dir publishes (see _continues)."""
-        write_atomic(
-            self.last_txn_path,
-            json.dumps(
-                {"txn_id": txn_id, "checksum_before": checksum_before, "checksum_after": checksum_after}
-            ).encode(),
-        )
+        self._last_record = {
+            "txn_id": txn_id,
+            "checksum_before": checksum_before,
+            "checksum_after": checksum_after,
+            "boot_id": _boot_id(),
+        }
+        write_atomic(self.last_txn_path, json.dumps(self._last_record).encode(), durable=False)
+
+    def _sync_state(self) -> None:
+        """At a clean stop: make the spool and the state durable, and say so in last-txn.json."""
+        for path in (self.spool_path, self.spool_mark, self.known_blobs_path, self.known_log_path):
+            with contextlib.suppress(FileNotFoundError):
+                write_synced(path)
+        if self._last_record:
+            write_atomic(self.last_txn_path, json.dumps({**self._last_record, "synced": True}).encode())
+        else:
+            fsync_dir(self.state_dir)
 
     def _continues(self, after: Position) -> bool:
         """True if this state dir published the topic's last txn (`after`) or was about to publish the next:
@@ -649,8 +708,45 @@ class PoolSource:
             last["txn_id"] == after.txn_id + 1 and last["checksum_before"] == after.checksum
         )
 
+    def _load_known_blobs(self) -> set[str] | None:
+        """known-blobs.json, then the changes logged after it (None: no record yet)."""
+        try:
+            known = set(json.loads(self.known_blobs_path.read_text()))
+        except FileNotFoundError:
+            return None
+        try:
+            log = self.known_log_path.read_bytes()
+        except FileNotFoundError:
+            log = b""
+        lines = log.split(b"\n")[:-1]  # a last line without its newline was cut off: its round was not published
+        for line in lines:
+            name = json.loads(line[1:])
+            (known.add if line[:1] == b"+" else known.discard)(name)
+        self._known_log_lines = len(lines)
+        return known
+
     def _write_known_blobs(self) -> None:
-        write_atomic(self.known_blobs_path, json.dumps(sorted(self._known_blobs)).encode())
+        """The whole set, and an empty log (on a snapshot, or when the log grew as long as the set)."""
+        write_atomic(self.known_blobs_path, json.dumps(sorted(self._known_blobs)).encode(), durable=False)
+        with open(self.known_log_path, "wb"):
+            pass
+        self._known_log_lines = 0
+
+    def _log_known(self, added: Iterable[str], removed: Iterable[str]) -> None:
+        """Append blob names that became known or gone: a round costs its own changes, not a rewrite of
+        every name (a log replayed in order over either the old or the new set gives the same set)."""
+        lines = [b"+" + json.dumps(n).encode() for n in added] + [b"-" + json.dumps(n).encode() for n in removed]
+        if not lines:
+            return
+        if self._known_log_lines + len(lines) > max(1024, len(self._known_blobs)):
+            self._write_known_blobs()
+            return
+        fd = os.open(self.known_log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, b"\n".join(lines) + b"\n")  # one write: a kill -9 cannot tear it
+        finally:
+            os.close(fd)
+        self._known_log_lines += len(lines)
 
     def _remember_blobs(self, puts: list) -> None:
         """Before publishing: record the blobs being put as known. Were this left to the acknowledgement,
@@ -659,7 +755,7 @@ class PoolSource:
         new = {p for p, *_ in puts} - self._known_blobs
         if new:
             self._known_blobs |= new
-            self._write_known_blobs()
+            self._log_known(sorted(new), ())
 
     def _acknowledger(
         self, layout: list[FileLayout], puts: list, deletes: list[str], markers: list[str], *, snapshot: bool
@@ -676,9 +772,15 @@ class PoolSource:
                     os.ftruncate(fd, 0)  # give the round's disk space back now, not under the next lock
             known = (set() if snapshot else set(self._known_blobs)) | {p for p, *_ in puts}
             known -= set(deletes)
-            if known != self._known_blobs or snapshot:
+            if snapshot:
                 self._known_blobs = known
                 self._write_known_blobs()
+                self.lost_marker.unlink(missing_ok=True)
+                self._untrusted = False
+            elif known != self._known_blobs:
+                added, removed = sorted(known - self._known_blobs), sorted(self._known_blobs - known)
+                self._known_blobs = known
+                self._log_known(added, removed)
             self.published = {f.file: f.blocks for f in layout}
             self.published_layout = list(layout)
 
@@ -786,20 +888,28 @@ class PoolSource:
             first = self._snapshot(after, "bootstrap: the topic is empty")
         elif self.force_snapshot:
             first = self._snapshot(after, "requested with --snapshot")
+        elif self._untrusted:
+            first = self._snapshot(
+                after, f"the machine restarted since {self.state_dir} was last written, without a clean stop"
+            )
         else:
             first = self._resume(after)
         pending = first
         position = after
+        started = time.monotonic()
         while True:
             if pending is not None:
                 yield pending
                 position = pending.after
+                if self.min_interval and not self.once:
+                    time.sleep(max(0.0, started + self.min_interval - time.monotonic()))
             elif self.once:
                 return
             elif self.watch is not None and self.watch.active:
                 self.watch.wait(IDLE_ROUND_S)  # wakes at the app's next write; a round anyway every second
             else:
                 time.sleep(self.poll_interval)
+            started = time.monotonic()
             pending = self._round(position)
 
     def acknowledge(self, txn: Transaction) -> None:
@@ -808,6 +918,8 @@ class PoolSource:
             self._ack = None
 
     def close(self) -> None:
+        with contextlib.suppress(OSError):  # best effort: without it the next boot takes a snapshot
+            self._sync_state()
         self.pool.close()
         self.journal.close()
         if self.watch is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -220,3 +221,46 @@ def test_unpublishable_blob_names_are_skipped_with_one_warning_each(tmp_path: Pa
     assert any(repr(b"A/" + BAD) in w and "not valid UTF-8" in w for w in warnings), warnings
     assert any("b'=evil.doc'" in w and "escapes" in w for w in warnings), warnings
     assert any("back\\\\slash" in w for w in warnings), warnings
+
+
+def test_known_blobs_are_logged_per_round_and_read_back_whole_after_a_kill(tmp_path: Path) -> None:
+    """Each round appends the names it adds or deletes; a restart replays the log over the last full list,
+    also one whose last line a kill cut off. The log is folded into the list once it grows as long."""
+    make_pool(tmp_path / "db", [1])
+    blob = tmp_path / "blob"
+    (blob / "A").mkdir(parents=True)
+    (blob / "A" / "0.doc").write_bytes(b"zero")
+    state = tmp_path / "state"
+    source = _source(tmp_path, None, [], blob)
+    try:
+        source.once = False
+        source.delete_scan_interval = 0
+        txns = source.transactions(Position(0, 0))
+        first = next(txns)
+        list(first.changes)
+        source.acknowledge(first)  # a snapshot: the full list
+        assert (state / "known-blobs.json").read_text() == '["A/0.doc"]'
+        for i in range(1, 4):
+            (blob / "A" / f"{i}.doc").write_bytes(b"x" * i)
+            os.symlink(f"A/{i}.doc", blob / f"={i}.doc")
+            if i == 3:
+                (blob / "A" / "1.doc").unlink()
+            txn = next(txns)
+            list(txn.changes)
+            source.acknowledge(txn)
+        assert (state / "known-blobs.json").read_text() == '["A/0.doc"]'  # not rewritten each round
+        log = (state / "known-blobs.log").read_bytes()
+        assert log.splitlines() == [b'+"A/1.doc"', b'+"A/2.doc"', b'+"A/3.doc"', b'-"A/1.doc"']
+        (state / "known-blobs.log").write_bytes(log + b'+"A/cut')  # a torn last line
+    finally:
+        source.journal.close()
+        source.pool.close()
+    source = _source(tmp_path, None, [], blob)
+    try:
+        assert source._known_blobs == {"A/0.doc", "A/2.doc", "A/3.doc"}
+        source._known_log_lines = 5000  # as if the log had grown long: the next change folds it in
+        source._log_known(["A/4.doc"], [])
+        assert json.loads((state / "known-blobs.json").read_text()) == ["A/0.doc", "A/2.doc", "A/3.doc"]
+        assert (state / "known-blobs.log").read_bytes() == b""
+    finally:
+        source.close()

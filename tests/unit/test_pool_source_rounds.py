@@ -159,6 +159,12 @@ CORRUPTIONS = {
 }
 
 
+def published_txn(tmp_path: Path) -> dict:
+    """What last-txn.json says was published (not the boot it was written on, nor whether it was synced)."""
+    last = json.loads((tmp_path / "state" / "last-txn.json").read_text())
+    return {k: last[k] for k in ("txn_id", "checksum_before", "checksum_after")}
+
+
 @pytest.mark.parametrize("corruption", list(CORRUPTIONS))
 def test_a_corrupt_journal_at_bootstrap_stops_before_the_snapshot_and_leaves_it_intact(
     tmp_path: Path, app: App, corruption: str
@@ -196,7 +202,7 @@ def test_a_corrupt_journal_after_a_kill_leaves_journal_and_spool_intact_and_resu
     finally:
         src.close()
     spool = (tmp_path / "state" / "journal.spool").read_bytes()
-    last_txn = (tmp_path / "state" / "last-txn.json").read_text()
+    last_txn = published_txn(tmp_path)
     good = len(app.journal.read_bytes())
     app.grow(1, b"\x77" * 256)
     good_journal = app.journal.read_bytes()
@@ -212,7 +218,7 @@ def test_a_corrupt_journal_after_a_kill_leaves_journal_and_spool_intact_and_resu
         assert f"journal {app.journal}" in str(info.value) and "left intact" in str(info.value)
         assert app.journal.read_bytes() == journal
         assert (tmp_path / "state" / "journal.spool").read_bytes() == spool
-        assert (tmp_path / "state" / "last-txn.json").read_text() == last_txn
+        assert published_txn(tmp_path) == last_txn
     finally:
         src.close()
     app.journal.write_bytes(good_journal)  # an operator cuts the bad tail off
@@ -378,3 +384,78 @@ def test_a_first_spooling_that_dies_leaves_no_spool_and_the_journal_whole(
         assert not (state / "journal.spool").exists() and not (state / "journal.spool.tmp").exists()
     finally:
         src.close()
+
+
+# --- state kept in the page cache: trusted on the boot that wrote it, or after a clean stop ---------------
+
+
+def killed_after_round_two(tmp_path: Path, app: App) -> Transaction:
+    """Txn 1 published; round 2 taken into the spool, then a kill -9 (no clean stop: nothing synced)."""
+    src = source(tmp_path, app)
+    txns = src.transactions(Position(0, 0))
+    first = take(txns)
+    src.acknowledge(first)
+    app.write(0, 1, b"\x22" * 128)
+    take(txns)
+    src.journal.close()  # what a kill leaves: no close(), so no sync
+    src.pool.close()
+    return first
+
+
+def test_state_written_on_another_boot_without_a_clean_stop_is_not_trusted_a_snapshot_follows(
+    tmp_path: Path, app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = killed_after_round_two(tmp_path, app)
+    state = tmp_path / "state"
+    assert json.loads((state / "last-txn.json").read_text())["boot_id"] == source_mod._boot_id()
+    monkeypatch.setattr(source_mod, "_boot_id", lambda: "another-boot")  # the machine went down meanwhile
+    src = source(tmp_path, app, first.files)
+    try:
+        assert not (state / "journal.spool").exists(), "a spool of the lost boot may be torn: dropped"
+        txn = take(src.transactions(first.after))
+        assert txn.snapshot and txn.txn_id == 2 and txn.checksum_after == app.checksum()
+    finally:
+        src.close()
+    # Its snapshot was never committed (Kafka down, another kill): the next start still snapshots.
+    assert (state / "needs-snapshot").exists()
+    src = source(tmp_path, app, first.files)
+    try:
+        txn = take(src.transactions(first.after))
+        assert txn.snapshot
+        src.acknowledge(txn)  # committed: the state is whole again
+        assert not (state / "needs-snapshot").exists()
+    finally:
+        src.close()
+    src = source(tmp_path, app, txn.files)
+    try:
+        app.write(0, 1, b"\x33" * 128)
+        nxt = take(src.transactions(txn.after))
+        assert not nxt.snapshot and nxt.txn_id == txn.txn_id + 1
+    finally:
+        src.close()
+
+
+def test_a_clean_stop_syncs_the_state_so_the_next_boot_goes_on_with_a_delta(
+    tmp_path: Path, app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = source(tmp_path, app)
+    try:
+        txns = src.transactions(Position(0, 0))
+        first = take(txns)
+        src.acknowledge(first)
+        app.write(0, 1, b"\x22" * 128)
+        take(txns)  # round 2 spooled, not committed
+    finally:
+        src.close()  # a clean stop: spool and state synced
+    assert json.loads((tmp_path / "state" / "last-txn.json").read_text())["synced"] is True
+    monkeypatch.setattr(source_mod, "_boot_id", lambda: "next-boot")
+    src = source(tmp_path, app, first.files)
+    try:
+        txn = take(src.transactions(first.after))
+        assert not txn.snapshot and txn.txn_id == 2 and sorted(final_images(txn)) == [(0, 1)]
+        # Claimed for this boot at once (durably): a crash later in this boot cannot look like a clean stop.
+        last = json.loads((tmp_path / "state" / "last-txn.json").read_text())
+        assert last["boot_id"] == "next-boot" and "synced" not in last
+    finally:
+        src.journal.close()
+        src.pool.close()
