@@ -217,3 +217,47 @@ def test_pipeline_keygen_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     with pytest.raises(SystemExit) as done:
         pipeline_main(["keygen", "--add", str(path)])
     assert done.value.code == 0 and len(load_keyring(path).keys) == 2
+
+
+# --- snapshot objects through a store (connectors/s3/sealed.py) ------------------------------------
+
+
+def test_sealed_snapshot_objects_round_trip_and_refuse_swaps_and_missing_keys(tmp_path: Path) -> None:
+    from connectors.s3.sealed import blob_key, get_file, open_bytes, put_bytes, put_file
+    from tests.dir_store import DirStore
+
+    store = DirStore(tmp_path / "s3", "app")
+    keys = ring(new_key())
+    a, b = tmp_path / "A", tmp_path / "B"
+    a.write_bytes(MARKER * 100_000)  # 2.4 MB: three chunks
+    b.write_bytes(MARKER[::-1] * 10)
+    ctx = lambda name: snapshot_context("app", 9, name)  # noqa: E731
+    for path in (a, b):
+        put_file(store, f"{store.root}/snap/db/{path.name}", path, keys, ctx(f"db/{path.name}"))
+    put_bytes(store, f"{store.root}/snap/manifest.json", b'{"x": 1}', keys, ctx("manifest.json"))
+    assert not list(tmp_path.glob(".*sealed*"))  # the sealed temp file is gone
+    for key, body in store.objects().items():
+        assert MARKER not in body and MARKER[::-1] not in body, key
+    assert blob_key("p/", 3, "A/1.doc", sealed=True) == "p/blob/3"
+
+    out = tmp_path / "out"
+    out.mkdir()
+    get_file(store, f"{store.root}/snap/db/A", out / "A", keys, ctx("db/A"), sealed=True)
+    assert (out / "A").read_bytes() == a.read_bytes()
+    manifest = store.get(f"{store.root}/snap/manifest.json")
+    assert open_bytes(manifest, keys, ctx("manifest.json"), "m") == (b'{"x": 1}', True)
+    # File A's object under B's name (or another snapshot's) does not open, and leaves no file.
+    with pytest.raises(PipelineError, match="does not decrypt"):
+        get_file(store, f"{store.root}/snap/db/A", out / "B", keys, ctx("db/B"), sealed=True)
+    with pytest.raises(PipelineError, match="does not decrypt"):
+        get_file(store, f"{store.root}/snap/db/A", out / "B", keys, snapshot_context("app", 8, "db/A"), sealed=True)
+    assert sorted(p.name for p in out.iterdir()) == ["A"]
+    # No key, another key, or a key where the object is plaintext: refused with what is needed.
+    with pytest.raises(KeyMismatch, match=f"encrypted with key {keys.newest.id_hex}"):
+        open_bytes(manifest, None, ctx("manifest.json"), "m")
+    with pytest.raises(KeyMismatch, match=keys.newest.id_hex):
+        open_bytes(manifest, ring(new_key()), ctx("manifest.json"), "m")
+    with pytest.raises(KeyMismatch, match="not encrypted"):
+        open_bytes(b'{"x": 1}', keys, ctx("manifest.json"), "m")
+    assert open_bytes(b"{}", ring(new_key(), allow_plaintext=True), "c", "m") == (b"{}", False)
+    assert open_bytes(b"{}", None, "c", "m") == (b"{}", False)
