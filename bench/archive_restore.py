@@ -1,4 +1,4 @@
-"""Archive throughput vs raw boto3 put_object, and restore of a ~1 GiB pool vs raw download, in one run.
+"""Archive throughput vs raw boto3 put_object, and restore (and replica bootstrap) of a ~1 GiB pool vs raw download.
 
 Starts a private Kafka and a private SeaweedFS. Publishes a synthetic change stream with the capture
 agent's own producer (TopicSink): txn 1 is a snapshot of a `--pool-mib` pool (4 KiB blocks, about
@@ -9,6 +9,7 @@ rolling checksums. Then, timed in the same run:
   base snapshot after the big txn; "archive" excludes the snapshot, which is timed on its own row;
 - raw put: boto3 put_object of the same segment objects' bytes to the same server;
 - restore: `restore` of the newest txn (base snapshot + segments, checksum verified per txn);
+- replica bootstrap: `replica --archive` of an empty replica (the same restore, then adopted);
 - raw download: boto3 download_file of the same objects (snapshot files + segments).
 
 Ratios: archive / raw put throughput (goal >= 0.7x); restore time / raw download time (goal <= 2x).
@@ -30,7 +31,7 @@ from connectors.kafka.publisher import TopicSink
 from connectors.kafka.reader import TopicSource
 from connectors.kafka.topics import ensure_topic, topic_for  # noqa: E402
 from connectors.s3.archiver import Archiver
-from connectors.s3.restore import restore
+from connectors.s3.restore import bootstrap, restore
 from connectors.s3.store import ArchiveStore  # noqa: E402
 from pipeline.archive import Rotation, SnapshotPolicy  # noqa: E402
 from pipeline.codec import Codec  # noqa: E402
@@ -151,6 +152,18 @@ def main() -> int:
         restore_s = time.monotonic() - t
         log(f"restored {position} ({mib(total):.0f} MiB of objects)")
 
+        # `replica --archive` on an empty replica: the same restore into its bootstrap dir, then adopted.
+        from connectors.picolisp.replica import ReplicaDir
+
+        replica = ReplicaDir(
+            f"{root / 'replica' / 'db'}/", database, root / "replica" / "blob", topic=topic_for(database)
+        )
+        t = time.monotonic()
+        bootstrapped = bootstrap(store, codec, replica, topic_for(database))
+        bootstrap_s = time.monotonic() - t
+        replica.close()
+        assert bootstrapped == position, (bootstrapped, position)
+
     rows = [
         (
             "archive (Kafka -> Avro segments -> S3)",
@@ -178,6 +191,12 @@ def main() -> int:
             f"{mib(total) / restore_s:.1f}",
         ),
         (
+            "replica --archive bootstrap (restore + adopt, verified)",
+            f"{mib(total):.0f}",
+            f"{bootstrap_s:.2f}",
+            f"{mib(total) / bootstrap_s:.1f}",
+        ),
+        (
             "raw boto3 download_file, same objects",
             f"{mib(total):.0f}",
             f"{raw_down_s:.2f}",
@@ -190,6 +209,7 @@ def main() -> int:
         f"archive vs raw consume + raw put: {(raw_put_s + raw_consume_s) / archive_s:.2f}x"
     )
     print(f"restore vs raw download: {restore_s / raw_down_s:.2f}x the time (goal <= 2x)")
+    print(f"replica bootstrap vs raw download: {bootstrap_s / raw_down_s:.2f}x the time (goal <= 2x)")
     return 0
 
 

@@ -78,6 +78,15 @@ def register_secret(value: str) -> None:
         _SECRETS.add(value)
 
 
+_PRINCIPAL: list[str] = []
+
+
+def register_principal(principal: str) -> None:
+    """Remember the principal this process authenticates as (User:<SASL user name>), so that an
+    authorization error says whose ACLs are missing."""
+    _PRINCIPAL[:] = [principal]
+
+
 def redact(text: str) -> str:
     """`text` with every registered secret replaced by ***."""
     for secret in sorted(_SECRETS, key=len, reverse=True):
@@ -165,6 +174,16 @@ def _classify_s3(exc: BaseException) -> tuple[bool, str]:
         if status in (401, 403):
             return False, "check the S3 credentials and the bucket policy"
         return False, ""
+    text = str(exc)
+    if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
+        if "mismatch" in text.lower() or "doesn't match" in text.lower():
+            return False, "the S3 server's certificate is not valid for the endpoint's host name"
+        return False, (
+            "the S3 server's certificate is not signed by a CA this client trusts: set AWS_CA_BUNDLE to the CA "
+            "that signed it"
+        )
+    if "WRONG_VERSION_NUMBER" in text or "wrong version number" in text:
+        return False, "the S3 endpoint does not speak TLS here: check http:// versus https:// in the endpoint URL"
     if type(exc).__name__ in ("NoCredentialsError", "PartialCredentialsError"):
         return False, "set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or a profile"
     if type(exc).__name__ in ("ParamValidationError", "InvalidS3AddressingStyleError", "InvalidEndpointURL"):
@@ -177,6 +196,8 @@ def as_pipeline_error(what: str, exc: BaseException, **ctx: object) -> PipelineE
     if isinstance(exc, PipelineError):
         return exc.with_context(**ctx)
     retriable, fix = classify(exc)
+    if fix and _PRINCIPAL and any("AuthorizationFailed" in c.__name__ for c in type(exc).__mro__):
+        fix = f"principal {_PRINCIPAL[0]}: {fix}"
     text = str(exc) or type(exc).__name__
     if not text.startswith(type(exc).__name__):
         text = f"{type(exc).__name__}: {text}"

@@ -465,6 +465,38 @@ class Catalog:
             )
         return plans[-1]
 
+    def newest(self) -> tuple[int, int] | None:
+        """(txn id, source time in ms) of the newest archived txn, None if nothing is archived."""
+        found = [(s.last_txn, s.last_ms) for s in self.segments] + [(s.txn, s.time_ms) for s in self.snapshots]
+        return max(found) if found else None
+
+    def behind(self, captured_txn: int, captured_ms: int | None) -> dict:
+        """How far the archive is behind the source: its newest txn and time, and the txns and seconds between
+        (`pipeline status`). None for what is unknown."""
+        newest = self.newest()
+        if newest is None:
+            return {"archived_txn": None, "archived_time_ms": None, "behind_txns": captured_txn, "behind_seconds": None}
+        txn, ms = newest
+        return {
+            "archived_txn": txn,
+            "archived_time_ms": ms,
+            "behind_txns": max(0, captured_txn - txn),
+            "behind_seconds": max(0.0, (captured_ms - ms) / 1000) if captured_ms else None,
+        }
+
+    def continuing(self, txn: int) -> RestorePlan | None:
+        """The plan that brings a replica at `txn` to the end of the archive's run holding txn+1, applying
+        segments only (no base, so the replica stays at a txn boundary throughout); None if no segment
+        holds txn+1 (retention removed it, or the archive has not reached it)."""
+        for run in self.runs():
+            if run[0].first_txn <= txn + 1 <= run[-1].last_txn:
+                return RestorePlan(None, [s for s in run if s.last_txn > txn], None, None)
+        return None
+
+    @property
+    def restorable(self) -> bool:
+        return bool(self.restore_points())
+
 
 # --- compaction -----------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ from hashlib import blake2b
 _PREFIX = struct.Struct("<HQ")
 
 
-def block_hash(file: int, index: int, data: bytes) -> int:
+def block_hash(file: int, index: int, data: bytes | memoryview) -> int:
     """64-bit hash of one block, bound to its place so that moved or swapped blocks change the sum."""
     h = blake2b(_PREFIX.pack(file, index), digest_size=8)
     h.update(data)

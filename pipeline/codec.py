@@ -275,6 +275,9 @@ class Codec:
             if isinstance(unit, list):
                 changes += len(unit)
                 yield self._batch_record(head, unit)
+            elif isinstance(unit, BlockBatch):  # already a record's worth (the capture agent's images)
+                changes += len(unit.indexes)
+                yield self._batch_of(head, unit.file, unit.block_size, unit.indexes, unit.data)
             else:
                 changes += 1
                 yield change_key(unit) if self.keyring is None else SEALED_CHANGE_KEY, self.encode_change(head, unit)
@@ -300,16 +303,15 @@ class Codec:
 
     def _batch_record(self, head: dict, blocks: list[BlockWrite]) -> tuple[bytes, bytes]:
         first = blocks[0]
-        key = b"b/%d/%d+%d" % (first.file, first.index, len(blocks)) if self.keyring is None else SEALED_CHANGE_KEY
+        return self._batch_of(
+            head, first.file, len(first.data), [b.index for b in blocks], b"".join(b.data for b in blocks)
+        )
+
+    def _batch_of(self, head: dict, file: int, size: int, indexes: list[int], data: bytes) -> tuple[bytes, bytes]:
+        key = b"b/%d/%d+%d" % (file, indexes[0], len(indexes)) if self.keyring is None else SEALED_CHANGE_KEY
         return key, self.encode(
             BLOCK_BATCH,
-            {
-                **head,
-                "file": first.file,
-                "block_size": len(first.data),
-                "block_indexes": [b.index for b in blocks],
-                "data": b"".join(b.data for b in blocks),
-            },
+            {**head, "file": file, "block_size": size, "block_indexes": indexes, "data": data},
         )
 
     def encode_change(self, head: dict, change: BlobChunk | BlobDelete) -> bytes:
@@ -435,8 +437,11 @@ class Codec:
         framer.end()
 
 
-def _batched(changes: Iterable[Change | BlockBatch]) -> Iterator[list[BlockWrite] | BlobChunk | BlobDelete]:
-    """One unit per record: runs of block writes of one file (up to BATCH_BYTES), or a blob change."""
+def _batched(
+    changes: Iterable[Change | BlockBatch],
+) -> Iterator[list[BlockWrite] | BlockBatch | BlobChunk | BlobDelete]:
+    """One unit per record: runs of block writes of one file (up to BATCH_BYTES), a BlockBatch as it
+    comes (its maker keeps it within BATCH_BYTES), or a blob change."""
     batch: list[BlockWrite] = []
     size = 0
     for change in changes:
@@ -444,8 +449,6 @@ def _batched(changes: Iterable[Change | BlockBatch]) -> Iterator[list[BlockWrite
             if batch:
                 yield batch
                 batch, size = [], 0
-            if isinstance(change, BlockBatch):  # (encode_change failed on these with an AttributeError)
-                raise TypeError("cannot encode a BlockBatch change: read the transaction with batches=False")
             yield change
             continue
         if batch and (

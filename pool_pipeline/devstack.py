@@ -6,6 +6,7 @@ import base64
 import json
 import os
 import re
+import secrets
 import shlex
 import shutil
 import signal
@@ -21,6 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from connectors.files import write_atomic
+from pool_pipeline import devsecure
+from pool_pipeline.devcerts import DevCerts, write_private
+from pool_pipeline.devsecure import KafkaSecurity, admin_options, broker_properties
 
 # --------------------------------------------------------------------------------------
 # Constants (immutable; every knob is a function parameter)
@@ -244,8 +248,12 @@ def _log_tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
     return "\n".join("    " + line for line in tail) or "    (empty)"
 
 
-def _spawn(argv: Sequence[str], log_path: Path, cwd: Path, detach: bool) -> subprocess.Popen[bytes]:
+def _spawn(
+    argv: Sequence[str], log_path: Path, cwd: Path, detach: bool, env: Mapping[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     """Start argv in its own session with stdout+stderr appended to log_path.
+
+    env: extra environment variables (secrets go here or into files, never into argv).
 
     detach=False: the child also gets SIGKILL if this process dies (via util-linux `setpriv
     --pdeathsig`, which execs argv in place; skipped where setpriv is missing), so a killed test
@@ -267,6 +275,7 @@ def _spawn(argv: Sequence[str], log_path: Path, cwd: Path, detach: bool) -> subp
             cwd=str(cwd),
             start_new_session=True,
             close_fds=True,
+            env={**os.environ, **env} if env else None,
         )
 
 
@@ -420,6 +429,7 @@ def _server_properties(
     log_dir: Path,
     brokers: int,
     overrides: Mapping[str, str] | None = None,
+    secure: KafkaSecurity | None = None,
 ) -> str:
     rf = 1 if brokers < 3 else 3
     min_isr = 1 if brokers < 3 else 2
@@ -455,6 +465,8 @@ def _server_properties(
         "log.cleaner.dedupe.buffer.size": "16777216",
         "unclean.leader.election.enable": "false",
     }
+    if secure is not None:
+        props.update(broker_properties(secure, client_port, controller_port))
     props.update({k: str(v) for k, v in (overrides or {}).items()})
     header = f"# Written by pool_pipeline/devstack.py for node {node_id} of {brokers}\n"
     return header + "".join(f"{k}={v}\n" for k, v in props.items())
@@ -477,6 +489,14 @@ class KafkaCluster:
     commands: list[list[str]] = field(default_factory=list, repr=False)
     detach: bool = True
     _procs: list[subprocess.Popen[bytes] | None] = field(default_factory=list, repr=False)
+    # kafka-python options of a super user (a secured cluster), for readiness checks and ACLs
+    client_options: Mapping[str, Any] = field(default_factory=dict, repr=False)
+
+    def settings(self) -> Any:
+        """KafkaSettings of this cluster (a super user's, when it is secured)."""
+        from connectors.kafka.client import KafkaSettings
+
+        return KafkaSettings(self.bootstrap_servers, dict(self.client_options))
 
     def markers(self) -> list[str]:
         """Strings found in each broker's command line (its server.properties path)."""
@@ -533,10 +553,6 @@ def _wait_kafka_ready(
     only: watch just these brokers (0-based) for exits and open ports. need_only: the metadata
     must show just those brokers, not all of them (a restart while other brokers are down).
     """
-    from connectors.kafka.client import (
-        KafkaSettings,  # kafka-python; imported lazily so the module loads without it
-    )
-
     deadline = time.monotonic() + ready_timeout
     watch = list(only) if only is not None else list(range(cluster.brokers))
     last_error = "client port not open yet"
@@ -558,7 +574,7 @@ def _wait_kafka_ready(
         if all(_port_open(cluster.client_ports[i]) for i in watch):
             try:
                 remaining_ms = int(max(1.0, min(10.0, deadline - time.monotonic())) * 1000)
-                admin = KafkaSettings(cluster.bootstrap_servers).admin(
+                admin = cluster.settings().admin(
                     client_id="pool-pipeline-devstack",
                     request_timeout_ms=remaining_ms,
                     bootstrap_timeout_ms=remaining_ms,
@@ -587,6 +603,7 @@ def start_kafka(
     detach: bool = True,
     overrides: Mapping[str, str] | None = None,
     scram_users: Mapping[str, str] | None = None,
+    secure: KafkaSecurity | None = None,
 ) -> KafkaCluster:
     """Start `brokers` KRaft nodes (combined broker+controller) on 127.0.0.1 and wait until ready.
 
@@ -602,7 +619,11 @@ def start_kafka(
     "broker.heartbeat.interval.ms": "500"} for bounce tests (a restarted node otherwise waits ~9 s,
     the default session timeout, for its old registration to expire before it is unfenced).
     scram_users: name -> password of SCRAM-SHA-512 users, created when the storage is formatted (KIP-900);
-    a SASL listener for them comes from `overrides`.
+    a SASL listener for them comes from `overrides`. Passwords reach the storage tool in an argument
+    file (mode 0600, removed after), never its command line.
+    secure: SASL_SSL only (pool_pipeline/devsecure.py): TLS with the given certificates, a SCRAM-SHA-512
+    user per role (created at format time), the StandardAuthorizer with admin as super user. ACLs are
+    not created here (see devsecure.create_acls); readiness is checked as admin.
     """
     if brokers < 1:
         raise StackError("brokers must be >= 1")
@@ -655,20 +676,26 @@ def start_kafka(
         data_dir = node_dir / "data"
         data_dir.mkdir(parents=True, exist_ok=True)
         props = node_dir / "server.properties"
-        props.write_text(
-            _server_properties(i + 1, client_ports[i], controller_ports[i], voters, data_dir, brokers, overrides)
+        text = _server_properties(
+            i + 1, client_ports[i], controller_ports[i], voters, data_dir, brokers, overrides, secure
         )
+        write_private(props, text.encode())  # a secured node's file holds the admin password
         prop_files.append(props)
         if not (data_dir / "meta.properties").is_file():
             to_format.append(props)
 
     # Format unformatted nodes in parallel (one short JVM each); static voters => no --standalone.
+    users = {**(scram_users or {}), **(secure.passwords if secure is not None else {})}
     formatting: list[tuple[Path, subprocess.Popen[str]]] = []
     for props in to_format:
+        tool = ["kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)]
+        for name, password in users.items():
+            tool += ["--add-scram", f"SCRAM-SHA-512=[name={name},password={password}]"]
+        # The main class and its arguments go in a java @argfile: the passwords stay out of argv.
+        argfile = props.parent / "format.args"
+        write_private(argfile, "".join(f'"{a}"\n' for a in tool).encode())
         cmd = [java, *STORAGE_TOOL_JVM_FLAGS, f"-Dlog4j2.configurationFile={log4j_file}", "-cp", classpath,
-               "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)]  # fmt: skip
-        for name, password in (scram_users or {}).items():
-            cmd += ["--add-scram", f"SCRAM-SHA-512=[name={name},password={password}]"]
+               f"@{argfile}"]  # fmt: skip
         formatting.append(
             (
                 props,
@@ -683,8 +710,15 @@ def start_kafka(
         except subprocess.TimeoutExpired:
             proc.kill()
             out, _ = proc.communicate()
+        (props.parent / "format.args").unlink(missing_ok=True)
         if proc.returncode != 0:
-            raise StackError(f"formatting Kafka storage for {props} failed (exit {proc.returncode}):\n{out.strip()}")
+            from connectors.faults import redact
+
+            for password in users.values():
+                out = out.replace(password, "***")
+            raise StackError(
+                f"formatting Kafka storage for {props} failed (exit {proc.returncode}):\n{redact(out.strip())}"
+            )
 
     cluster = KafkaCluster(
         bootstrap_servers=",".join(f"127.0.0.1:{p}" for p in client_ports),
@@ -695,6 +729,7 @@ def start_kafka(
         controller_ports=controller_ports,
         log_files=[workdir / f"kafka-{i + 1}.log" for i in range(brokers)],
         detach=detach,
+        client_options=admin_options(secure) if secure is not None else {},
     )
     for i in range(brokers):
         cmd = [java, *jvm_flags, f"-Dlog4j2.configurationFile={log4j_file}", "-cp", classpath,
@@ -801,13 +836,14 @@ def _weed_binary() -> str:
     )
 
 
-def _s3_client(endpoint_url: str, access_key: str, secret_key: str, region: str) -> Any:
+def _s3_client(endpoint_url: str, access_key: str, secret_key: str, region: str, ca: Path | None = None) -> Any:
     import boto3
     from botocore.config import Config
 
     return boto3.client(
         "s3",
         endpoint_url=endpoint_url,
+        verify=str(ca) if ca is not None else None,
         aws_access_key_id=access_key,
         aws_secret_access_key=secret_key,
         region_name=region,
@@ -843,6 +879,7 @@ def start_s3(
     secret_key: str = S3_SECRET_KEY,
     region: str = S3_REGION,
     detach: bool = True,
+    tls: DevCerts | None = None,
 ) -> S3Server:
     """Start SeaweedFS (`weed server -s3`) on 127.0.0.1 and wait until `bucket` exists and accepts writes.
 
@@ -853,6 +890,7 @@ def start_s3(
     workdir/logs, its filer and S3 unix sockets in workdir/sock; its gRPC sockets stay in /tmp,
     which weed does not let us change). Telemetry and the Iceberg/Lance
     side servers are switched off.
+    tls: serve S3 over https only, with this certificate (clients trust its CA through AWS_CA_BUNDLE).
     """
     weed = _weed_binary()
     workdir = Path(workdir).resolve()
@@ -917,10 +955,19 @@ def start_s3(
         f"-s3.config={config}",
         *_weed_socket_flags(workdir),
     ]  # fmt: skip
+    env: dict[str, str] = {}
+    if tls is not None:  # with a certificate, weed serves -s3.port over https (and no plain http port)
+        cmd += [f"-s3.cert.file={tls.cert}", f"-s3.key.file={tls.key}"]
+        # SSE-S3 (x-amz-server-side-encryption: AES256) needs a key-encryption key: 256 bits, hex, kept in
+        # a 0600 file and handed over in the environment (never argv). Without it weed refuses SSE with a 500.
+        kek_file = workdir / "sse-kek.hex"
+        if not kek_file.is_file():
+            write_private(kek_file, secrets.token_hex(32).encode())
+        env["WEED_S3_SSE_KEK"] = kek_file.read_text().strip()
     log_file = workdir / "weed.log"
-    proc = _spawn(cmd, log_file, workdir, detach)
+    proc = _spawn(cmd, log_file, workdir, detach, env)
     server = S3Server(
-        endpoint_url=f"http://127.0.0.1:{port}",
+        endpoint_url=f"{'https' if tls is not None else 'http'}://127.0.0.1:{port}",
         access_key=access_key,
         secret_key=secret_key,
         region=region,
@@ -934,7 +981,7 @@ def start_s3(
     deadline = time.monotonic() + ready_timeout
     last_error = "S3 port not open yet"
     try:
-        client = _s3_client(server.endpoint_url, access_key, secret_key, region)
+        client = _s3_client(server.endpoint_url, access_key, secret_key, region, None if tls is None else tls.ca)
         while True:
             if proc.poll() is not None:
                 raise StackError(
@@ -1041,7 +1088,8 @@ def format_status(status: Mapping[str, Any]) -> str:
     overall = "healthy" if status["healthy"] else "degraded" if status["running"] else "stopped"
     lines = [
         f"stack:   {overall} (state {status['state_file']})",
-        f"kafka:   {info.get('bootstrap_servers')}",
+        f"kafka:   {info.get('bootstrap_servers')}"
+        + (" (SASL_SSL, SCRAM-SHA-512, ACLs)" if info.get("secure") else ""),
         f"{'process':<8} {'node':>4} {'port':>6} {'pid':>8}  state",
     ]
     for b in status["brokers"]:
@@ -1086,8 +1134,16 @@ def dev_up(
     kafka_port: int = 9092,
     s3_port: int = 8333,
     progress: Callable[[str], None] = print,
+    *,
+    secure: bool = False,
+    stats_databases: Sequence[str] = ("app",),
 ) -> dict[str, Any]:
     """Start (or find running) a local Kafka + SeaweedFS S3 stack for development; return its info.
+
+    secure: Kafka listens with SASL_SSL only and S3 with https only (pool_pipeline/devsecure.py): a CA
+    and server certificate made on the fly (state_dir/secure/tls), a SCRAM-SHA-512 principal per role
+    (agent, replica, archive, analytics, admin) with its client config state_dir/secure/<role>.properties
+    (mode 0600), ACLs per role; only analytics may write pool.<db>.stats of `stats_databases`.
 
     Ports: Kafka client ports kafka_port, kafka_port+2, kafka_port+4 (one per broker), each
     node's controller on its client port + 1 (1 broker: 9092 + controller 9093). S3 on s3_port,
@@ -1103,12 +1159,14 @@ def dev_up(
     if status["recorded"]:
         info: dict[str, Any] = status["info"]
         if status["healthy"]:
-            if (info.get("brokers"), info.get("kafka_port"), info.get("s3_port")) == (brokers, kafka_port, s3_port):
+            wanted = (brokers, kafka_port, s3_port, secure)
+            if (info.get("brokers"), info.get("kafka_port"), info.get("s3_port"), bool(info.get("secure"))) == wanted:
                 progress(f"local stack already running (Kafka {info['bootstrap_servers']}, S3 {info['s3_endpoint']})")
                 return info
             raise StackError(
                 f"a local stack is already running in {state_dir} with {info.get('brokers')} broker(s) on "
-                f"{info.get('bootstrap_servers')} and S3 on {info.get('s3_endpoint')}; run `dev down` first"
+                f"{info.get('bootstrap_servers')} and S3 on {info.get('s3_endpoint')}"
+                f"{' (secured)' if info.get('secure') else ''}; run `dev down` first"
             )
         progress("recorded local stack is not (fully) running; cleaning up leftovers")
         dev_down(state_dir, progress=progress)
@@ -1137,22 +1195,36 @@ def dev_up(
     layout_file = kafka_dir / "cluster.json"
     if layout_file.is_file():
         try:
-            old_brokers = json.loads(layout_file.read_text()).get("brokers")
+            layout = json.loads(layout_file.read_text())
         except ValueError:
-            old_brokers = None
-        if old_brokers != brokers:
-            progress(f"removing Kafka data of the previous {old_brokers}-broker stack in {kafka_dir}")
+            layout = {}
+        old_brokers, old_secure = layout.get("brokers"), bool(layout.get("secure"))
+        if old_brokers != brokers or old_secure != secure:
+            kind = "secured " if old_secure else ""
+            progress(f"removing Kafka data of the previous {kind}{old_brokers}-broker stack in {kafka_dir}")
             shutil.rmtree(kafka_dir)
+    security = devsecure.prepare(state_dir / "secure") if secure else None
 
     jars = kafka_jars(progress=progress)
     t0 = time.monotonic()
     progress(f"starting Kafka: {brokers} broker(s) on {', '.join(f'127.0.0.1:{p}' for p in clients)}")
-    cluster = start_kafka(kafka_dir, brokers=brokers, ports=clients, jars=jars)
-    progress(f"Kafka ready in {time.monotonic() - t0:.1f} s")
+    cluster = start_kafka(kafka_dir, brokers=brokers, ports=clients, jars=jars, secure=security)
+    _write_json_atomic(layout_file, {**json.loads(layout_file.read_text()), "secure": secure})
+    progress(f"Kafka ready in {time.monotonic() - t0:.1f} s" + (" (SASL_SSL, SCRAM-SHA-512)" if secure else ""))
+    client_configs: dict[str, str] = {}
     t1 = time.monotonic()
-    progress(f"starting SeaweedFS S3 on 127.0.0.1:{s3_port}")
     try:
-        s3 = start_s3(state_dir / "s3", port=s3_port)
+        if security is not None:
+            admin = cluster.settings().admin(client_id="pool-pipeline-devstack", request_timeout_ms=30_000)
+            try:
+                count = devsecure.create_acls(admin, stats_databases)
+            finally:
+                admin.close()
+            client_configs = devsecure.write_client_configs(security, state_dir / "secure", cluster.bootstrap_servers)
+            roles = ", ".join(devsecure.ROLES)
+            progress(f"{count} ACLs for principals {roles}; client configs in {state_dir / 'secure'}")
+        progress(f"starting SeaweedFS S3 on 127.0.0.1:{s3_port}" + (" (https)" if secure else ""))
+        s3 = start_s3(state_dir / "s3", port=s3_port, tls=security.certs if security is not None else None)
     except BaseException:
         cluster.stop(timeout=10)
         raise
@@ -1184,6 +1256,9 @@ def dev_up(
         "state_dir": str(state_dir),
         "processes": processes,
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "secure": secure,
+        "kafka_client_configs": client_configs,  # role -> properties file (secured stack)
+        "ca_bundle": str(security.certs.ca) if security is not None else None,
     }
     _write_json_atomic(state_dir / STATE_FILE, info)
     progress(f"local stack up in {time.monotonic() - t0:.1f} s; state in {state_dir / STATE_FILE}")
@@ -1299,6 +1374,7 @@ def dev_broker_start(
         log_files=[Path(q["log"]) for q in kafka],
         commands=[list(q.get("argv") or [q.get("marker") or ""]) for q in kafka],
         _procs=procs,
+        client_options=_admin_client_options(info),
     )
     try:
         # Only this broker must be back: others may be down on purpose (fault tests).
@@ -1310,8 +1386,26 @@ def dev_broker_start(
     return proc.pid
 
 
-def env_exports(info: dict[str, Any]) -> str:
-    """Shell `export` lines pointing clients at the stack described by info (as returned by dev_up)."""
+def _admin_client_options(info: Mapping[str, Any]) -> dict[str, Any]:
+    """kafka-python options of the recorded stack's admin principal ({} for a stack without security)."""
+    path = (info.get("kafka_client_configs") or {}).get(devsecure.ADMIN)
+    if not path:
+        return {}
+    from connectors.kafka.client import load_client_config
+
+    return load_client_config(path)[1]
+
+
+def env_exports(info: dict[str, Any], role: str | None = None) -> str:
+    """Shell `export` lines pointing clients at the stack described by info (as returned by dev_up).
+
+    A secured stack adds KAFKA_CLIENT_CONFIG (the client config of `role`, default admin) and
+    AWS_CA_BUNDLE (the CA boto3 checks the S3 server's certificate with)."""
+    configs = info.get("kafka_client_configs") or {}
+    if role is not None and not info.get("secure"):
+        raise StackError("--role needs a secured stack: start it with `pipeline dev up --secure`")
+    if info.get("secure") and (role or devsecure.ADMIN) not in configs:
+        raise StackError(f"no client config for role {role!r}; roles: {', '.join(sorted(configs))}")
     pairs = [
         ("KAFKA_BOOTSTRAP_SERVERS", info["bootstrap_servers"]),
         ("AWS_ENDPOINT_URL_S3", info["s3_endpoint"]),
@@ -1320,4 +1414,6 @@ def env_exports(info: dict[str, Any]) -> str:
         ("AWS_DEFAULT_REGION", info["region"]),
         ("POOL_PIPELINE_BUCKET", info["bucket"]),
     ]
+    if info.get("secure"):
+        pairs += [("KAFKA_CLIENT_CONFIG", configs[role or devsecure.ADMIN]), ("AWS_CA_BUNDLE", info["ca_bundle"])]
     return "\n".join(f"export {k}={shlex.quote(str(v))}" for k, v in pairs) + "\n"

@@ -69,6 +69,13 @@ def main() -> int:
     parser.add_argument("--sleep-ms", type=int, default=2, help="pause between the app's commits")
     parser.add_argument("--workdir", type=Path, default=ROOT / "demo-data")
     parser.add_argument("--keep", action="store_true", help="leave the stack running at the end")
+    parser.add_argument(
+        "--secure",
+        action="store_true",
+        help="the same flow on a secured stack: Kafka SASL_SSL only (SCRAM-SHA-512, one principal per command, "
+        "ACLs), S3 over https, the archive stored with SSE-S3, record values and snapshots encrypted with a key "
+        "file made by `pipeline keygen`",
+    )
     args = parser.parse_args()
 
     from pool_pipeline.devstack import free_port
@@ -82,7 +89,14 @@ def main() -> int:
     env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", PYTHONUNBUFFERED="1")
     procs: list[subprocess.Popen] = []
     try:
-        say("1. Start the local stack: Kafka (KRaft) and SeaweedFS S3, as plain processes")
+        say(
+            "1. Start the local stack: Kafka (KRaft) and SeaweedFS S3, as plain processes"
+            + (
+                "\n   secured: SASL_SSL only with a SCRAM-SHA-512 user per role and ACLs, S3 over https, a CA made now"
+                if args.secure
+                else ""
+            )
+        )
         run(
             [
                 "pipeline",
@@ -94,14 +108,31 @@ def main() -> int:
                 str(free_port()),
                 "--s3-port",
                 str(free_port(with_grpc_offset=True)),
+                *(["--secure"] if args.secure else []),
             ],
             work,
             env,
         )
-        exports = run(["pipeline", "dev", "env", "--state-dir", str(stack)], work, env).stdout
-        for line in exports.splitlines():
-            key, _, value = line.removeprefix("export ").partition("=")
-            env[key] = shlex.split(value)[0] if value else ""
+
+        def exports(role: str | None = None) -> dict[str, str]:
+            cmd = ["pipeline", "dev", "env", "--state-dir", str(stack), *(["--role", role] if role else [])]
+            out = run(cmd, work, env).stdout
+            pairs = (line.removeprefix("export ").partition("=") for line in out.splitlines() if line)
+            return {key: shlex.split(value)[0] if value else "" for key, _, value in pairs}
+
+        env.update(exports())  # admin's client config on a secured stack
+        # Each command runs as its own principal on a secured stack (its client config in $KAFKA_CLIENT_CONFIG).
+        role_env = {role: {**env, **exports(role)} if args.secure else env for role in ("agent", "replica", "archive")}
+        # Payload encryption on a secured stack: every command below that reads or writes records
+        # (capture-agent, replica, archive, restore) gets the key file; it is made here, mode 0600.
+        payload_args: list[str] = []
+        key_file = work / "keys" / "app.key"
+        if args.secure:
+            key_file.parent.mkdir(parents=True, exist_ok=True)
+            run(["pipeline", "keygen", str(key_file)], work, env)
+            payload_args = ["--encryption-key", str(key_file)]
+        # What the archiver writes is encrypted at rest by S3 (SSE-S3) on a secured stack.
+        sse_args = ["--sse", "AES256"] if args.secure else []
 
         say("2. A PicoLisp app creates its journaled pool: 5 DB files, 64 to 4096-byte blocks, blobs")
         run(pil("create.l", "db/app/", "fifo/app"), app, env)
@@ -112,9 +143,9 @@ def main() -> int:
         )
         procs.append(
             background(
-                ["capture-agent", "--pool", "db/app/", "--journal", "fifo/app", "--blob", "blob/app/"],
+                ["capture-agent", "--pool", "db/app/", "--journal", "fifo/app", "--blob", "blob/app/", *payload_args],
                 app,
-                env,
+                role_env["agent"],
                 "capture-agent",
             )
         )
@@ -130,9 +161,10 @@ def main() -> int:
                     "rpl/blob/app/",
                     "--group",
                     "replica-1",
+                    *payload_args,
                 ],
                 app,
-                env,
+                role_env["replica"],
                 "replica",
             )
         )
@@ -148,17 +180,22 @@ def main() -> int:
             "250",
             "--snapshot-every-txns",
             "1000",
+            *sse_args,
+            *payload_args,
         ]
-        procs.append(background(archive_cmd, app, env, "archive"))
+        procs.append(background(archive_cmd, app, role_env["archive"], "archive"))
 
+        from connectors.kafka.client import KafkaSettings
         from connectors.kafka.topics import last_commit
+        from connectors.keys import load_keyring
         from pipeline.codec import Codec
         from schemas import load_schemas
 
-        codec = Codec(load_schemas())
+        codec = Codec(load_schemas(), keyring=load_keyring(key_file) if payload_args else None)
+        kafka = KafkaSettings.from_env(env["KAFKA_BOOTSTRAP_SERVERS"], env.get("KAFKA_CLIENT_CONFIG"))
 
         def topic_txn() -> int:
-            published = last_commit(env["KAFKA_BOOTSTRAP_SERVERS"], "app", codec)
+            published = last_commit(kafka, "app", codec)
             return published[0].txn_id if published else 0
 
         def settle(what: str) -> int:
@@ -241,8 +278,12 @@ def main() -> int:
             return result.returncode
 
         say("8. The archiver, stopped while following, archives the rest (--once) and lists what S3 holds")
-        run(archive_cmd + ["--once"], app, env)
-        run(["archive", "ls", "--database", "app", "--bucket", f"s3://{env['POOL_PIPELINE_BUCKET']}/archive"], app, env)
+        run(archive_cmd + ["--once"], app, role_env["archive"])
+        run(
+            ["archive", "ls", "--database", "app", "--bucket", f"s3://{env['POOL_PIPELINE_BUCKET']}/archive"],
+            app,
+            role_env["archive"],
+        )
 
         say(
             f"9. Point-in-time restore of txn {earlier} (of {latest}) from S3, then verify it against the copy "
@@ -259,9 +300,10 @@ def main() -> int:
                 str(earlier),
                 "--target",
                 "restored",
+                *payload_args,
             ],
             app,
-            env,
+            role_env["archive"],
         )
         result = run(
             [

@@ -15,14 +15,15 @@ from kafka.errors import (
     InvalidProducerEpochError,
     KafkaError,
     ProducerFencedError,
-    TransactionalIdAuthorizationFailedError,
 )
 from kafka.structs import TopicPartition
 
-from connectors.faults import as_pipeline_error, register_secret
+from connectors.faults import as_pipeline_error, register_principal, register_secret
 from pipeline.errors import PipelineError
 
-FENCED = (ProducerFencedError, InvalidProducerEpochError, TransactionalIdAuthorizationFailedError)
+# A refused transactional id (TransactionalIdAuthorizationFailedError) is an ACL problem, not fencing:
+# connectors.faults reports it as one, naming the principal.
+FENCED = (ProducerFencedError, InvalidProducerEpochError)
 
 
 # Settings every client of ours gets. kafka-python backs off reconnecting up to 30 s by default, so
@@ -195,6 +196,9 @@ class KafkaSettings:
         for key in SECRET_OPTIONS & set(self.options):
             if isinstance(self.options[key], str):
                 register_secret(self.options[key])  # scrubbed from every error message from now on
+        user = self.options.get("sasl_plain_username")
+        if isinstance(user, str) and str(self.options.get("security_protocol", "")).upper().startswith("SASL_"):
+            register_principal(f"User:{user}")  # named in authorization errors from now on
 
     def __repr__(self) -> str:
         shown = {k: REDACTED if k in SECRET_OPTIONS else v for k, v in self.options.items()}
@@ -270,6 +274,33 @@ class KafkaSettings:
                 continue  # down or unreachable: the ordinary retry handles that
         return None
 
+    def tls_listener_problem(self, timeout: float = 2.0) -> str | None:
+        """A client without TLS at a TLS listener: kafka-python sees only a closed connection and retries
+        until its bootstrap timeout. None when the settings ask for TLS, or the servers do not answer TLS."""
+        if str(self.options.get("security_protocol", "PLAINTEXT")).upper().endswith("SSL"):
+            return None
+        import socket
+        import ssl
+
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE  # only asks "does this port speak TLS?"; nothing is sent
+        for address in (a.strip() for a in self.bootstrap_servers.split(",") if a.strip()):
+            host, _, port = address.rpartition(":")
+            try:
+                with socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=timeout) as sock:
+                    with context.wrap_socket(sock, server_hostname=host.strip("[]") or None):
+                        pass
+            except (OSError, ValueError):
+                continue  # not TLS, down or unreachable: the ordinary checks and retries handle that
+            protocol = self.options.get("security_protocol", "PLAINTEXT")
+            return (
+                f"the broker at {address} speaks TLS but security.protocol is {protocol}: the listener needs other "
+                f"security settings (SSL or SASL_SSL, ssl.ca.location, SASL user); give them in a client config "
+                f"file (--kafka-config or ${CONFIG_ENV})"
+            )
+        return None
+
     def login_problem(self, timeout: float = 5.0) -> str | None:
         """Why a bootstrap server refuses this client for good, None when it works or the broker is just down.
 
@@ -328,7 +359,7 @@ class KafkaSettings:
 
     def security_problem(self) -> str | None:
         """What tls_problem or login_problem finds: a setting that can never work, worth stopping for."""
-        return self.tls_problem() or self.login_problem()
+        return self.tls_problem() or self.tls_listener_problem() or self.login_problem()
 
     @staticmethod
     def of(kafka: Kafka) -> KafkaSettings:

@@ -114,7 +114,12 @@ class TopicSink:
             raise self._fenced(exc) from exc
         except KafkaError as exc:
             self.producer.close(timeout=1)
-            raise broker_error("cannot start the transactional producer", exc, database=database) from exc
+            raise broker_error(
+                f"cannot start the transactional producer (transactional.id pool-pipeline.capture.{database}, "
+                f"topic {self.topic})",
+                exc,
+                database=database,
+            ) from exc
 
     def _fenced(self, exc: Exception) -> PipelineError:
         return PipelineError(

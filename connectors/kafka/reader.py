@@ -124,6 +124,7 @@ class TopicSource:
         self.once = once
         self.idle = idle
         self.tp = TopicPartition(self.topic, PARTITION)
+        self.group = group
         self.consumer = committed_consumer(kafka, group)
         self.offsets = OffsetCommitter(self.consumer)
         try:
@@ -137,8 +138,10 @@ class TopicSource:
             begin = self.consumer.beginning_offsets([self.tp])[self.tp]
             if start_offset < begin:
                 raise PipelineError(
-                    f"the replica needs offset {start_offset} but topic {self.topic} starts at {begin} "
-                    "(retention removed it); start a fresh replica",
+                    f"reading needs offset {start_offset} but topic {self.topic} starts at {begin} "
+                    "(retention deleted the records before it): a replica catches up with --archive "
+                    "s3://BUCKET/PREFIX; an archive cannot, it continues after `capture-agent --snapshot` "
+                    "with `archive --skip-to-snapshot` (a gap in the archive)",
                     database=database,
                     offset=start_offset,
                 )
@@ -160,7 +163,12 @@ class TopicSource:
     def _poll(self) -> None:
         # max_records is high so that one poll hands over everything the client already fetched:
         # that is what buffered() reports, and so what one group commit of the replica may cover.
-        self._buf.extend(self.consumer.poll(timeout_ms=100, max_records=POLL_RECORDS).get(self.tp, []))
+        try:
+            self._buf.extend(self.consumer.poll(timeout_ms=100, max_records=POLL_RECORDS).get(self.tp, []))
+        except KafkaError as exc:  # e.g. GroupAuthorizationFailedError: the group's ACLs are missing
+            raise broker_error(
+                f"cannot read topic {self.topic} as consumer group {self.group}", exc, database=self.database
+            ) from exc
         if not self._buf:
             self.offsets.flush()  # idle: make the lag display exact
             if self.idle is not None:
@@ -173,7 +181,7 @@ class TopicSource:
         return bool(self._buf)
 
     def transactions(self, after: Position) -> Iterator[Transaction]:
-        return self.codec.read_transactions(self._records(), self.database)
+        return self.codec.read_transactions(self._records(), self.database, batches=True)
 
     def records(self) -> Iterator[Record]:
         """The raw committed records, for consumers that keep them as they are."""
@@ -374,16 +382,16 @@ class GroupReader(GroupMember):
                     yield PartitionSource(self, tp)
             self._pause_failed()
 
+    def restart(self, database: str) -> None:
+        """Start the database again where start_offset() says, at the next poll (as if newly assigned)."""
+        tp = TopicPartition(topic_for(database), PARTITION)
+        if tp in self.consumer.assignment():
+            self.consumer.pause(tp)  # nothing more of it until it is positioned again
+            self._new.add(tp)
+
     def fail(self, database: str) -> None:
         self.failed.add(database)
         self._pause_failed()
-
-    def restart(self, database: str) -> None:
-        """Read `database` again from its sink's own position (after a retriable error mid-stream)."""
-        for tp in self.consumer.assignment():
-            if database_for(tp.topic) == database:
-                self.consumer.pause(tp)
-                self._new.add(tp)
 
     def _pause_failed(self) -> None:
         stopped = [tp for tp in self.consumer.assignment() if database_for(tp.topic) in self.failed]
@@ -446,7 +454,7 @@ class PartitionSource:
         return bool(self._buf) or inside
 
     def transactions(self, after: Position) -> Iterator[Transaction]:
-        return self.reader.codec.read_transactions(self._records(), self.database)
+        return self.reader.codec.read_transactions(self._records(), self.database, batches=True)
 
     def records(self) -> Iterator[Record]:
         """The raw committed records, for consumers that keep them as they are (the archiver)."""

@@ -190,6 +190,46 @@ def wait_for_topic(
         consumer.close()
 
 
+def offset_range(kafka: Kafka, database: str) -> tuple[int, int]:
+    """(first, end) offsets of the database's topic: retention moves the first up."""
+    topic = topic_for(database)
+    tp = TopicPartition(topic, PARTITION)
+    consumer = committed_consumer(kafka, None)
+    try:
+        return consumer.beginning_offsets([tp])[tp], consumer.end_offsets([tp])[tp]
+    except KafkaError as exc:
+        raise broker_error(f"cannot read the offsets of topic {topic}", exc, database=database) from exc
+    finally:
+        consumer.close()
+
+
+def first_txn_from(
+    kafka: Kafka, database: str, codec: Codec, offset: int, timeout_s: float = 30
+) -> tuple[int, int] | None:
+    """(txn id, offset of its TxnBegin) of the first committed txn that begins at or after `offset`,
+    None if none does yet: what a reader starting there gets first."""
+    topic = topic_for(database)
+    tp = TopicPartition(topic, PARTITION)
+    consumer = committed_consumer(kafka, None)
+    try:
+        consumer.assign([tp])
+        end = consumer.end_offsets([tp])[tp]
+        for rec in records_until(consumer, tp, offset, end, timeout_s):
+            if rec.key != b"txn":
+                continue
+            try:
+                name, value = codec.decode(rec.value, topic=topic, offset=rec.offset)
+            except PipelineError:
+                continue  # not ours: the reader stops at it with its offset
+            if name == BEGIN and value.get("database") == database:
+                return value["txn_id"], rec.offset
+        return None
+    except KafkaError as exc:
+        raise broker_error(f"cannot read topic {topic} from offset {offset}", exc, database=database) from exc
+    finally:
+        consumer.close()
+
+
 class LastCommit(NamedTuple):
     position: Position
     files: list[FileLayout]

@@ -159,11 +159,14 @@ class BlockSet:
             start += 1
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        for file, m in enumerate(self.maps):
-            for i in compress(range(len(m)), m):
-                base = i << 3
-                for bit in _BITS[m[i]]:
-                    yield file, base + bit
+        for file in range(len(self.maps)):
+            for index in self.indexes(file):
+                yield file, index
+
+    def indexes(self, file: int) -> list[int]:
+        """The blocks of `file` in the set, ascending."""
+        m = self.maps[file]
+        return [(i << 3) + bit for i in compress(range(len(m)), m) for bit in _BITS[m[i]]]
 
     def __len__(self) -> int:
         return sum(int.from_bytes(m, "little").bit_count() for m in self.maps)

@@ -31,6 +31,7 @@ from pipeline.errors import PipelineError
 from pipeline.model import (
     BlobChunk,
     BlobDelete,
+    BlockBatch,
     BlockWrite,
     FileLayout,
     Position,
@@ -318,7 +319,8 @@ class ReplicaDir:
             self.next_offset = state["next_offset"]
             self.source_time_ms = state.get("source_time_ms", 0)
             self.files = [FileLayout(**f) for f in state["files"]]
-        elif pool_files(self.prefix) and not self._redo.exists():  # a committed first batch: _recover replays it
+        elif pool_files(self.prefix) and not self._redo.exists() and not (self.state / "adopt").exists():
+            # (a committed first batch or an adopt under way: _recover finishes it)
             raise PipelineError(
                 f"{self.prefix} already holds pool files that pool-pipeline did not write (no "
                 f"{self._pos_file}); refusing to overwrite them",
@@ -602,36 +604,47 @@ class ReplicaDir:
         pool_hash = self.checksum.hash_at
         try:
             for change in txn.changes:
-                count += 1
-                if type(change) is BlockWrite:
+                kind = type(change)
+                if kind is BlockBatch or kind is BlockWrite:
                     if blob is not None:
                         raise txn.error(
                             f"blob {blob.chunk.path} is incomplete: chunk {blob.next_index} of "
                             f"{blob.chunk.count} missing"
                         )
-                    file, index, data = change.file, change.index, change.data
+                    # A run of one file's blocks as it travelled (a BlockBatch), or one block.
+                    if kind is BlockBatch:
+                        file, width, indexes, data = change.file, change.block_size, change.indexes, change.data  # type: ignore[union-attr]
+                    else:
+                        file, width, indexes, data = change.file, len(change.data), [change.index], change.data  # type: ignore[union-attr]
+                    count += len(indexes)
                     size = sizes.get(file)
                     if size is None:
-                        size = sizes[file] = len(data)
-                    elif size != len(data):
-                        raise txn.error(f"file {file}: blocks of {size} and {len(data)} bytes")
-                    if index > max_index.get(file, -1):
-                        max_index[file] = index
-                    redo_write(pack(file, index, size))
-                    redo_write(data)
-                    new = block_hash(file, index, data)
-                    if fresh is not None:
-                        fresh.set_hash(file, index, new)
-                    else:
-                        key = (file, index)
-                        old = over.get(key)
-                        if old is None:
-                            old = batch_hash(key)
+                        size = sizes[file] = width
+                    elif size != width:
+                        raise txn.error(f"file {file}: blocks of {size} and {width} bytes")
+                    top = max(indexes)
+                    if top > max_index.get(file, -1):
+                        max_index[file] = top
+                    view = memoryview(data)
+                    for k, index in enumerate(indexes):
+                        block = view[k * size : (k + 1) * size]
+                        redo_write(pack(file, index, size))
+                        redo_write(block)
+                        new = block_hash(file, index, block)
+                        if fresh is not None:
+                            fresh.set_hash(file, index, new)
+                        else:
+                            key = (file, index)
+                            old = over.get(key)
                             if old is None:
-                                old = pool_hash(file, index)
-                        value ^= old ^ new
-                        over[key] = new
-                elif isinstance(change, BlobChunk):
+                                old = batch_hash(key)
+                                if old is None:
+                                    old = pool_hash(file, index)
+                            value ^= old ^ new
+                            over[key] = new
+                    continue
+                count += 1
+                if isinstance(change, BlobChunk):
                     blob = self._stage_chunk(txn, blob, change, batch, ops, held)
                 else:
                     assert isinstance(change, BlobDelete), f"unexpected change {type(change).__name__}"
@@ -816,7 +829,85 @@ class ReplicaDir:
             for rel in set(blob_files(self.blob_dir)) - set(plan["blobs"]):
                 os.unlink(self.blob_dir / rel)
 
+    # --- adopting a pool restored elsewhere (replica --archive) --------------------------------
+
+    @property
+    def bootstrap_dir(self) -> Path:
+        """Where a new replica restores from the archive before adopt(): inside the state dir, so on the
+        same filesystem as the pool files (and, like the stage dir, as the blobs)."""
+        return self.state / "bootstrap"
+
+    def adopt(self, checksum: RollingChecksum | None = None) -> None:
+        """Take over the replica restored in bootstrap_dir (its db/ with its own position, and blob/).
+
+        Only an empty replica (txn 0, no pool files, no blobs) adopts, so nothing anyone reads is
+        replaced. The marker file `adopt` is the commit point: after it the files are moved in by
+        rename and position.json comes last; a restart after a kill finishes the moves (_recover).
+        `checksum`: the restored replica's own, kept as it was verified (renaming does not change a
+        byte), which spares reading the whole pool again; without it the files are scanned.
+        """
+        staged = self.bootstrap_dir / "db"
+        if self._position.txn_id != 0 or pool_files(self.prefix):
+            raise PipelineError(
+                f"replica {self.prefix} is not empty (at txn {self._position.txn_id}); only an empty replica "
+                "is bootstrapped from the archive",
+                database=self.database,
+                txn_id=self._position.txn_id,
+            )
+        if self.blob_dir is not None and blob_files(self.blob_dir):
+            raise PipelineError(
+                f"blob directory {self.blob_dir} of the empty replica {self.prefix} holds files; give an empty "
+                "one to bootstrap from the archive",
+                database=self.database,
+            )
+        if not (state_dir_for(f"{staged}/") / "position.json").exists():
+            raise PipelineError(f"nothing restored in {staged} to adopt", database=self.database)
+        write_synced(self.state / "adopt", b"bootstrap/\n")
+        fsync_dir(self.state)
+        self._adopt()
+        self._load_position()
+        self.checksum = checksum if checksum is not None else self._scan_checksum()
+        if self.checksum.value != self._position.checksum:
+            raise PipelineError(
+                f"the pool adopted from the archive in {self.prefix} has checksum {self.checksum.value:016x}, "
+                f"its position says {self._position.checksum:016x}",
+                database=self.database,
+                txn_id=self._position.txn_id,
+            )
+
+    def _adopt(self) -> None:
+        """Move the restored pool files and blobs in, then its position; safe to repeat after a kill."""
+        staged_db, staged_blob = self.bootstrap_dir / "db", self.bootstrap_dir / "blob"
+        staged_position = state_dir_for(f"{staged_db}/") / "position.json"
+        if staged_position.exists():  # else it was moved last: everything else is in place
+            # The layout, not a listing: after a kill some files are moved already.
+            for layout in json.loads(staged_position.read_text())["files"]:
+                src = staged_db / hax(layout["file"])
+                if src.exists():
+                    os.replace(src, self._path(layout["file"]))
+            dirs = {self.pool_dir}
+            if self.blob_dir is not None and staged_blob.exists():
+                for rel in blob_files(staged_blob):
+                    dest = self.blob_target(rel)
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(staged_blob / rel, dest)
+                    dirs.add(dest.parent)
+            for d in sorted(dirs):
+                fsync_dir(d)
+            os.replace(staged_position, self._pos_file)
+            fsync_dir(self.state)
+        for fd in self._fds.values():  # descriptors of files the pool had before, if any
+            os.close(fd)
+        self._fds.clear()
+        if self.bootstrap_dir.exists():
+            shutil.rmtree(self.bootstrap_dir)
+        (self.state / "adopt").unlink()
+        fsync_dir(self.state)
+
     def _recover(self) -> None:
+        if (self.state / "adopt").exists():  # killed while adopting a bootstrap: finish it
+            self._adopt()
+            self._load_position()
         # Staged but never committed (a killed or failed run): discard, so its space comes back. The
         # stage dir belongs to a committed redo, if there is one, until its replay moved the blobs.
         for name in TEMP_NAMES:

@@ -28,11 +28,13 @@ from connectors.picolisp.format import (
 from connectors.picolisp.journal import BlockSet, JournalConsumer, journal_blocks_fd
 from connectors.picolisp.watch import ChangeWatch
 from pipeline.checksum import RollingChecksum, block_hash
+from pipeline.codec import BATCH_BYTES
 from pipeline.errors import PipelineError
 from pipeline.model import (
     MAX_BLOB_CHUNK,
     BlobChunk,
     BlobDelete,
+    BlockBatch,
     BlockWrite,
     Change,
     FileLayout,
@@ -223,6 +225,18 @@ class _Images:
 
     def __len__(self) -> int:
         return self._len
+
+    def batches(self) -> Iterator[BlockBatch]:
+        """The images as runs of one file's blocks (up to BATCH_BYTES), each read with one pread: the
+        way they travel (one BlockBatch record each), with no object per block."""
+        pos = 0
+        for file, size in enumerate(self.block_sizes):
+            indexes = self.keys.indexes(file) if file < len(self.keys.maps) else []
+            per = max(1, BATCH_BYTES // size)
+            for start in range(0, len(indexes), per):
+                run = indexes[start : start + per]
+                yield BlockBatch(file, size, run, pread_all(self.fd, len(run) * size, pos))
+                pos += len(run) * size
 
     def __iter__(self) -> Iterator[BlockWrite]:
         sizes = self.block_sizes
@@ -622,19 +636,25 @@ class PoolSource:
             change_count=len(blocks) + blob_records + len(deletes),
         )
 
-        def changes() -> Iterator[Change]:
+        def changes() -> Iterator[Change | BlockBatch]:
             # The images are hashed as they stream out (one pass over the image spool), so the trailer
             # is known only at the end, as for a snapshot: TxnCommit is encoded after the changes.
-            hashes = array("Q")
-            for block in blocks:
-                hashes.append(block_hash(block.file, block.index, block.data))
-                yield block
+            hashed: list[tuple[int, list[int], array]] = []
+            for batch in blocks.batches():
+                file, size, view = batch.file, batch.block_size, memoryview(batch.data)
+                hashes = array(
+                    "Q", [block_hash(file, i, view[k * size : (k + 1) * size]) for k, i in enumerate(batch.indexes)]
+                )
+                hashed.append((file, batch.indexes, hashes))
+                yield batch
             for rel, offset, size, sha in puts:
                 yield from self._chunks(rel, offset, size, sha)
             for rel in deletes:
                 yield BlobDelete(rel)
-            for (file, index), h in zip(blocks.keys, hashes):
-                self.rolling.set_hash(file, index, h)
+            set_hash = self.rolling.set_hash
+            for file, indexes, hashes in hashed:
+                for index, h in zip(indexes, hashes):
+                    set_hash(file, index, h)
             txn.checksum_after = self.rolling.value
             self._record_txn(txn.txn_id, txn.checksum_before, txn.checksum_after)  # before the Kafka commit
 

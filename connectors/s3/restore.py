@@ -87,7 +87,7 @@ class _SegmentSource:
         return self.plan.time_ms is not None and txn.source_time_ms > self.plan.time_ms
 
     def transactions(self, after: Position) -> Iterator[Transaction]:
-        txns = self.codec.read_transactions(self._records(after), self.store.database)
+        txns = self.codec.read_transactions(self._records(after), self.store.database, batches=True)
         return itertools.takewhile(lambda t: not self._beyond(t), txns)
 
     def buffered(self) -> bool:
@@ -138,18 +138,71 @@ def materialise(
                 database=store.database,
             ) from exc
     try:
-        source = _SegmentSource(store, codec, plan, topic, work_dir, progress)
-        position = replicate(source, sink)
-        if plan.target_txn is not None and position.txn_id != plan.target_txn:
-            raise PipelineError(
-                f"the archive ended at txn {position.txn_id} before the requested txn {plan.target_txn}",
-                database=store.database,
-                txn_id=position.txn_id,
-            )
+        _apply(store, codec, plan, sink, topic, work_dir, progress)
     except BaseException:
         sink.close()
         raise
     return sink
+
+
+def _apply(
+    store: Store, codec: Codec, plan: RestorePlan, sink: ReplicaDir, topic: str, work_dir: Path, progress: PROGRESS
+) -> Position:
+    """Apply the plan's segments after the sink's position, through the replica's own checks."""
+    source = _SegmentSource(store, codec, plan, topic, work_dir, progress)
+    position = replicate(source, sink)
+    if plan.target_txn is not None and position.txn_id != plan.target_txn:
+        raise PipelineError(
+            f"the archive ended at txn {position.txn_id} before the requested txn {plan.target_txn}",
+            database=store.database,
+            txn_id=position.txn_id,
+        )
+    return position
+
+
+def bootstrap(
+    store: Store, codec: Codec, sink: ReplicaDir, topic: str, *, progress: PROGRESS = lambda event: None
+) -> Position | None:
+    """Bring a replica to the newest txn the archive holds (`replica --archive`); None if the archive
+    holds nothing it can use.
+
+    An empty replica restores the newest base and the segments after it into its bootstrap dir,
+    then adopts them (ReplicaDir.adopt); a kill meanwhile leaves the replica empty and the next run
+    reuses what was restored. A replica at txn N applies the archived segments after N, one txn at a
+    time like any replica; it can use the archive only if a segment holds txn N+1.
+    Afterwards the sink's next_offset is the Kafka offset after the last restored txn's commit.
+    """
+    if store.database != sink.database:
+        raise PipelineError(
+            f"the archive {store.url} is of database {store.database!r}, the replica of {sink.database!r}",
+            database=sink.database,
+        )
+    catalog = store.catalog()
+    work_dir = sink.bootstrap_dir
+    at = sink.position().txn_id
+    if at > 0:
+        plan = catalog.continuing(at)
+        if plan is None:
+            return None
+        if plan.segments:
+            work_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                _apply(store, codec, plan, sink, topic, work_dir, progress)
+            finally:
+                shutil.rmtree(work_dir, ignore_errors=True)
+        return sink.position()
+    if not catalog.restore_points():
+        return None
+    plan = catalog.plan()
+    progress({"total_bytes": plan_size(store, plan), "plan": plan})
+    work_dir.mkdir(parents=True, exist_ok=True)
+    restored = materialise(
+        store, codec, plan, work_dir / "db", work_dir / "blob", topic, work_dir, reuse=True, progress=progress
+    )
+    checksum = restored.checksum
+    restored.close()
+    sink.adopt(checksum)
+    return sink.position()
 
 
 def _download_snapshot(

@@ -8,7 +8,7 @@ import hashlib
 import io
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
 
@@ -35,14 +35,40 @@ def parse_bucket_url(url: str) -> tuple[str, str]:
     return bucket, prefix.strip("/")
 
 
+SSE_MODES = ("AES256", "aws:kms")
+
+
+def sse_args(mode: str | None, kms_key_id: str | None = None) -> dict[str, str]:
+    """The request parameters of server-side encryption: SSE-S3 (AES256) or SSE-KMS (aws:kms, with an
+    optional key id; without one S3 uses the account's default key). {} for none."""
+    if mode is None:
+        if kms_key_id:
+            raise PipelineError("--sse-kms-key-id needs --sse aws:kms")
+        return {}
+    if mode not in SSE_MODES:
+        raise PipelineError(f"--sse must be one of {', '.join(SSE_MODES)}, got {mode!r}")
+    if kms_key_id and mode != "aws:kms":
+        raise PipelineError("--sse-kms-key-id needs --sse aws:kms")
+    return {"ServerSideEncryption": mode, **({"SSEKMSKeyId": kms_key_id} if kms_key_id else {})}
+
+
 def s3_client(endpoint_url: str | None = None) -> Any:
     """A boto3 client from the standard configuration (AWS_ENDPOINT_URL_S3, AWS_ACCESS_KEY_ID, profiles...).
 
     Path-style addressing works with every S3-compatible server; our own retry loop handles outages,
-    so boto3 only retries briefly.
+    so boto3 only retries briefly. An https endpoint signed by a private CA is trusted through boto3's
+    AWS_CA_BUNDLE (a PEM file), which must exist.
     """
+    import os
+
     import boto3
     from botocore.config import Config
+
+    bundle = os.environ.get("AWS_CA_BUNDLE", "").strip()
+    if bundle and not Path(bundle).expanduser().is_file():
+        raise PipelineError(
+            f"AWS_CA_BUNDLE={bundle}: no such file (give the PEM file of the CA that signed S3's certificate)"
+        )
 
     return boto3.client(
         "s3",
@@ -109,6 +135,8 @@ class ArchiveStore:
     bucket: str
     prefix: str
     database: str
+    # Server-side encryption of every object written (sse_args): put_object, multipart uploads, snapshot files.
+    sse: dict[str, str] = field(default_factory=dict)
 
     @property
     def root(self) -> str:
@@ -171,7 +199,9 @@ class ArchiveStore:
         restarted archiver rewrote the same bytes; a different one means two writers, and stops us."""
         if not isinstance(body, bytes):
             body.seek(0)
-        if self._created(key, lambda: self.client.put_object(Bucket=self.bucket, Key=key, Body=body, IfNoneMatch="*")):
+        if self._created(
+            key, lambda: self.client.put_object(Bucket=self.bucket, Key=key, Body=body, IfNoneMatch="*", **self.sse)
+        ):
             return
         self._check_same(key, io.BytesIO(body) if isinstance(body, bytes) else body)
 
@@ -206,7 +236,11 @@ class ArchiveStore:
 
     def start_upload(self, key: str) -> str:
         return self.call(
-            f"cannot start uploading {key}", self.client.create_multipart_upload, Bucket=self.bucket, Key=key
+            f"cannot start uploading {key}",
+            self.client.create_multipart_upload,
+            Bucket=self.bucket,
+            Key=key,
+            **self.sse,
         )["UploadId"]
 
     def upload_part(self, key: str, upload_id: str, number: int, data: bytes) -> str:
@@ -250,7 +284,14 @@ class ArchiveStore:
     def upload_file(self, key: str, path: Path) -> None:
         # Snapshot files are deterministic at their txn, so rewriting one is harmless; multipart
         # uploads in parallel parts are what make big pool files fast.
-        self.call(f"cannot upload {key}", self.client.upload_file, Filename=str(path), Bucket=self.bucket, Key=key)
+        self.call(
+            f"cannot upload {key}",
+            self.client.upload_file,
+            Filename=str(path),
+            Bucket=self.bucket,
+            Key=key,
+            ExtraArgs=dict(self.sse) or None,
+        )
 
     def get(self, key: str) -> bytes:
         response = self.call(f"cannot read {key}", self.client.get_object, Bucket=self.bucket, Key=key)
@@ -291,6 +332,8 @@ def retrying(
     return retry(what, fn, log, backoff=Backoff(cap=max_backoff), stop=stop)
 
 
-def open_store(bucket_url: str, database: str, endpoint_url: str | None = None) -> ArchiveStore:
+def open_store(
+    bucket_url: str, database: str, endpoint_url: str | None = None, sse: dict[str, str] | None = None
+) -> ArchiveStore:
     bucket, prefix = parse_bucket_url(bucket_url)
-    return ArchiveStore(s3_client(endpoint_url), bucket, prefix, database)
+    return ArchiveStore(s3_client(endpoint_url), bucket, prefix, database, dict(sse or {}))

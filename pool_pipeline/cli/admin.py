@@ -14,6 +14,7 @@ from pipeline.codec import Codec
 from pipeline.errors import PipelineError
 from pool_pipeline.cli.common import (
     EXIT_USAGE,
+    add_bucket,
     add_encryption,
     add_kafka,
     dev_state_dir,
@@ -54,10 +55,29 @@ def pipeline_parser() -> argparse.ArgumentParser:
     up.add_argument("--brokers", type=int, choices=(1, 3), default=1)
     up.add_argument("--kafka-port", type=int, default=9092)
     up.add_argument("--s3-port", type=int, default=8333)
+    up.add_argument(
+        "--secure",
+        action="store_true",
+        help="Kafka with SASL_SSL only (SCRAM-SHA-512 user per role, ACLs) and S3 over https, with a CA made "
+        "on the fly; `dev env` then exports KAFKA_CLIENT_CONFIG and AWS_CA_BUNDLE",
+    )
+    up.add_argument(
+        "--database",
+        action="append",
+        dest="stats_databases",
+        metavar="NAME",
+        help="with --secure: databases whose pool.<NAME>.stats topic analytics may write (repeatable; "
+        "Kafka ACLs cannot match a suffix; default app)",
+    )
     dev_status = dev_sub.add_parser("status", help="each broker's and S3's node id, port, pid and state")
     dev_status.add_argument("--json", action="store_true", help="the full status as JSON")
     dev_sub.add_parser("down", help="stop every process of the stack, restarted brokers included")
-    dev_sub.add_parser("env", help="shell exports for the stack (also while some brokers are down)")
+    env = dev_sub.add_parser("env", help="shell exports for the stack (also while some brokers are down)")
+    env.add_argument(
+        "--role",
+        choices=("agent", "replica", "archive", "analytics", "admin"),
+        help="secured stack: KAFKA_CLIENT_CONFIG of this principal (default admin)",
+    )
     broker = dev_sub.add_parser("broker", help="kill, stop or restart one broker (fault tests)")
     broker_sub = broker.add_subparsers(dest="broker_action", required=True)
     for name, what in (
@@ -91,6 +111,7 @@ def pipeline_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="per database: last captured txn, and each group's applied txn and lag")
     status.add_argument("--database", action="append", help="only these databases (repeatable)")
     add_kafka(status)
+    add_bucket(status, required=False, what="also show how far the archive there is behind the source: ")
     add_encryption(status, reader=False)
     return p
 
@@ -100,11 +121,23 @@ def _dev(args: argparse.Namespace) -> int:
 
     try:
         if args.action == "up":
+            if args.stats_databases and not args.secure:
+                fail("--database is for ACLs: it needs --secure", EXIT_USAGE)
             info = devstack.dev_up(
-                args.state_dir, brokers=args.brokers, kafka_port=args.kafka_port, s3_port=args.s3_port
+                args.state_dir,
+                brokers=args.brokers,
+                kafka_port=args.kafka_port,
+                s3_port=args.s3_port,
+                secure=args.secure,
+                stats_databases=args.stats_databases or ("app",),
             )
-            print(f"kafka:  {info['bootstrap_servers']} ({info['brokers']} broker(s))")
+            secured = " SASL_SSL, SCRAM-SHA-512, ACLs" if info.get("secure") else ""
+            print(f"kafka:  {info['bootstrap_servers']} ({info['brokers']} broker(s){secured})")
             print(f"s3:     {info['s3_endpoint']} bucket {info['bucket']}")
+            if info.get("secure"):
+                print(f"ca:     {info['ca_bundle']}")
+                for role, path in sorted(info["kafka_client_configs"].items()):
+                    print(f"client config of {role + ':':<10} {path}")
             print('use it:  eval "$(pipeline dev env)"')
         elif args.action == "status":
             status = devstack.dev_status(args.state_dir)
@@ -122,7 +155,7 @@ def _dev(args: argparse.Namespace) -> int:
             down = [p["name"] for p in status["processes"] if not p["alive"]]
             if down:
                 print(f"warning: not running: {', '.join(down)}", file=sys.stderr)
-            print(devstack.env_exports(status["info"]))
+            print(devstack.env_exports(status["info"], args.role))
         elif args.action == "broker":
             if args.broker_action == "start":
                 devstack.dev_broker_start(args.state_dir, args.node, ready_timeout=args.timeout)
@@ -163,6 +196,16 @@ def _status(args: argparse.Namespace) -> int:
     if not rows:
         print(f"no database topics (pool.*) on {args.kafka.bootstrap_servers}")
         return 0
+    if args.bucket:
+        from connectors.s3.store import open_store
+
+        for row in rows:
+            try:
+                catalog = open_store(args.bucket, row["database"], args.endpoint_url).catalog()
+            except PipelineError as exc:  # the Kafka side is still worth showing
+                row["archive_error"] = str(exc)
+                continue
+            row["archive"] = catalog.behind(row["captured_txn"], row["captured_time_ms"])
 
     def fmt_bytes(n: int | None) -> str:
         if n is None:
@@ -185,6 +228,13 @@ def _status(args: argparse.Namespace) -> int:
                 f"{'':<16} {'':>9} {g['group']:<18} {str(g['applied_txn']):>9} {str(g['lag_txns']):>9} "
                 f"{fmt_bytes(g['lag_bytes']):>10} {lag_s:>7}"
             )
+        if "archive_error" in row:
+            print(f"{'':<16} {'':>9} {'(archive)':<18} {row['archive_error']}")
+        if "archive" in row:
+            a = row["archive"]
+            lag_s = f"{a['behind_seconds']:.1f}" if a["behind_seconds"] is not None else "-"
+            archived = "none" if a["archived_txn"] is None else str(a["archived_txn"])
+            print(f"{'':<16} {'':>9} {'(archive)':<18} {archived:>9} {a['behind_txns']:>9} {'':>10} {lag_s:>7}")
     return 0
 
 

@@ -106,6 +106,13 @@ def archive_parser() -> argparse.ArgumentParser:
         help="segment spool and the materialised copy snapshots are taken from "
         "(default: $POOL_PIPELINE_HOME/archive/<database>)",
     )
+    p.add_argument(
+        "--sse",
+        choices=("AES256", "aws:kms"),
+        help="server-side encryption of every object the archiver writes (segments, multipart uploads, "
+        "snapshot files and manifests): AES256 (SSE-S3) or aws:kms (SSE-KMS)",
+    )
+    p.add_argument("--sse-kms-key-id", metavar="ID", help="with --sse aws:kms: the KMS key (default: the bucket's)")
     p.add_argument("--keep-snapshots", type=int, help="retain: keep the newest K base snapshots")
     p.add_argument("--keep-days", type=float, help="retain: keep every restore point of the last D days")
     p.add_argument("--dry-run", action="store_true", help="retain: only show what would be deleted")
@@ -138,10 +145,12 @@ def _archive(args: argparse.Namespace) -> int:
     from connectors.kafka.reader import TopicSource
     from connectors.kafka.topics import topic_for
     from connectors.s3.retention import apply_retention, describe
-    from connectors.s3.store import open_store
+    from connectors.s3.store import open_store, sse_args
 
     if args.max_delay < 0:
         fail("--max-delay must be 0 or more seconds", EXIT_USAGE)
+    if args.sse_kms_key_id and args.sse != "aws:kms":
+        fail("--sse-kms-key-id needs --sse aws:kms", EXIT_USAGE)
     if args.pattern is not None:
         if args.database or args.action != "run" or args.skip_to_snapshot:
             fail(
@@ -151,7 +160,7 @@ def _archive(args: argparse.Namespace) -> int:
     if not args.database:
         fail("give --database NAME (or, to run, --pattern REGEX)", EXIT_USAGE)
     database = check_database_name(args.database)
-    store = open_store(args.bucket, database, args.endpoint_url)
+    store = open_store(args.bucket, database, args.endpoint_url, sse_args(args.sse, args.sse_kms_key_id))
     if args.action == "ls":
         print(describe(store.catalog(), store.url))
         return 0
@@ -243,7 +252,7 @@ def _archive_group(args: argparse.Namespace) -> int:
 
     from connectors.kafka.reader import GroupReader
     from connectors.kafka.topics import PARTITION, topic_for
-    from connectors.s3.store import open_store
+    from connectors.s3.store import open_store, sse_args
 
     codec = Codec(load_schemas(), keyring=args.keyring)
     work_root = Path(args.work_dir) if args.work_dir else state_home() / "archive"
@@ -258,7 +267,7 @@ def _archive_group(args: argparse.Namespace) -> int:
         """A database was assigned to us: S3 says where its archive ends, we read on from there."""
         if database in archivers:  # a restart after a retriable error: begin again from S3
             drop(database)
-        store = open_store(args.bucket, database, args.endpoint_url)
+        store = open_store(args.bucket, database, args.endpoint_url, sse_args(args.sse, args.sse_kms_key_id))
         store.ensure_bucket()
         archiver = _archiver(args, store, codec, work_root / database)
         try:

@@ -103,14 +103,14 @@ class GracefulStop:
             raise KeyboardInterrupt
 
 
-def add_bucket(p: argparse.ArgumentParser) -> None:
+def add_bucket(p: argparse.ArgumentParser, *, required: bool = True, what: str = "") -> None:
     env = os.environ.get("POOL_PIPELINE_BUCKET", "").strip()
     default = env if env.startswith("s3://") else f"s3://{env}/archive" if env else None
     p.add_argument(
         "--bucket",
         default=default,
-        required=default is None,
-        help="s3://bucket/prefix (default: s3://$POOL_PIPELINE_BUCKET/archive); the endpoint and "
+        required=required and default is None,
+        help=f"{what}s3://bucket/prefix (default: s3://$POOL_PIPELINE_BUCKET/archive); the endpoint and "
         "credentials come from boto3's standard settings (AWS_ENDPOINT_URL_S3, AWS_ACCESS_KEY_ID, ...)",
     )
     p.add_argument("--endpoint-url", help="S3 endpoint, overriding AWS_ENDPOINT_URL_S3")

@@ -27,6 +27,7 @@ from schemas import load_schemas
 
 if TYPE_CHECKING:
     from connectors.kafka.client import KafkaSettings
+    from connectors.kafka.reader import PartitionSource
     from connectors.picolisp.replica import ReplicaDir
 
 
@@ -44,6 +45,13 @@ def replica_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="the way past a bad record: start at the newest snapshot txn after the replica's position "
         "(publish one with `capture-agent --snapshot`), skipping what lies before it",
+    )
+    p.add_argument(
+        "--archive",
+        metavar="s3://BUCKET/PREFIX",
+        help="the S3 archive of the database (what `archive --bucket` writes): "
+        "a new replica, or one behind the topic's retention, first restores from it, then continues from "
+        "Kafka. The endpoint and credentials come from boto3's standard settings (AWS_ENDPOINT_URL_S3, ...)",
     )
     add_kafka(p)
     add_encryption(p)
@@ -67,13 +75,20 @@ def _replica(args: argparse.Namespace) -> int:
     def attempt() -> int:
         if not topic_ready(args.kafka, args.database, args.once, f"replica {args.database}"):
             return 0
-        start = _start_offset(args.kafka, args.database, codec, sink, args.skip_to_snapshot)
+        start = _start_offset(args.kafka, args.database, codec, sink, args.skip_to_snapshot, args.archive)
         print(f"replica {args.database}: at {sink.position()}, reading from offset {start}", flush=True)
         source = TopicSource(args.kafka, args.database, codec, args.group, start, once=args.once)
         if sink.position().txn_id > 0:  # the group offset shows where the replica really is, not a stale one
             source.offsets.at(source.tp, start, sink.position().txn_id, sink.source_time_ms)
         try:
             final = replicate(source, sink, on_applied=progress)
+        except PipelineError as exc:
+            if exc.retriable:
+                raise
+            behind = _overtaken(args.kafka, args.database, sink, args.archive)
+            if behind is None:
+                raise
+            raise behind from exc
         finally:
             source.close()
         print(f"replica {args.database}: at {final}", flush=True)
@@ -85,22 +100,147 @@ def _replica(args: argparse.Namespace) -> int:
         sink.close()
 
 
-def _start_offset(kafka: KafkaSettings, database: str, codec: Codec, sink: ReplicaDir, skip: bool = False) -> int:
-    """Where a replica reads from: its stored position, or for an empty one the newest snapshot."""
-    from connectors.kafka.topics import latest_snapshot
+def _start_offset(
+    kafka: KafkaSettings,
+    database: str,
+    codec: Codec,
+    sink: ReplicaDir,
+    skip: bool = False,
+    archive: str | None = None,
+) -> int:
+    """Where a replica reads from: its stored position; for an empty one the archive's end (with
+    --archive) or else the newest snapshot in the topic; for one behind the topic's retention, the
+    archive's end (with --archive) or else an error saying so."""
+    from connectors.kafka.topics import latest_snapshot, offset_range, topic_for
 
-    if sink.position().txn_id > 0 and skip:
-        return skip_to_snapshot(kafka, database, codec, sink.next_offset, sink.position().txn_id, "replica")
-    if sink.position().txn_id > 0:
-        return sink.next_offset
+    at = sink.position().txn_id
+    if at > 0 and skip:
+        return skip_to_snapshot(kafka, database, codec, sink.next_offset, at, "replica")
+    first, end = offset_range(kafka, database)
+    if at > 0 and (start := _seam(kafka, database, codec, sink, first, end)) is not None:
+        return start
+    if at > 0 and archive is None:
+        raise PipelineError(
+            f"replica {database} is at txn {at} and needs offset {sink.next_offset}, but topic "
+            f"{topic_for(database)} now starts at offset {first} (retention deleted the records between): "
+            "run it with --archive s3://BUCKET/PREFIX (the archive of this database) to catch up from S3",
+            database=database,
+            txn_id=at,
+            offset=sink.next_offset,
+        )
+    if archive is not None and _from_archive(archive, database, codec, sink):
+        start = _seam(kafka, database, codec, sink, first, end)
+        if start is None:
+            raise PipelineError(
+                f"replica {database}: the archive {archive} ends at txn {sink.position().txn_id} (Kafka offset "
+                f"{sink.next_offset - 1}), but topic {topic_for(database)} now starts at offset {first}, after "
+                f"txn {sink.position().txn_id + 1} began: the txns between are in neither. Is the archiver "
+                "running (`archive --database ...`)? Once it has caught up, or after `capture-agent --snapshot`, "
+                "start again",
+                database=database,
+                txn_id=sink.position().txn_id,
+                offset=sink.next_offset,
+            )
+        return start
+    if sink.position().txn_id > 0:  # the archive does not hold the txn after this replica's
+        raise PipelineError(
+            f"replica {database} is at txn {sink.position().txn_id} and needs offset {sink.next_offset}, but "
+            f"topic {topic_for(database)} now starts at offset {first} and the archive {archive} holds no txn "
+            f"{sink.position().txn_id + 1} (see `archive ls`): start a new, empty replica with --archive",
+            database=database,
+            txn_id=sink.position().txn_id,
+            offset=sink.next_offset,
+        )
     snapshot = latest_snapshot(kafka, database, codec)
     if snapshot is None:
+        if first > 0:
+            fix = (
+                "run with --archive s3://BUCKET/PREFIX to start from the S3 archive"
+                if archive is None
+                else f"the archive {archive} holds nothing restorable yet either: let `archive` catch up"
+            )
+            raise PipelineError(
+                f"replica {database}: topic {topic_for(database)} no longer holds a snapshot to start from (it "
+                f"starts at offset {first}; retention deleted the first): {fix}, or publish a snapshot with "
+                "`capture-agent --snapshot`",
+                database=database,
+                offset=first,
+            )
         return 0
     print(
         f"replica {database}: empty, starting at the newest snapshot (txn {snapshot[0]}, offset {snapshot[1]})",
         flush=True,
     )
     return snapshot[1]
+
+
+def _overtaken(kafka: KafkaSettings, database: str, sink: ReplicaDir, archive: str | None) -> PipelineError | None:
+    """If retention deleted the replica's next records while it was reading, the error to report instead
+    of the gap the consumer then saw (it jumps to the first offset): with --archive a retriable one, so
+    the next attempt catches up from the archive; None if the topic still holds them."""
+    from connectors.kafka.topics import offset_range, topic_for
+
+    first, _ = offset_range(kafka, database)
+    if sink.next_offset >= first:
+        return None
+    at = sink.position().txn_id
+    what = (
+        f"replica {database} is at txn {at} and needs offset {sink.next_offset}, but retention deleted the "
+        f"records of topic {topic_for(database)} before offset {first} while it was reading"
+    )
+    if archive is None:
+        return PipelineError(
+            f"{what}: run it with --archive s3://BUCKET/PREFIX to catch up from the S3 archive",
+            database=database,
+            txn_id=at,
+            offset=sink.next_offset,
+        )
+    return PipelineError(
+        f"{what}; catching up from the archive {archive}", database=database, txn_id=at, retriable=True
+    )
+
+
+def _seam(kafka: KafkaSettings, database: str, codec: Codec, sink: ReplicaDir, first: int, end: int) -> int | None:
+    """The offset to continue the replica's txn from, or None if the topic no longer holds its next txn.
+
+    Retention may have cut just past the replica's last commit (its marker, say): what counts is that
+    the topic still holds the next txn from its beginning. replicate() then checks its checksum."""
+    from connectors.kafka.topics import first_txn_from
+
+    if sink.next_offset >= first:
+        return sink.next_offset
+    if first >= end:
+        return first  # nothing left to compare with: the next txn to arrive is checked by replicate()
+    found = first_txn_from(kafka, database, codec, first)
+    return found[1] if found is not None and found[0] == sink.position().txn_id + 1 else None
+
+
+def _from_archive(archive: str, database: str, codec: Codec, sink: ReplicaDir) -> bool:
+    """Restore what the replica lacks from the S3 archive; False if the archive holds nothing it can use."""
+    from connectors.kafka.topics import topic_for
+    from connectors.s3.restore import bootstrap
+    from connectors.s3.store import open_store
+    from pool_pipeline.cli.restore import _TransferProgress
+
+    before = sink.position().txn_id
+    what = "empty" if before == 0 else f"at txn {before}"
+    print(f"replica {database}: {what}, restoring from the archive {archive}", flush=True)
+    progress = _TransferProgress(f"replica {database}: from the archive")
+    position = bootstrap(open_store(archive, database), codec, sink, topic_for(database), progress=progress)
+    if progress.txns or progress.done:
+        progress.draw(end="\n")
+    if position is None:
+        print(f"replica {database}: the archive {archive} holds nothing to start from", flush=True)
+        return False
+    if position.txn_id == before:
+        print(f"replica {database}: the archive {archive} holds nothing after txn {before}", flush=True)
+        return True
+    print(
+        f"replica {database}: restored txns {before + 1}..{position.txn_id} from the archive; continuing "
+        f"from Kafka at offset {sink.next_offset}",
+        flush=True,
+    )
+    return True
 
 
 def _replica_group(args: argparse.Namespace) -> int:
@@ -144,20 +284,29 @@ def _replica_group(args: argparse.Namespace) -> int:
             args.group,
             args.pattern,
             codec,
-            lambda db: _start_offset(args.kafka, db, codec, sink_for(db), args.skip_to_snapshot),
+            lambda db: _start_offset(args.kafka, db, codec, sink_for(db), args.skip_to_snapshot, args.archive),
             once=args.once,
             on_revoked=release,
             log=lambda line: print(line, file=sys.stderr, flush=True),
         )
+
+        def step(source: PartitionSource) -> None:
+            sink = sink_for(source.database)
+            try:
+                replicate(source, sink, on_applied=progress[source.database])
+            except PipelineError as exc:
+                behind = None if exc.retriable else _overtaken(args.kafka, source.database, sink, args.archive)
+                if behind is None:
+                    raise
+                if not behind.retriable:
+                    raise behind from exc
+                print(f"replica {source.database}: {behind}", file=sys.stderr, flush=True)
+                reader.restart(source.database)  # its next start catches up from the archive
+
         try:
             for source in reader.sources():
                 busy[:] = [source.database]
-                _guarded(
-                    reader,
-                    source.database,
-                    lambda: replicate(source, sink_for(source.database), on_applied=progress[source.database]),  # noqa: B023 - called at once
-                    None,
-                )
+                _guarded(reader, source.database, lambda: step(source), None)  # noqa: B023 - called at once
                 busy.clear()
                 for database in list(revoked):
                     revoked.discard(database)

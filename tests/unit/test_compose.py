@@ -50,3 +50,15 @@ def test_service_env_is_what_the_clis_read(name: str) -> None:
     assert CLI_ENV <= set(env), f"{name} misses {CLI_ENV - set(env)}"
     assert env["KAFKA_BOOTSTRAP_SERVERS"].split(":")[0] in services()
     assert env["AWS_ENDPOINT_URL_S3"].split("//")[1].split(":")[0] in services()
+
+
+def test_the_documented_secured_settings_are_what_the_clis_read() -> None:
+    doc = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    for service in ("capture-agent", "replica", "archive"):
+        env = doc[f"x-secured-{service}-env"]
+        assert CLI_ENV | {"KAFKA_CLIENT_CONFIG", "AWS_CA_BUNDLE"} <= set(env), service
+        assert env["AWS_ENDPOINT_URL_S3"].startswith("https://")
+    assert len({doc[f"x-secured-{s}-env"]["KAFKA_CLIENT_CONFIG"] for s in ("capture-agent", "replica", "archive")}) == 3
+    program, *argv = doc["x-secured-archive-command"]
+    args = PARSERS[program]().parse_args(argv)
+    assert args.sse == "AES256"

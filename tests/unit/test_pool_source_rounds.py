@@ -15,7 +15,7 @@ from connectors.picolisp.replica import ReplicaDir
 from connectors.picolisp.source import PoolSource
 from pipeline.checksum import checksum_of
 from pipeline.errors import PipelineError
-from pipeline.model import BlockWrite, FileLayout, Position, Transaction
+from pipeline.model import BlockBatch, BlockWrite, FileLayout, Position, Transaction
 from tests.unit.test_picolisp_journal import entry, make_pool
 
 DB = "app"
@@ -81,7 +81,8 @@ def take(txns: Iterator[Transaction]) -> Transaction:
 
 def final_images(txn: Transaction) -> dict[tuple[int, int], bytes]:
     """The last image of every block the txn writes (a snapshot may carry a block twice: later wins)."""
-    return {(c.file, c.index): c.data for c in txn.changes if isinstance(c, BlockWrite)}
+    blocks = (b for c in txn.changes for b in (c.blocks() if isinstance(c, BlockBatch) else [c]))
+    return {(b.file, b.index): b.data for b in blocks if isinstance(b, BlockWrite)}
 
 
 def replica(root: Path) -> ReplicaDir:
@@ -389,23 +390,26 @@ def test_a_first_spooling_that_dies_leaves_no_spool_and_the_journal_whole(
 # --- state kept in the page cache: trusted on the boot that wrote it, or after a clean stop ---------------
 
 
-def killed_after_round_two(tmp_path: Path, app: App) -> Transaction:
-    """Txn 1 published; round 2 taken into the spool, then a kill -9 (no clean stop: nothing synced)."""
+def stopped_after_round_two(tmp_path: Path, app: App, *, clean: bool = False) -> Transaction:
+    """Txn 1 published; round 2 taken into the spool, then a kill -9 (nothing synced) or a clean stop."""
     src = source(tmp_path, app)
     txns = src.transactions(Position(0, 0))
     first = take(txns)
     src.acknowledge(first)
     app.write(0, 1, b"\x22" * 128)
     take(txns)
-    src.journal.close()  # what a kill leaves: no close(), so no sync
-    src.pool.close()
+    if clean:
+        src.close()  # spool and state synced
+    else:
+        src.journal.close()  # what a kill leaves: no close(), so no sync
+        src.pool.close()
     return first
 
 
 def test_state_written_on_another_boot_without_a_clean_stop_is_not_trusted_a_snapshot_follows(
     tmp_path: Path, app: App, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    first = killed_after_round_two(tmp_path, app)
+    first = stopped_after_round_two(tmp_path, app)
     state = tmp_path / "state"
     assert json.loads((state / "last-txn.json").read_text())["boot_id"] == source_mod._boot_id()
     monkeypatch.setattr(source_mod, "_boot_id", lambda: "another-boot")  # the machine went down meanwhile
@@ -438,15 +442,7 @@ def test_state_written_on_another_boot_without_a_clean_stop_is_not_trusted_a_sna
 def test_a_clean_stop_syncs_the_state_so_the_next_boot_goes_on_with_a_delta(
     tmp_path: Path, app: App, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    src = source(tmp_path, app)
-    try:
-        txns = src.transactions(Position(0, 0))
-        first = take(txns)
-        src.acknowledge(first)
-        app.write(0, 1, b"\x22" * 128)
-        take(txns)  # round 2 spooled, not committed
-    finally:
-        src.close()  # a clean stop: spool and state synced
+    first = stopped_after_round_two(tmp_path, app, clean=True)
     assert json.loads((tmp_path / "state" / "last-txn.json").read_text())["synced"] is True
     monkeypatch.setattr(source_mod, "_boot_id", lambda: "next-boot")
     src = source(tmp_path, app, first.files)
