@@ -1,6 +1,7 @@
 """The capture agent's CPU at a steady commit rate, against kafka-python's own floor for the same Kafka transactions.
 
     .venv/bin/python bench/agent_cpu.py [--rate 200] [--duration 20] [--min-intervals 0,0.1,0.25] [--no-blobs]
+                                        [--encrypt]
 
 A PicoLisp app commits at --rate (tests/lisp/app.l + workload.l's mix, paced by bench/lisp/paced.l)
 while `capture-agent` follows it (the console script; one phase per `--min-interval` value). The
@@ -15,6 +16,10 @@ transaction each, and measures its own CPU. Nothing of pool-pipeline runs in it:
 kafka-python program pays to publish these transactions. The agent's CPU minus the floor is what
 the agent itself costs (journal, blobs, checksums, Avro encoding, state files). The floor is
 measured with kafka-python's metrics on (the default, as in the agent) and off.
+
+--encrypt runs every phase a second time with payload encryption (`capture-agent --encryption-key`,
+a fresh key file), after all the plaintext phases: an agent without a key cannot read back an
+encrypted topic, while one with a key reads back the plaintext it follows on.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from lag import PacedWorkload  # noqa: E402
 
 from connectors.kafka.client import committed_consumer  # noqa: E402
 from connectors.kafka.topics import PARTITION, last_commit, topic_for  # noqa: E402
+from connectors.keys import keygen, load_keyring  # noqa: E402
 from pipeline.codec import Codec  # noqa: E402
 from pipeline.framing import TXN_KEY  # noqa: E402
 from schemas import load_schemas  # noqa: E402
@@ -106,7 +112,7 @@ def window_txns(bs: str, codec: Codec, first_txn: int, last_txn: int) -> list[di
     while consumer.position(tp) < end:
         for rec in consumer.poll(timeout_ms=1000, max_records=10_000).get(tp, []):
             if rec.key == TXN_KEY and current is None:
-                _, value = codec.decode(rec.value)
+                _, value = codec.decode(rec.value, database=DB)
                 if first_txn <= value["txn_id"] <= last_txn:
                     current = {"txn": value["txn_id"], "ms": value["source_time_ms"], "records": []}
             if current is not None:
@@ -134,8 +140,11 @@ def replay(bs: str, root: Path, txns: list[dict], metrics: bool) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def phase(app, bs: str, root: Path, codec: Codec, args, interval: float, seed: int) -> dict:
+def phase(
+    app, bs: str, root: Path, codec: Codec, args, interval: float, seed: int, key_file: Path | None = None
+) -> dict:
     extra = ["--min-interval", str(interval)] if interval else []
+    extra += ["--encryption-key", str(key_file)] if key_file else []
     agent = spawn(agent_argv(app, *extra), cwd=app.root, env=env_with(bs), log=root / f"agent-{seed}.log")
     first = wait_idle(app, bs, codec)
     log(
@@ -160,6 +169,7 @@ def phase(app, bs: str, root: Path, codec: Codec, args, interval: float, seed: i
     window = t1 - t0
     return {
         "interval": interval,
+        "encrypted": key_file is not None,
         "window": window,
         "commits": len(commits),
         "rate": (len(commits) - 1) / (commits[-1] - commits[0]) if len(commits) > 1 else float("nan"),
@@ -185,17 +195,23 @@ def main() -> int:
     )
     ap.add_argument("--no-blobs", action="store_true")
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--encrypt", action="store_true", help="each phase again with --encryption-key")
     args = ap.parse_args()
 
     root = workdir("agent-cpu", keep=args.keep)
-    codec = Codec(load_schemas())
+    key_file = root / "bench.key"
+    keygen(key_file)
+    # The bench reads the topic across both kinds of phases.
+    codec = Codec(load_schemas(), keyring=load_keyring(key_file, allow_plaintext=True))
+    intervals = [float(i) for i in args.min_intervals.split(",")]
+    phases = [(i, None) for i in intervals] + ([(i, key_file) for i in intervals] if args.encrypt else [])
     with kafka(root) as cluster:
         bs = cluster.bootstrap_servers
         app = new_app(root / "app")
         app.workload(args.initial, seed=1, blobs=not args.no_blobs)
         results = [
-            phase(app, bs, root, codec, args, float(interval), seed=7 + i)
-            for i, interval in enumerate(args.min_intervals.split(","))
+            phase(app, bs, root, codec, args, interval, seed=7 + i % len(intervals), key_file=key)
+            for i, (interval, key) in enumerate(phases)
         ]
 
     print()
@@ -207,6 +223,7 @@ def main() -> int:
         main_pct = 100 * r["threads"].get("main", 0.0) / w
         rows.append(
             [
+                "yes" if r["encrypted"] else "no",
                 f"{r['interval']:g}",
                 f"{r['rate']:.0f}",
                 f"{n / w:.1f}",
@@ -222,6 +239,7 @@ def main() -> int:
     print(
         table(
             [
+                "encrypted",
                 "--min-interval s",
                 "commits/s",
                 "Kafka txns/s",

@@ -1,7 +1,7 @@
 """Capture throughput: PoolSource + TopicSink versus a raw kafka-python producer, same bytes, same broker.
 
     .venv/bin/python bench/capture_throughput.py [--initial 20000] [--backlog 10000] [--rounds 3]
-                                                 [--no-blobs] [--profile] [--no-cli]
+                                                 [--no-blobs] [--profile] [--no-cli] [--encrypt]
 
 What runs (all in one run, against one private broker on 127.0.0.1):
  1. A PicoLisp app commits --initial transactions (no consumer), then the capture side (driven
@@ -25,6 +25,11 @@ What runs (all in one run, against one private broker on 127.0.0.1):
     (wall time including interpreter start, imports, init_transactions, last_commit, restart scan).
 
 Ratio = capture MB/s / raw-txn MB/s (goal >= 0.8). Medians over the rounds.
+
+--encrypt runs the capture (and the CLI round) with payload encryption (`--encryption-key`, a fresh
+key file). Every run also times "raw txn+encode+seal": the raw+encode baseline with a sealing codec,
+the same records, so the cost of AES-256-GCM shows in one run whatever --encrypt says. "capture CPU s"
+is this process's CPU time (all threads) over a round; the CLI round reports the agent process's.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import argparse
 import cProfile
 import io
 import pstats
+import resource
 import subprocess
 import sys
 import time
@@ -58,6 +64,7 @@ from kafka.structs import TopicPartition  # noqa: E402
 from connectors.kafka.client import committed_consumer
 from connectors.kafka.publisher import TopicSink
 from connectors.kafka.topics import PARTITION, ensure_topic, topic_for  # noqa: E402
+from connectors.keys import keygen, load_keyring  # noqa: E402
 from connectors.picolisp.source import AgentLock, PoolSource  # noqa: E402
 from pipeline.codec import Codec, StreamRecord  # noqa: E402
 from pipeline.model import Position  # noqa: E402
@@ -198,6 +205,7 @@ def main() -> int:
     ap.add_argument("--no-cli", action="store_true", help="skip the capture-agent --once round")
     ap.add_argument("--profile", action="store_true", help="cProfile the in-process capture rounds")
     ap.add_argument("--keep", action="store_true", help="keep the temp directory")
+    ap.add_argument("--encrypt", action="store_true", help="capture with payload encryption (--encryption-key)")
     args = ap.parse_args()
     blobs = not args.no_blobs
 
@@ -207,7 +215,11 @@ def main() -> int:
         bs = cluster.bootstrap_servers
         topic = topic_for(DB)
         app = new_app(root / "app")
-        codec = Codec(load_schemas())
+        key_file = root / "bench.key"
+        keygen(key_file)
+        keyring = load_keyring(key_file)
+        plain_codec, sealed_codec = Codec(load_schemas()), Codec(load_schemas(), keyring=keyring)
+        codec = sealed_codec if args.encrypt else plain_codec
         ensure_topic(bs, topic)
         raw = RawProducers(bs)
 
@@ -234,9 +246,9 @@ def main() -> int:
         def measure(label: str, run) -> None:
             start = end_offset(bs, topic)
             acc.clear()
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), time.process_time()
             run()
-            total = time.perf_counter() - t0
+            total, cpu = time.perf_counter() - t0, time.process_time() - cpu0
             end = end_offset(bs, topic)
             stream = read_range(bs, topic, start, end)
             recs = [(r.key, r.value) for r in stream]
@@ -248,7 +260,22 @@ def main() -> int:
                 txns.append(txn)
             # Raw producers with the very same records.
             t_txn = raw.send_txn(recs)
-            t_enc = raw.send_encoding(codec, txns)
+            # AES-256-GCM alone (CPU, no Kafka): sealing these records' plaintext values.
+            plain_values = []
+            for txn in txns:
+                txn.changes = iter(txn.changes_list)
+                plain_values += [value for _, value in plain_codec.transaction_records(txn)]
+            c0 = time.process_time()
+            for value in plain_values:
+                keyring.seal_record(value, DB)
+            seal_cpu = time.process_time() - c0
+            # Alternate which goes first: the second of two sends in a row met a busier broker here.
+            if len(results) % 2:
+                t_seal = raw.send_encoding(sealed_codec, txns)
+                t_enc = raw.send_encoding(plain_codec, txns)
+            else:
+                t_enc = raw.send_encoding(plain_codec, txns)
+                t_seal = raw.send_encoding(sealed_codec, txns)
             t_plain = raw.send_plain(recs)
             r = dict(
                 label=label,
@@ -258,13 +285,17 @@ def main() -> int:
                 t_txn=t_txn,
                 t_plain=t_plain,
                 t_enc=t_enc,
+                t_seal=t_seal,
+                cpu=cpu,
+                seal_cpu=seal_cpu,
                 **{k: v for k, v in acc.items()},
             )
             results.append(r)
             log(
                 f"{label}: {len(recs)} records {mib(nbytes):.1f} MiB, total {total:.2f} s, "
                 f"publish {acc.get('apply', 0):.2f} s, raw txn {t_txn:.2f} s, raw txn+encode {t_enc:.2f} s, "
-                f"raw plain {t_plain:.2f} s"
+                f"raw txn+encode+seal {t_seal:.2f} s, raw plain {t_plain:.2f} s, capture CPU {cpu:.2f} s, "
+                f"sealing alone {seal_cpu:.3f} s CPU"
             )
 
         position = [Position(0, 0)]
@@ -301,21 +332,25 @@ def main() -> int:
             app.workload(args.backlog, seed=999, blobs=blobs)
             start = end_offset(bs, topic)
             t0 = time.perf_counter()
+            children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            encrypt = ["--encryption-key", str(key_file)] if args.encrypt else []
             r = subprocess.run(
-                agent_argv(app, "--once", "--state-dir", str(root / "agent-state")),
+                agent_argv(app, "--once", "--state-dir", str(root / "agent-state"), *encrypt),
                 cwd=app.root,
                 env=env_with(bs),
                 capture_output=True,
                 text=True,
             )
             wall = time.perf_counter() - t0
+            children = resource.getrusage(resource.RUSAGE_CHILDREN)
+            agent_cpu = (children.ru_utime - children0.ru_utime) + (children.ru_stime - children0.ru_stime)
             if r.returncode != 0:
                 log(f"capture-agent --once failed rc={r.returncode}: {r.stderr[-2000:]}")
             end = end_offset(bs, topic)
             recs = [(r.key, r.value) for r in read_range(bs, topic, start, end)]
             nbytes = sum(len(k) + len(v) for k, v in recs)
             t_txn = raw.send_txn(recs)
-            cli = dict(records=len(recs), bytes=nbytes, wall=wall, t_txn=t_txn)
+            cli = dict(records=len(recs), bytes=nbytes, wall=wall, t_txn=t_txn, cpu=agent_cpu)
         raw.close()
 
     # ---- report -------------------------------------------------------------------------------
@@ -339,7 +374,10 @@ def main() -> int:
                 "capture s",
                 "raw txn s",
                 "raw txn+encode s",
+                "raw txn+encode+seal s",
                 "raw plain s",
+                "capture CPU s",
+                "seal CPU s",
             ],
             [
                 [
@@ -354,7 +392,10 @@ def main() -> int:
                     r["capture"],
                     r["t_txn"],
                     r["t_enc"],
+                    r["t_seal"],
                     r["t_plain"],
+                    r["cpu"],
+                    r["seal_cpu"],
                 ]
                 for r in results
             ],
@@ -415,6 +456,22 @@ def main() -> int:
                         f"{median([r['t_txn'] / r['t_enc'] for r in backlog]):.2f}x",
                     ],
                     [
+                        "raw txn+encode+seal / raw txn+encode (AES-256-GCM cost)",
+                        f"{median([r['t_enc'] / r['t_seal'] for r in backlog]):.2f}x",
+                    ],
+                    [
+                        "AES-256-GCM sealing alone, MiB/s of CPU",
+                        f"{median([mib(r['bytes']) / max(r['seal_cpu'], 1e-9) for r in backlog]):.0f}",
+                    ],
+                    [
+                        "sealing alone / capture CPU",
+                        f"{median([r['seal_cpu'] / r['cpu'] for r in backlog]):.1%}",
+                    ],
+                    [
+                        "capture CPU s per MiB" + (" (encrypted)" if args.encrypt else ""),
+                        f"{median([r['cpu'] / mib(r['bytes']) for r in backlog]):.4f}",
+                    ],
+                    [
                         "share of capture time in journal+read",
                         f"{median([r['read'] / r['capture'] for r in backlog]):.0%}",
                     ],
@@ -426,7 +483,8 @@ def main() -> int:
         print(
             f"\ncapture-agent --once (process wall time, incl. startup + restart scan): {cli['records']} records "
             f"{mib(cli['bytes']):.1f} MiB in {cli['wall']:.2f} s = {mib(cli['bytes']) / cli['wall']:.1f} MiB/s; "
-            f"raw txn {mib(cli['bytes']) / cli['t_txn']:.1f} MiB/s -> ratio {cli['t_txn'] / cli['wall']:.2f}x"
+            f"raw txn {mib(cli['bytes']) / cli['t_txn']:.1f} MiB/s -> ratio {cli['t_txn'] / cli['wall']:.2f}x; "
+            f"agent CPU {cli['cpu']:.2f} s" + (" (encrypted)" if args.encrypt else "")
         )
     if prof:
         print_profile(prof, "the backlog rounds")

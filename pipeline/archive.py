@@ -232,7 +232,7 @@ class Framer:
         """The frame `rec` opens if it is a TxnBegin, else None (the caller then calls `record`)."""
         if rec.key != TXN_KEY:
             return None
-        name, value = self.codec.decode(rec.value, topic=rec.topic, offset=rec.offset)
+        name, value = self.codec.decode(rec.value, topic=rec.topic, offset=rec.offset, database=self.database)
         if name != BEGIN:
             return None
         frame = self.framer.begin(value, rec)
@@ -252,11 +252,11 @@ class Framer:
 
     def record(self, rec: Record) -> Transaction | None:
         """Check a record after its begin; returns the finished transaction's header at its commit."""
-        name, database, txn_id = self.codec.peek(rec.value, topic=rec.topic, offset=rec.offset)
+        name, database, txn_id = self.codec.peek(rec.value, topic=rec.topic, offset=rec.offset, database=self.database)
         self.framer.record(name, database, txn_id, rec)
         if name != COMMIT and name != SNAPSHOT:
             return None
-        _, value = self.codec.decode(rec.value, topic=rec.topic, offset=rec.offset)
+        _, value = self.codec.decode(rec.value, topic=rec.topic, offset=rec.offset, database=self.database)
         if name == SNAPSHOT:
             self.framer.marker(value["phase"], rec)
             return None

@@ -14,6 +14,7 @@ try:  # fastavro's compiled record reader: schemaless_reader re-parses the schem
 except ImportError:  # the pure-Python build takes a decoder, not a file: use the public API
     _COMPILED, _read_record = 0, None
 
+from pipeline.crypto import KeyMismatch, Keyring, is_sealed_record, record_key_id
 from pipeline.errors import PipelineError
 from pipeline.framing import BEGIN, COMMIT, SNAPSHOT, TXN_KEY, Record, TxnFramer
 from pipeline.model import (
@@ -31,6 +32,10 @@ BLOCK = "pool.pipeline.BlockWrite"  # one block per record: still read, no longe
 BLOCK_BATCH = "pool.pipeline.BlockBatch"
 BLOB_CHUNK = "pool.pipeline.BlobChunk"
 BLOB_DELETE = "pool.pipeline.BlobDelete"
+
+# The Kafka key of every change record when values are encrypted: the usual keys name blob paths
+# and block numbers, which the ciphertext is meant to hide. Readers never rely on these keys.
+SEALED_CHANGE_KEY = b"c"
 
 # Block images of one file travel together up to this many bytes per record: kafka-python and
 # fastavro cost ~15-35 us per record whatever its size, which dominated streams of small blocks.
@@ -81,9 +86,18 @@ class StreamRecord:
 
 
 class Codec:
-    """Encodes with the current version of each record schema; decodes any version it knows by fingerprint."""
+    """Encodes with the current version of each record schema; decodes any version it knows by fingerprint.
 
-    def __init__(self, schemas: Iterable[dict]) -> None:
+    With a `keyring`, every value it encodes is sealed (AES-256-GCM with the newest key, bound to the
+    record's database) and every sealed value it decodes is opened first: this is the one place where
+    the agent, replica, archive, restore, analytics and the change stream encrypt and decrypt.
+    Decoding a sealed value needs `database=` (what it must have been sealed for). Without a keyring
+    a sealed value is refused; with one, a plaintext value is refused unless the keyring allows it.
+    """
+
+    def __init__(self, schemas: Iterable[dict], *, keyring: Keyring | None = None) -> None:
+        self.keyring = keyring
+        self._plain_ok = keyring is None or keyring.allow_plaintext
         self.schemas = list(schemas)
         self._writers: dict[bytes, tuple[str, dict]] = {}
         self._current: dict[str, tuple[bytes, dict]] = {}
@@ -111,15 +125,29 @@ class Codec:
         buf = io.BytesIO()
         buf.write(header)
         fastavro.schemaless_writer(buf, parsed, record)
+        if self.keyring is not None:
+            return self.keyring.seal_record(buf.getvalue(), record["database"])
         return buf.getvalue()
 
-    def decode(self, value: bytes | None, *, topic: str | None = None, offset: int | None = None) -> tuple[str, dict]:
+    def decode(
+        self,
+        value: bytes | None,
+        *,
+        topic: str | None = None,
+        offset: int | None = None,
+        database: str | None = None,
+    ) -> tuple[str, dict]:
         """Return (record name, record) or raise PipelineError naming topic and offset."""
         # The hot path of every reader: one lookup, then fastavro.
-        if isinstance(value, bytes) and value[:2] == MAGIC and (known := self._readers.get(value[2:10])) is not None:
+        if (
+            isinstance(value, bytes)
+            and value[:2] == MAGIC
+            and self._plain_ok
+            and (known := self._readers.get(value[2:10])) is not None
+        ):
             data = value
         else:
-            known, data = self._schema_of(value, topic, offset)
+            known, data = self._schema_of(value, topic, offset, database)
         name, writer, reader, named = known
         buf = io.BytesIO(data)
         buf.seek(10)
@@ -137,9 +165,26 @@ class Codec:
         return name, record
 
     def _schema_of(
-        self, value: bytes | bytearray | memoryview | None, topic: str | None, offset: int | None
+        self,
+        value: bytes | bytearray | memoryview | None,
+        topic: str | None,
+        offset: int | None,
+        database: str | None = None,
     ) -> tuple[tuple[str, dict, dict | None, dict | None], bytes]:
         """(its _readers entry, the record as bytes), or the PipelineError that says why it has no schema."""
+        if is_sealed_record(value):
+            assert value is not None
+            value = self._open(value, topic, offset, database)
+        elif not self._plain_ok and value is not None and value[:2] == MAGIC:
+            assert self.keyring is not None
+            raise KeyMismatch(
+                f"record is not encrypted, but a key is configured ({self.keyring.source}): refused, since "
+                "anyone who can write to the topic could have put it there (written before encryption was "
+                "turned on? read it with --allow-plaintext)",
+                database=database,
+                topic=topic,
+                offset=offset,
+            )
         if value is None or len(value) < 10 or value[:2] != MAGIC:
             raise PipelineError("not an Avro single-object record (missing C3 01 marker)", topic=topic, offset=offset)
         fingerprint = bytes(value[2:10])
@@ -153,12 +198,45 @@ class Codec:
             )
         return known, bytes(value)
 
-    def peek(self, value: bytes | None, *, topic: str | None = None, offset: int | None = None) -> tuple[str, str, int]:
+    def _open(
+        self, value: bytes | bytearray | memoryview, topic: str | None, offset: int | None, database: str | None
+    ) -> bytes:
+        """The plaintext of a sealed record value."""
+        if self.keyring is None:
+            raise KeyMismatch(
+                f"record is encrypted with key {record_key_id(value)}: give its key file with --encryption-key "
+                "FILE or $POOL_PIPELINE_KEY_FILE",
+                database=database,
+                topic=topic,
+                offset=offset,
+            )
+        if database is None:
+            raise PipelineError(
+                "cannot decrypt a record without knowing its database (Codec.decode(..., database=))",
+                topic=topic,
+                offset=offset,
+            )
+        try:
+            return self.keyring.open_record(value, database)
+        except PipelineError as exc:
+            raise exc.with_context(database=database, topic=topic, offset=offset) from None
+
+    def peek(
+        self,
+        value: bytes | None,
+        *,
+        topic: str | None = None,
+        offset: int | None = None,
+        database: str | None = None,
+    ) -> tuple[str, str, int]:
         """(record name, database, txn id) without decoding the body: every record starts with them.
 
-        Lets a consumer that only frames transactions (the archiver) skip parsing block images.
+        Lets a consumer that only frames transactions (the archiver) skip parsing block images (a
+        sealed record is still decrypted whole: GCM authenticates all of it or nothing).
         """
-        (name, *_), data = self._schema_of(value if value is None or len(value) >= 12 else None, topic, offset)
+        (name, *_), data = self._schema_of(
+            value if value is None or len(value) >= 12 else None, topic, offset, database
+        )
         try:
             length, pos = _varint(data, 10)
             database = data[pos : pos + length].decode()
@@ -202,7 +280,7 @@ class Codec:
                 yield self._batch_of(head, unit.file, unit.block_size, unit.indexes, unit.data)
             else:
                 changes += 1
-                yield change_key(unit), self.encode_change(head, unit)
+                yield change_key(unit) if self.keyring is None else SEALED_CHANGE_KEY, self.encode_change(head, unit)
         if changes != txn.change_count:
             raise txn.error(f"transaction announced {txn.change_count} changes but produced {changes}")
         files = [{"file": f.file, "block_size": f.block_size, "blocks": f.blocks} for f in txn.files]
@@ -230,7 +308,8 @@ class Codec:
         )
 
     def _batch_of(self, head: dict, file: int, size: int, indexes: list[int], data: bytes) -> tuple[bytes, bytes]:
-        return b"b/%d/%d+%d" % (file, indexes[0], len(indexes)), self.encode(
+        key = b"b/%d/%d+%d" % (file, indexes[0], len(indexes)) if self.keyring is None else SEALED_CHANGE_KEY
+        return key, self.encode(
             BLOCK_BATCH,
             {**head, "file": file, "block_size": size, "block_indexes": indexes, "data": data},
         )
@@ -272,7 +351,7 @@ class Codec:
         framer = TxnFramer(database)
         for rec in it:
             try:
-                name, value = self.decode(rec.value, topic=rec.topic, offset=rec.offset)
+                name, value = self.decode(rec.value, topic=rec.topic, offset=rec.offset, database=database)
             except PipelineError as exc:
                 raise exc.with_context(database=database) from None
             if name != BEGIN:
@@ -297,9 +376,10 @@ class Codec:
     ) -> Iterator[Change | BlockBatch]:
         changes = 0
         decode, record, txn_id = self.decode, framer.record, txn.txn_id  # locals: this loop runs per record
+        database = txn.database
         for rec in it:
             try:
-                name, value = decode(rec.value)
+                name, value = decode(rec.value, database=database)
             except PipelineError as exc:
                 raise exc.with_context(
                     database=txn.database, txn_id=txn_id, topic=rec.topic, offset=rec.offset

@@ -44,6 +44,7 @@ from connectors.kafka.topics import (
     topic_for,
 )
 from pipeline.codec import Codec, Record
+from pipeline.crypto import Keyring
 from pipeline.errors import PipelineError
 from pipeline.model import Transaction
 from schemas import load_schemas
@@ -114,6 +115,11 @@ class ChangeStream(GroupMember):
     BlockWrite, BlobChunk and BlobDelete; with `batches=True` block images come as BlockBatch
     (one file's blocks as they travel in one record, `.blocks()` splits them), which is much
     cheaper for consumers that count or copy blocks.
+
+    With encrypted topics (`capture-agent --encryption-key`), pass
+    `keyring=connectors.keys.load_keyring("app.key")`: every record is decrypted and authenticated
+    before it is framed; without it, or with a key file lacking the record's key, iteration raises
+    a PipelineError naming the key id, database and offset.
     """
 
     def __init__(
@@ -124,6 +130,7 @@ class ChangeStream(GroupMember):
         databases: Sequence[str] | None = None,
         pattern: str | None = None,
         codec: Codec | None = None,
+        keyring: Keyring | None = None,
         once: bool = False,
         poll_timeout_ms: int = 200,
         max_records: int = POLL_RECORDS,
@@ -139,7 +146,9 @@ class ChangeStream(GroupMember):
         for database in self.databases:
             topic_for(database)  # validates the name
         self.pattern = pattern
-        self.codec = codec or Codec(load_schemas())
+        if codec is not None and keyring is not None and codec.keyring is not keyring:
+            raise PipelineError("give a ChangeStream either a codec or a keyring, not both")
+        self.codec = codec or Codec(load_schemas(), keyring=keyring)
         self.once = once
         self.batches = batches
         self.poll_timeout_ms = poll_timeout_ms

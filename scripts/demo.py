@@ -73,7 +73,8 @@ def main() -> int:
         "--secure",
         action="store_true",
         help="the same flow on a secured stack: Kafka SASL_SSL only (SCRAM-SHA-512, one principal per command, "
-        "ACLs), S3 over https, the archive stored with SSE-S3",
+        "ACLs), S3 over https, the archive stored with SSE-S3, record values and snapshots encrypted with a key "
+        "file made by `pipeline keygen`",
     )
     args = parser.parse_args()
 
@@ -122,9 +123,14 @@ def main() -> int:
         env.update(exports())  # admin's client config on a secured stack
         # Each command runs as its own principal on a secured stack (its client config in $KAFKA_CLIENT_CONFIG).
         role_env = {role: {**env, **exports(role)} if args.secure else env for role in ("agent", "replica", "archive")}
-        # Payload encryption (issue 15, deliverable 3) adds `--encryption-key FILE` here: every command below
-        # that reads or writes records (capture-agent, replica, archive, restore) gets these arguments.
+        # Payload encryption on a secured stack: every command below that reads or writes records
+        # (capture-agent, replica, archive, restore) gets the key file; it is made here, mode 0600.
         payload_args: list[str] = []
+        key_file = work / "keys" / "app.key"
+        if args.secure:
+            key_file.parent.mkdir(parents=True, exist_ok=True)
+            run(["pipeline", "keygen", str(key_file)], work, env)
+            payload_args = ["--encryption-key", str(key_file)]
         # What the archiver writes is encrypted at rest by S3 (SSE-S3) on a secured stack.
         sse_args = ["--sse", "AES256"] if args.secure else []
 
@@ -181,10 +187,11 @@ def main() -> int:
 
         from connectors.kafka.client import KafkaSettings
         from connectors.kafka.topics import last_commit
+        from connectors.keys import load_keyring
         from pipeline.codec import Codec
         from schemas import load_schemas
 
-        codec = Codec(load_schemas())
+        codec = Codec(load_schemas(), keyring=load_keyring(key_file) if payload_args else None)
         kafka = KafkaSettings.from_env(env["KAFKA_BOOTSTRAP_SERVERS"], env.get("KAFKA_CLIENT_CONFIG"))
 
         def topic_txn() -> int:

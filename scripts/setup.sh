@@ -68,7 +68,7 @@ if [ ! -x .venv/bin/python ]; then
         "$PY" -m venv .venv
     fi
 fi
-if ! .venv/bin/python -c "import pipeline, kafka, crc32c, fastavro, boto3, pytest, yaml, inotify_simple, mypy" 2>/dev/null \
+if ! .venv/bin/python -c "import pipeline, kafka, crc32c, fastavro, boto3, pytest, yaml, inotify_simple, mypy, cryptography" 2>/dev/null \
    || [ pyproject.toml -nt .venv/.installed ]; then
     .venv/bin/python -m pip install -q --upgrade pip
     .venv/bin/python -m pip install -q -e '.[dev]'

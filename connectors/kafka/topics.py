@@ -22,6 +22,7 @@ from connectors.kafka.client import (
     records_until,
 )
 from pipeline.codec import BEGIN, COMMIT, Codec
+from pipeline.crypto import KeyMismatch
 from pipeline.errors import PipelineError
 from pipeline.model import FileLayout, Position, check_database_name
 
@@ -255,7 +256,9 @@ def _newest(
         for rec in records_until(consumer, tp, start, end, timeout_s):
             if rec.key == b"txn":  # TxnBegin and TxnCommit: small, so decoding them is cheap
                 try:
-                    name, value = codec.decode(rec.value, topic=topic, offset=rec.offset)
+                    name, value = codec.decode(rec.value, topic=topic, offset=rec.offset, database=database)
+                except KeyMismatch:
+                    raise  # ours, but this reader lacks the key (or requires one): never skip it as foreign
                 except PipelineError:
                     continue  # not ours: the search is for our own markers (README "A bad record in a topic")
                 if value.get("database") == database:

@@ -19,6 +19,7 @@ from connectors.picolisp.format import hax
 from connectors.picolisp.replica import ReplicaDir
 from connectors.s3.compactor import compact
 from connectors.s3.restore import materialise
+from connectors.s3.sealed import blob_key, put_bytes, put_file
 from connectors.s3.store import Store, retrying
 from pipeline.archive import (
     CompactionPolicy,
@@ -32,6 +33,7 @@ from pipeline.archive import (
     read_segment,
 )
 from pipeline.codec import Codec, Record
+from pipeline.crypto import Keyring, snapshot_context
 from pipeline.errors import PipelineError
 from pipeline.model import Position, Transaction
 
@@ -541,7 +543,7 @@ class Archiver:
         try:
             snap = retrying(
                 f"archive {self.database}: uploading the snapshot at txn {txn}",
-                lambda: upload_snapshot(self.store, sink, db_dir, blob_dir),
+                lambda: upload_snapshot(self.store, sink, db_dir, blob_dir, self.codec.keyring),
                 self.log,
             )
         finally:
@@ -551,17 +553,25 @@ class Archiver:
         return snap
 
 
-def upload_snapshot(store: Store, sink: ReplicaDir, db_dir: Path, blob_dir: Path) -> Snapshot:
-    """Upload the materialised pool as a base snapshot; the manifest goes last and makes it count."""
+def upload_snapshot(
+    store: Store, sink: ReplicaDir, db_dir: Path, blob_dir: Path, keyring: Keyring | None = None
+) -> Snapshot:
+    """Upload the materialised pool as a base snapshot; the manifest goes last and makes it count.
+    With a keyring every object (files, blobs, manifest) is sealed, bound to its place (sealed.py)."""
     position = sink.position()
     snap = Snapshot(position.txn_id, sink.source_time_ms)
     prefix = snap.prefix(store.root)
+    sealed = keyring is not None
     for layout in sink.files:
-        store.upload_file(f"{prefix}db/{hax(layout.file)}", db_dir / hax(layout.file))
+        name = f"db/{hax(layout.file)}"
+        put_file(
+            store, prefix + name, db_dir / hax(layout.file), keyring, snapshot_context(store.database, snap.txn, name)
+        )
     blobs: dict[str, int] = {}
-    for path in blob_files(blob_dir):
+    for index, path in enumerate(blob_files(blob_dir)):
         blobs[path] = (blob_dir / path).stat().st_size
-        store.upload_file(f"{prefix}blob/{path}", blob_dir / path)
+        context = snapshot_context(store.database, snap.txn, f"blob/{path}")
+        put_file(store, blob_key(prefix, index, path, sealed), blob_dir / path, keyring, context)
     manifest = Manifest(
         store.database,
         position.txn_id,
@@ -571,5 +581,6 @@ def upload_snapshot(store: Store, sink: ReplicaDir, db_dir: Path, blob_dir: Path
         list(sink.files),
         blobs,
     )
-    store.put_new(snap.manifest_key(store.root), manifest.to_json())
+    context = snapshot_context(store.database, snap.txn, "manifest.json")
+    put_bytes(store, snap.manifest_key(store.root), manifest.to_json(), keyring, context)
     return snap

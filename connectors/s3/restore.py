@@ -11,6 +11,7 @@ from pathlib import Path
 
 from connectors.picolisp.format import hax
 from connectors.picolisp.replica import ReplicaDir, state_dir_for, write_position
+from connectors.s3.sealed import blob_key, get_file, open_bytes
 from connectors.s3.store import PROGRESS, Store
 from pipeline.archive import (
     Manifest,
@@ -20,6 +21,7 @@ from pipeline.archive import (
     read_segment,
 )
 from pipeline.codec import Codec, Record
+from pipeline.crypto import Keyring, snapshot_context
 from pipeline.errors import PipelineError
 from pipeline.model import Position, Transaction, safe_blob_path
 from pipeline.replicate import replicate
@@ -127,7 +129,7 @@ def materialise(
             shutil.rmtree(d, ignore_errors=True)
             d.mkdir(parents=True)
         if plan.base is not None:
-            _download_snapshot(store, plan.base, db_dir, blob_dir, topic, progress)
+            _download_snapshot(store, plan.base, db_dir, blob_dir, topic, progress, codec.keyring)
         try:
             sink = ReplicaDir(f"{db_dir}/", store.database, blob_dir, topic=topic, group_commit=True)
         except PipelineError as exc:
@@ -204,10 +206,25 @@ def bootstrap(
 
 
 def _download_snapshot(
-    store: Store, snap: Snapshot, db_dir: Path, blob_dir: Path, topic: str, progress: PROGRESS
+    store: Store,
+    snap: Snapshot,
+    db_dir: Path,
+    blob_dir: Path,
+    topic: str,
+    progress: PROGRESS,
+    keyring: Keyring | None = None,
 ) -> None:
     prefix = snap.prefix(store.root)
-    manifest = Manifest.from_json(store.get(snap.manifest_key(store.root)), snap.manifest_key(store.root))
+    where = snap.manifest_key(store.root)
+    data, sealed = open_bytes(
+        store.get(where), keyring, snapshot_context(store.database, snap.txn, "manifest.json"), f"snapshot {where}"
+    )
+    manifest = Manifest.from_json(data, where)
+
+    def fetch(name: str, key: str, path: Path) -> None:  # each object opened with the context it was sealed in
+        context = snapshot_context(store.database, snap.txn, name)
+        get_file(store, key, path, keyring, context, sealed, lambda n: progress({"bytes": n}))
+
     if manifest.database != store.database or manifest.txn_id != snap.txn:
         raise PipelineError(
             f"snapshot {prefix} holds database {manifest.database!r} txn {manifest.txn_id}, not "
@@ -216,18 +233,18 @@ def _download_snapshot(
         )
     for layout in manifest.files:
         path = db_dir / hax(layout.file)
-        store.download(f"{prefix}db/{hax(layout.file)}", path, lambda n: progress({"bytes": n}))
+        fetch(f"db/{hax(layout.file)}", f"{prefix}db/{hax(layout.file)}", path)
         if path.stat().st_size != layout.blocks * layout.block_size:
             raise PipelineError(
                 f"snapshot file {prefix}db/{hax(layout.file)} has {path.stat().st_size} bytes, "
                 f"the manifest says {layout.blocks * layout.block_size}",
                 database=store.database,
             )
-    for rel, size in manifest.blobs.items():
+    for index, (rel, size) in enumerate(manifest.blobs.items()):
         safe_blob_path(rel)
         dest = blob_dir / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
-        store.download(f"{prefix}blob/{rel}", dest, lambda n: progress({"bytes": n}))
+        fetch(f"blob/{rel}", blob_key(prefix, index, rel, sealed), dest)
         if dest.stat().st_size != size:
             raise PipelineError(
                 f"snapshot blob {prefix}blob/{rel} has {dest.stat().st_size} bytes, the manifest says {size}",

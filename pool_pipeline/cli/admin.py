@@ -1,4 +1,4 @@
-"""`pipeline`: `status` of every database and group, and `dev` to run the local stack."""
+"""`pipeline`: `status` of every database and group, `keygen` for payload encryption, `dev` for the local stack."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from pipeline.errors import PipelineError
 from pool_pipeline.cli.common import (
     EXIT_USAGE,
     add_bucket,
+    add_encryption,
     add_kafka,
     dev_state_dir,
     fail,
@@ -97,10 +98,21 @@ def pipeline_parser() -> argparse.ArgumentParser:
     for q in dev_sub.choices.values():
         if q is not broker:
             q.add_argument("--state-dir", type=Path, default=dev_state_dir(), help="where the stack keeps its data")
+    keygen = sub.add_parser(
+        "keygen",
+        help="write a new AES-256 key file for --encryption-key (mode 0600), or add a key to one (rotation)",
+    )
+    keygen.add_argument("file", type=Path, metavar="FILE", help="the key file; an existing one is never overwritten")
+    keygen.add_argument(
+        "--add",
+        action="store_true",
+        help="append a new key to the existing FILE: it encrypts from now on, the older keys still decrypt",
+    )
     status = sub.add_parser("status", help="per database: last captured txn, and each group's applied txn and lag")
     status.add_argument("--database", action="append", help="only these databases (repeatable)")
     add_kafka(status)
     add_bucket(status, required=False, what="also show how far the archive there is behind the source: ")
+    add_encryption(status, reader=False)
     return p
 
 
@@ -160,7 +172,18 @@ def _dev(args: argparse.Namespace) -> int:
 def _pipeline(args: argparse.Namespace) -> int:
     if args.command == "dev":
         return _dev(args)
+    if args.command == "keygen":
+        return _keygen(args)
     return _status(args)
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from connectors.keys import keygen
+
+    key = keygen(args.file, add=args.add)
+    # Only the id: the key itself stays in the file.
+    print(f"{'added' if args.add else 'wrote'} key {key.id_hex} to {args.file} (mode 0600); it encrypts from now on")
+    return 0
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -169,7 +192,7 @@ def _status(args: argparse.Namespace) -> int:
     problem = args.kafka.security_problem()
     if problem:
         raise PipelineError(f"pipeline status: {problem}")
-    rows = status(args.kafka, Codec(load_schemas()), args.database)
+    rows = status(args.kafka, Codec(load_schemas(), keyring=args.keyring), args.database)
     if not rows:
         print(f"no database topics (pool.*) on {args.kafka.bootstrap_servers}")
         return 0

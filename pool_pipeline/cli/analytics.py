@@ -6,9 +6,11 @@ import argparse
 from collections.abc import Sequence
 from typing import NoReturn
 
+from pipeline.codec import Codec
 from pipeline.model import check_database_name
 from pool_pipeline.cli.common import (
     EXIT_USAGE,
+    add_encryption,
     add_kafka,
     fail,
     parse,
@@ -16,6 +18,7 @@ from pool_pipeline.cli.common import (
     topic_ready,
     with_retries,
 )
+from schemas import load_schemas
 
 
 def analytics_parser() -> argparse.ArgumentParser:
@@ -44,6 +47,7 @@ def analytics_parser() -> argparse.ArgumentParser:
         "its databases back at once (default with --database: the database)",
     )
     add_kafka(p)
+    add_encryption(p)
     return p
 
 
@@ -74,6 +78,7 @@ def _analytics(args: argparse.Namespace) -> int:
             once=args.once,
             instance_id=args.instance_id or args.database,
             batches=True,
+            codec=Codec(load_schemas(), keyring=args.keyring),
         )  # statistics only count blocks: no object per block
         consumer = None
         try:

@@ -17,6 +17,7 @@ from pool_pipeline.cli.common import (
     EXIT_USAGE,
     GracefulStop,
     add_bucket,
+    add_encryption,
     add_kafka,
     fail,
     parse,
@@ -116,6 +117,7 @@ def archive_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-days", type=float, help="retain: keep every restore point of the last D days")
     p.add_argument("--dry-run", action="store_true", help="retain: only show what would be deleted")
     add_kafka(p)
+    add_encryption(p)
     return p
 
 
@@ -170,9 +172,10 @@ def _archive(args: argparse.Namespace) -> int:
             fail("compact needs compaction windows: --compact SECONDS,...", EXIT_USAGE)
         work_dir = Path(args.work_dir) if args.work_dir else state_home() / "archive" / database
         log = lambda line: print(line, flush=True)  # noqa: E731
+        sealed = Codec(load_schemas(), keyring=args.keyring)  # merging frames the records: it decrypts
         merged = with_retries(
             f"archive {database}: compact",
-            lambda: len(compact(store, Codec(load_schemas()), topic_for(database), work_dir, compaction, log)),
+            lambda: len(compact(store, sealed, topic_for(database), work_dir, compaction, log)),
         )
         print(f"archive {database}: {merged or 'no'} merged segments written", flush=True)
         return 0
@@ -183,7 +186,7 @@ def _archive(args: argparse.Namespace) -> int:
         apply_retention(store, keep_snapshots=args.keep_snapshots, keep_ms=keep_ms, dry_run=args.dry_run)
         return 0
     store.ensure_bucket()
-    codec = Codec(load_schemas())
+    codec = Codec(load_schemas(), keyring=args.keyring)
     work_dir = Path(args.work_dir) if args.work_dir else state_home() / "archive" / database
     archiver = _archiver(args, store, codec, work_dir)
     if args.action == "snapshot":
@@ -251,7 +254,7 @@ def _archive_group(args: argparse.Namespace) -> int:
     from connectors.kafka.topics import PARTITION, topic_for
     from connectors.s3.store import open_store, sse_args
 
-    codec = Codec(load_schemas())
+    codec = Codec(load_schemas(), keyring=args.keyring)
     work_root = Path(args.work_dir) if args.work_dir else state_home() / "archive"
     archivers: dict[str, Archiver] = {}
     busy: list[str] = []  # the database being archived right now

@@ -13,6 +13,7 @@ from pipeline.replicate import replicate
 from pool_pipeline.cli.common import (
     EXIT_USAGE,
     Progress,
+    add_encryption,
     add_kafka,
     duration_ms,
     fail,
@@ -33,6 +34,7 @@ def capture_agent_parser() -> argparse.ArgumentParser:
     p.add_argument("--blob", help="the pool's blob directory (*Blob), e.g. blob/app/")
     p.add_argument("--database", help="database name (default: last component of --pool)")
     add_kafka(p)
+    add_encryption(p, reader=False)
     p.add_argument("--replication-factor", type=int, default=1, help="for a topic the agent creates (default 1)")
     p.add_argument("--min-insync-replicas", type=int, default=1, help="for a topic the agent creates (default 1)")
     p.add_argument(
@@ -86,7 +88,7 @@ def _capture(args: argparse.Namespace) -> int:
         args.pool, Path(args.journal), database, once=args.once, log=lambda line: print(line, flush=True)
     ):
         return 0
-    codec = Codec(load_schemas())
+    codec = Codec(load_schemas(), keyring=args.keyring)
     state_dir = Path(args.state_dir or f"{args.journal.rstrip('/')}.agent")
     lock = AgentLock(state_dir, database, journal=Path(args.journal))
     progress = Progress(f"capture-agent {database}")

@@ -38,6 +38,24 @@ def add_kafka(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_encryption(p: argparse.ArgumentParser, *, reader: bool = True) -> None:
+    """--encryption-key (and for readers --allow-plaintext); parse() turns them into args.keyring."""
+    p.add_argument(
+        "--encryption-key",
+        metavar="FILE",
+        default=os.environ.get("POOL_PIPELINE_KEY_FILE") or None,
+        help="key file (from `pipeline keygen`, mode 0600): record values and archived snapshots are "
+        "AES-256-GCM encrypted with its newest key, read with any of its keys (default: $POOL_PIPELINE_KEY_FILE)",
+    )
+    if reader:
+        p.add_argument(
+            "--allow-plaintext",
+            action="store_true",
+            help="with a key: also accept records and snapshots written without encryption (a topic or "
+            "archive from before encryption was turned on); otherwise they are refused",
+        )
+
+
 def dev_state_dir() -> Path:
     return Path(os.environ.get("POOL_PIPELINE_HOME", Path.home() / ".local/state/pool-pipeline")) / "dev"
 
@@ -230,4 +248,15 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argpar
         except PipelineError as exc:
             fail(str(exc))
         args.bootstrap_servers = args.kafka.bootstrap_servers
+    if hasattr(args, "encryption_key"):
+        args.keyring = None
+        if args.encryption_key:
+            from connectors.keys import load_keyring
+
+            # The agent only reads back its own last commit: plaintext from before encryption was on is fine.
+            plain = getattr(args, "allow_plaintext", True)
+            try:
+                args.keyring = load_keyring(args.encryption_key, allow_plaintext=plain)
+            except PipelineError as exc:
+                fail(str(exc))
     return args

@@ -14,6 +14,7 @@ from pipeline.replicate import replicate
 from pool_pipeline.cli.common import (
     EXIT_USAGE,
     Progress,
+    add_encryption,
     add_kafka,
     fail,
     parse,
@@ -53,6 +54,7 @@ def replica_parser() -> argparse.ArgumentParser:
         "Kafka. The endpoint and credentials come from boto3's standard settings (AWS_ENDPOINT_URL_S3, ...)",
     )
     add_kafka(p)
+    add_encryption(p)
     return p
 
 
@@ -65,7 +67,7 @@ def _replica(args: argparse.Namespace) -> int:
         if not (args.pattern and args.root) or args.database or args.target:
             fail("--pattern and --root go together, instead of --database/--target", EXIT_USAGE)
         return _replica_group(args)
-    codec = Codec(load_schemas())
+    codec = Codec(load_schemas(), keyring=args.keyring)
     # Group commit: each txn is verified on its own, and what is already fetched is committed together.
     sink = ReplicaDir(args.target, args.database, args.blob, topic=topic_for(args.database), group_commit=True)
     progress = Progress(f"replica {args.database} ({args.group})")
@@ -247,7 +249,7 @@ def _replica_group(args: argparse.Namespace) -> int:
     from connectors.kafka.topics import topic_for
     from connectors.picolisp.replica import ReplicaDir
 
-    codec = Codec(load_schemas())
+    codec = Codec(load_schemas(), keyring=args.keyring)
     root = Path(args.root)
     sinks: dict[str, ReplicaDir] = {}
     progress: dict[str, Progress] = {}

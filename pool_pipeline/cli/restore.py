@@ -12,7 +12,7 @@ from typing import NoReturn, TextIO
 
 from pipeline.codec import Codec
 from pipeline.model import check_database_name
-from pool_pipeline.cli.common import EXIT_USAGE, add_bucket, fail, parse, run
+from pool_pipeline.cli.common import EXIT_USAGE, add_bucket, add_encryption, fail, parse, run
 from schemas import load_schemas
 
 
@@ -33,6 +33,7 @@ def restore_parser() -> argparse.ArgumentParser:
         "(2026-11-21T10:00:00Z; UTC when no offset is given) or ms since the epoch",
     )
     p.add_argument("--list", action="store_true", help="list the snapshots and txn ranges held, then exit")
+    add_encryption(p)
     return p
 
 
@@ -107,7 +108,7 @@ def _restore(args: argparse.Namespace) -> int:
     progress = _TransferProgress(f"restore {database}")
     position = restore(
         store,
-        Codec(load_schemas()),
+        Codec(load_schemas(), keyring=args.keyring),
         Path(args.target),
         txn=args.txn,
         time_ms=time_ms,
