@@ -1,13 +1,14 @@
 """Commit -> replica lag and the capture-agent's CPU, plaintext vs SASL_SSL (SCRAM-SHA-512, ACLs), in one run.
 
-    .venv/bin/python bench/secure_lag.py [--rate 200] [--duration 20] [--order plain,secure]
+    .venv/bin/python bench/secure_lag.py [--rate 200] [--duration 20] [--order plain,secure,secure+enc]
 
 Each setting gets its own private single-node broker (the same launcher as `pipeline dev up`, with
 `--secure`'s settings for SASL_SSL) and its own PicoLisp app; the agent and the replica are the
 real console scripts (bench/lag.py's "plain" mode), and over SASL_SSL they run as the agent and
 replica principals with their client configs. Agent CPU = user + system time of the capture-agent
 process over its whole run (start, catch-up of --initial txns, the paced workload), read from
-/proc before it is stopped. Payload encryption (issue 15, deliverable 3) is not part of this run.
+/proc before it is stopped. `secure+enc` adds payload encryption (AES-256-GCM, a key made with
+`pipeline keygen`, given to both as $POOL_PIPELINE_KEY_FILE).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pool_pipeline.devstack import start_kafka  # noqa: E402
 from schemas import load_schemas  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
+LABELS = {"plain": "PLAINTEXT", "secure": "SASL_SSL + SCRAM + ACLs", "secure+enc": "SASL_SSL + ACLs + AES-GCM payloads"}
 
 
 def cpu_seconds(pid: int) -> float:
@@ -37,7 +39,12 @@ def cpu_seconds(pid: int) -> float:
 
 
 def run(setting: str, root: Path, args: argparse.Namespace) -> dict:
-    security = devsecure.prepare(root / "secure") if setting == "secure" else None
+    from connectors.keys import keygen, load_keyring
+
+    security = devsecure.prepare(root / "secure") if setting.startswith("secure") else None
+    key_file = root / "pool.key" if setting.endswith("+enc") else None
+    if key_file is not None:
+        keygen(key_file)
     cluster = start_kafka(root / "kafka", brokers=1, secure=security, detach=False)
     try:
         configs: dict[str, str] = {}
@@ -65,6 +72,8 @@ def run(setting: str, root: Path, args: argparse.Namespace) -> dict:
             role = "agent" if name == "capture-agent" else "replica"
             if configs:
                 kw["env"] = {**kw["env"], "KAFKA_CLIENT_CONFIG": configs[role]}
+            if key_file is not None:
+                kw["env"] = {**kw["env"], "POOL_PIPELINE_KEY_FILE": str(key_file)}
             proc = real_spawn(argv, **kw)
             spawned.append((role, proc))
             return proc
@@ -79,7 +88,8 @@ def run(setting: str, root: Path, args: argparse.Namespace) -> dict:
         lag.env_with = lambda _kafka: real_env(cluster.bootstrap_servers)  # the children get a string
         try:
             started = time.monotonic()
-            res = lag.run_phase("plain", app, kafka, Codec(load_schemas()), root, args, seed=10)
+            keyring = load_keyring(key_file) if key_file is not None else None
+            res = lag.run_phase("plain", app, kafka, Codec(load_schemas(), keyring=keyring), root, args, seed=10)
             res["wall"] = time.monotonic() - started
         finally:
             lag.spawn, lag.stop, lag.env_with = real_spawn, real_stop, real_env
@@ -94,7 +104,7 @@ def main() -> None:
     ap.add_argument("--rate", type=int, default=200)
     ap.add_argument("--duration", type=float, default=20)
     ap.add_argument("--initial", type=int, default=500)
-    ap.add_argument("--order", default="plain,secure")
+    ap.add_argument("--order", default="plain,secure,secure+enc")
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args()
     args.poll_interval, args.no_blobs, args.mode = 0.02, False, "plain"
@@ -106,7 +116,7 @@ def main() -> None:
     for setting, res in results.items():
         lags = [v * 1000 for v in res["components"]["lag"]]
         rows.append([
-            "PLAINTEXT" if setting == "plain" else "SASL_SSL + SCRAM + ACLs",
+            LABELS.get(setting, setting),
             f"{res['rate']:.0f}", str(res["commits"]),
             f"{percentile(lags, 50):.1f}", f"{percentile(lags, 99):.1f}", f"{max(lags):.1f}",
             f"{res['cpu'].get('agent', float('nan')):.2f}", f"{res['cpu'].get('replica', float('nan')):.2f}",
@@ -115,10 +125,11 @@ def main() -> None:
     headers = ["setting", "commits/s", "commits", "lag p50 ms", "lag p99 ms", "max ms", "agent CPU s",
                "replica CPU s", "phase s"]  # fmt: skip
     print(table(headers, rows, title=f"commit -> replica lag at {args.rate} commits/s for {args.duration:.0f} s"))
-    if "plain" in results and "secure" in results:
-        a, b = results["plain"]["cpu"].get("agent"), results["secure"]["cpu"].get("agent")
-        if a and b:
-            print(f"agent CPU, SASL_SSL vs PLAINTEXT: {b / a:.2f}x ({(b / a - 1) * 100:+.0f}%)")
+    base = results.get("plain", {}).get("cpu", {}).get("agent")
+    for setting in ("secure", "secure+enc"):
+        other = results.get(setting, {}).get("cpu", {}).get("agent")
+        if base and other:
+            print(f"agent CPU, {setting} vs PLAINTEXT: {other / base:.2f}x ({(other / base - 1) * 100:+.0f}%)")
 
 
 if __name__ == "__main__":

@@ -103,13 +103,18 @@ def test_dev_up_secure_exports_a_client_config_per_role_and_the_ca(stack: dict[s
     assert not list((stack["state"] / "kafka").rglob("format.args")), "the storage tool's argument file was kept"
 
 
-def test_capture_replica_archive_restore_over_sasl_ssl_and_https_with_sse(
+def test_capture_replica_archive_restore_over_sasl_ssl_and_https_with_sse_and_payload_encryption(
     app: PicoApp, stack: dict[str, Any], tmp_path: Path
 ) -> None:
     import boto3
 
     database = unique_name("sec")
     agent, replica, archive = (role_cli(app, stack, r, database) for r in ("agent", "replica", "archive"))
+    # Payload encryption on top: every command of every role reads the key from $POOL_PIPELINE_KEY_FILE.
+    key_file = tmp_path / "pool.key"
+    ok(agent.run([str(BIN / "pipeline"), "keygen", str(key_file)]), "pipeline keygen")
+    for c in (agent, replica, archive):
+        c.extra_env["POOL_PIPELINE_KEY_FILE"] = str(key_file)
     try:
         app.workload(40, seed=11)
         outputs = [ok(agent.agent_once(), "capture-agent --once as agent")]
@@ -147,6 +152,21 @@ def test_capture_replica_archive_restore_over_sasl_ssl_and_https_with_sse(
         )
         assert diffs == [], diffs
         assert app.query(target / "db", target / "blob") == app.query(expected / "db", expected / "blob")
+        # The records were sealed: a restore without the key is refused, naming the key it lacks.
+        archive.extra_env.pop("POOL_PIPELINE_KEY_FILE")
+        refused = archive.run(
+            [
+                str(BIN / "restore"),
+                "--database",
+                database,
+                "--bucket",
+                f"s3://{bucket}/sec",
+                "--target",
+                str(tmp_path / "nokey"),
+            ]
+        )
+        assert refused.returncode == 1 and "key" in (refused.stdout + refused.stderr), refused.stderr[-2000:]
+        assert not (tmp_path / "nokey").exists()
 
         # Every object the archiver wrote (segments, snapshot files, manifest) is stored with SSE-S3.
         env = stack["env"]["admin"]
