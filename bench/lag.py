@@ -117,7 +117,7 @@ def topic_begins(bs: str, codec: Codec) -> dict[int, int]:
         while c.position(tp) < end and time.monotonic() < deadline:
             for rec in c.poll(timeout_ms=200).get(tp, []):
                 if rec.key == b"txn":
-                    name, value = codec.decode(rec.value)
+                    name, value = codec.decode(rec.value, database=DB)
                     if name == BEGIN:
                         out[value["txn_id"]] = value["source_time_ms"]
     finally:
