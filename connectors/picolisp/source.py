@@ -231,7 +231,7 @@ class _Images:
         way they travel (one BlockBatch record each), with no object per block."""
         pos = 0
         for file, size in enumerate(self.block_sizes):
-            indexes = self.keys.indexes(file) if file < len(self.keys.maps) else []
+            indexes = self.keys.indexes(file)
             per = max(1, BATCH_BYTES // size)
             for start in range(0, len(indexes), per):
                 run = indexes[start : start + per]

@@ -262,7 +262,6 @@ class Archiver:
         framer, pool, uploads = self._framer, self._pool, self._uploads
         while uploads and uploads[0][0].done():
             self._uploaded(*uploads.popleft())
-        self._compact_maybe(self._compactor)
         seg = self._seg
         if rec is None:
             if seg is not None and seg.due is not None and time.monotonic() >= seg.due:
@@ -330,15 +329,15 @@ class Archiver:
         self._seg = None
         self._uploads.clear()
 
-    def _compact_maybe(self, compactor: ThreadPoolExecutor) -> None:
-        """Start a compaction pass every `compact_every` s, one at a time, beside the uploads."""
+    def _compact_maybe(self) -> None:
+        """After an upload: start a compaction pass every `compact_every` s, one at a time, beside the uploads."""
         if self.compaction is None or (self._compacting is not None and not self._compacting.done()):
             return
         self._compact_result()
         if not self.archived or time.monotonic() - self._compacted_at < self.compact_every:
             return
         self._compacted_at = time.monotonic()
-        self._compacting = compactor.submit(
+        self._compacting = self._compactor.submit(
             compact,
             self.store,
             self.codec,
@@ -524,6 +523,7 @@ class Archiver:
         self._since_snapshot = (txns + info.txns, size + info.size)
         if self.snapshots.due(*self._since_snapshot):
             self.write_snapshot(info.last_txn)
+        self._compact_maybe()
 
     # --- base snapshots ---------------------------------------------------------------------
 
