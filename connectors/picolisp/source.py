@@ -505,8 +505,14 @@ class PoolSource:
                 else:
                     os.replace(src, dst)
         known = self._load_known_blobs()
-        # An earlier version recorded names it could not publish: their delete would wedge the agent too.
-        self._known_blobs = set(filter(self._publishable, known)) if known is not None else set(self._blob_paths())
+        if known is None:
+            # No record yet: what is there now is what replicas hold (or will, with the next snapshot).
+            # Written at once, so that the changes logged from now on have a list to apply to.
+            self._known_blobs = set(self._blob_paths())
+            self._write_known_blobs()
+        else:
+            # An earlier version recorded names it could not publish: their delete would wedge the agent too.
+            self._known_blobs = set(filter(self._publishable, known))
 
     def _open_blob_spool(self) -> int:
         """The round's blob spool, emptied: one file reused by every round. A file per blob cost an

@@ -264,3 +264,23 @@ def test_known_blobs_are_logged_per_round_and_read_back_whole_after_a_kill(tmp_p
         assert (state / "known-blobs.log").read_bytes() == b""
     finally:
         source.close()
+
+
+def test_a_fresh_state_dir_records_the_blobs_it_starts_with_so_logged_changes_are_kept(tmp_path: Path) -> None:
+    """An agent that adopts a pool without a snapshot (a promoted replica) logs the blobs it puts; the
+    next start must read that log, which needs the list it applies to (the first start writes it)."""
+    make_pool(tmp_path / "db", [1])
+    blob = tmp_path / "blob"
+    (blob / "A").mkdir(parents=True)
+    (blob / "A" / "1.doc").write_bytes(b"one")
+    source = _source(tmp_path, None, [], blob)
+    try:
+        source._known_blobs.add("A/2.doc")
+        source._log_known(["A/2.doc"], [])
+    finally:
+        source.close()
+    source = _source(tmp_path, None, [], blob)
+    try:
+        assert source._known_blobs == {"A/1.doc", "A/2.doc"}  # A/2.doc's later delete will be published
+    finally:
+        source.close()
