@@ -5,7 +5,7 @@
 The real CLI entry point runs unchanged; a few methods are wrapped (instance-independent class
 attribute wrappers) to append one line per event to <events.log>, with wall-clock time.time():
 
-  agent:   L <t_locked>               journal lock acquired by PoolSource._take_journal
+  agent:   L <t_locked>               journal lock acquired by JournalConsumer (PoolSource._take_journal)
            J <t_start> <t_end> <n>    PoolSource._take_journal returned n block images
            P <txn> <t_start> <t_end> <records> <source_time_ms>
                                       TopicSink.apply = encode + send + commit_transaction
@@ -17,19 +17,14 @@ attribute wrappers) to append one line per event to <events.log>, with wall-cloc
            F <t> <n> <first offset> <last offset> <wait_s>
                                       KafkaConsumer.poll returned n > 0 records; wait_s = time spent
                                       inside poll() since the previous F (idle time of the replica)
-           K <t_start> <t_end>        TopicSource.acknowledge (synchronous group offset commit)
+           K <t_start> <t_end>        TopicSource.acknowledge (records the group offset; committed
+                                      asynchronously at most every 0.2 s by OffsetCommitter)
 
 Overhead: a formatted write per event (a few microseconds), line-buffered.
 
-What-if switches (environment variables; they emulate a proposed code change, to measure it):
-  BENCH_PRODUCER_RETRY_BACKOFF_MS=<ms>  agent: TopicSink's KafkaProducer gets retry_backoff_ms=<ms>
-                                        (kafka-python's default 100 ms is what a transaction begun
-                                        right after the previous commit waits on CONCURRENT_TRANSACTIONS)
-  BENCH_ASYNC_ACK=1                     replica: TopicSource.acknowledge commits the group offset with
-                                        commit_async instead of a synchronous commit
+What-if switch (environment variable; it emulates a proposed change, to measure it):
   BENCH_NO_FSYNC=1                      replica: os.fsync becomes a no-op (UNSAFE; only to attribute
                                         how much of the apply time the fsyncs are)
-  BENCH_POLL_INTERVAL is not needed: capture-agent --poll-interval exists.
 """
 
 from __future__ import annotations
@@ -55,8 +50,9 @@ def main() -> None:
     now = time.time
 
     if role == "agent":
-        from connectors import kafka as kmod
-        from connectors import picolisp, pool_source
+        from connectors.kafka import publisher as kmod
+        from connectors.picolisp import journal as picolisp
+        from connectors.picolisp import source as pool_source
 
         _require(picolisp.JournalConsumer, "_lock")
         _require(pool_source.PoolSource, "_take_journal")
@@ -72,23 +68,13 @@ def main() -> None:
 
         orig_take = pool_source.PoolSource._take_journal
 
-        def _take_journal(self):
+        def _take_journal(self, *a, **k):
             t = now()
-            images, layout = orig_take(self)
+            images, layout = orig_take(self, *a, **k)
             out.write(f"J {t:.6f} {now():.6f} {len(images)}\n")
             return images, layout
 
         pool_source.PoolSource._take_journal = _take_journal
-
-        backoff = os.environ.get("BENCH_PRODUCER_RETRY_BACKOFF_MS")
-        if backoff:
-            real_producer = kmod.KafkaProducer
-
-            def producer(*a, **k):
-                k.setdefault("retry_backoff_ms", int(backoff))
-                return real_producer(*a, **k)
-
-            kmod.KafkaProducer = producer
 
         orig_apply = kmod.TopicSink.apply
 
@@ -101,8 +87,8 @@ def main() -> None:
 
         from pool_pipeline.cli.capture_agent import main as entry
     elif role == "replica":
-        from connectors import kafka as kmod
-        from connectors import replica_dir
+        from connectors.kafka import reader as kmod
+        from connectors.picolisp import replica as replica_dir
 
         _require(replica_dir.ReplicaDir, "_stage", "apply", "flush")
         _require(kmod.TopicSource, "acknowledge")
@@ -178,20 +164,6 @@ def main() -> None:
             return res
 
         KafkaConsumer.poll = poll
-
-        if os.environ.get("BENCH_ASYNC_ACK"):
-            import json as _json
-
-            from kafka.structs import OffsetAndMetadata
-
-            def commit_async(consumer, tp, txn):
-                meta = _json.dumps({"txn": txn.txn_id, "source_time_ms": txn.source_time_ms})
-                consumer.commit_async({tp: OffsetAndMetadata(txn.end_offset + 1, meta, -1)})
-
-            if hasattr(kmod, "commit_applied"):
-                kmod.commit_applied = commit_async  # TopicSource.acknowledge calls it
-            else:
-                kmod.TopicSource.acknowledge = lambda self, txn: commit_async(self.consumer, self.tp, txn)
 
         orig_ack = kmod.TopicSource.acknowledge
 

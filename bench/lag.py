@@ -30,8 +30,6 @@ Modes (default both, one after the other on the same broker and pool):
 Both modes also report per capture txn: applied_at - TxnBegin.source_time_ms (the agent's own stamp).
 
 What-if (probe mode only; emulates proposed changes inside the probe, see bench/_probe.py):
-  --what-if-backoff MS   TopicSink's producer with retry_backoff_ms=MS (default kafka-python: 100)
-  --what-if-async-ack    replica commits group offsets asynchronously
   --what-if-no-fsync     replica's os.fsync is a no-op (UNSAFE: only attributes the fsync share)
   --poll-interval S      capture-agent --poll-interval (an existing option; default 0.02)
 """
@@ -223,10 +221,6 @@ STAT_HEADERS = ["ms", "p50", "p90", "p99", "max", "mean"]
 
 def run_phase(mode: str, app, bs: str, codec: Codec, root: Path, args, seed: int) -> dict:
     env = env_with(bs)
-    if mode == "probe" and args.what_if_backoff is not None:
-        env["BENCH_PRODUCER_RETRY_BACKOFF_MS"] = str(args.what_if_backoff)
-    if mode == "probe" and args.what_if_async_ack:
-        env["BENCH_ASYNC_ACK"] = "1"
     if mode == "probe" and args.what_if_no_fsync:
         env["BENCH_NO_FSYNC"] = "1"
     poll = ["--poll-interval", str(args.poll_interval)]
@@ -399,8 +393,6 @@ def main() -> int:
     ap.add_argument("--initial", type=int, default=2000, help="txns committed before the agent starts")
     ap.add_argument("--poll-interval", type=float, default=0.02, help="capture-agent --poll-interval")
     ap.add_argument("--no-blobs", action="store_true")
-    ap.add_argument("--what-if-backoff", type=int, metavar="MS", help="probe: producer retry_backoff_ms")
-    ap.add_argument("--what-if-async-ack", action="store_true", help="probe: async group offset commits")
     ap.add_argument("--what-if-no-fsync", action="store_true", help="probe: replica skips fsync (UNSAFE)")
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args()
@@ -437,18 +429,7 @@ def main() -> int:
     print()
     for res in results:
         comp = res["components"]
-        what_if = ""
-        if res["mode"] == "probe":
-            what_if = " ".join(
-                x
-                for x in (
-                    f"producer retry_backoff_ms={args.what_if_backoff}" if args.what_if_backoff is not None else "",
-                    "async acks" if args.what_if_async_ack else "",
-                    "NO FSYNC" if args.what_if_no_fsync else "",
-                )
-                if x
-            )
-            what_if = f" WHAT-IF: {what_if}" if what_if else ""
+        what_if = " WHAT-IF: NO FSYNC" if res["mode"] == "probe" and args.what_if_no_fsync else ""
         title = (
             f"[{res['mode']}{what_if}] {res['commits']} PicoLisp commits at {res['rate']:.0f} txn/s achieved "
             f"(target {args.rate}), {res['txns']} capture txns ({res['commits_per_txn']:.1f} commits/txn), "

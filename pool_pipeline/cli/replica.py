@@ -53,6 +53,7 @@ def replica_parser() -> argparse.ArgumentParser:
         "a new replica, or one behind the topic's retention, first restores from it, then continues from "
         "Kafka. The endpoint and credentials come from boto3's standard settings (AWS_ENDPOINT_URL_S3, ...)",
     )
+    p.add_argument("--endpoint-url", help="S3 endpoint of --archive, overriding AWS_ENDPOINT_URL_S3")
     add_kafka(p)
     add_encryption(p)
     return p
@@ -75,7 +76,9 @@ def _replica(args: argparse.Namespace) -> int:
     def attempt() -> int:
         if not topic_ready(args.kafka, args.database, args.once, f"replica {args.database}"):
             return 0
-        start = _start_offset(args.kafka, args.database, codec, sink, args.skip_to_snapshot, args.archive)
+        start = _start_offset(
+            args.kafka, args.database, codec, sink, args.skip_to_snapshot, args.archive, args.endpoint_url
+        )
         print(f"replica {args.database}: at {sink.position()}, reading from offset {start}", flush=True)
         source = TopicSource(args.kafka, args.database, codec, args.group, start, once=args.once)
         if sink.position().txn_id > 0:  # the group offset shows where the replica really is, not a stale one
@@ -107,6 +110,7 @@ def _start_offset(
     sink: ReplicaDir,
     skip: bool = False,
     archive: str | None = None,
+    endpoint_url: str | None = None,
 ) -> int:
     """Where a replica reads from: its stored position; for an empty one the archive's end (with
     --archive) or else the newest snapshot in the topic; for one behind the topic's retention, the
@@ -128,7 +132,7 @@ def _start_offset(
             txn_id=at,
             offset=sink.next_offset,
         )
-    if archive is not None and _from_archive(archive, database, codec, sink):
+    if archive is not None and _from_archive(archive, database, codec, sink, endpoint_url):
         start = _seam(kafka, database, codec, sink, first, end)
         if start is None:
             raise PipelineError(
@@ -215,7 +219,7 @@ def _seam(kafka: KafkaSettings, database: str, codec: Codec, sink: ReplicaDir, f
     return found[1] if found is not None and found[0] == sink.position().txn_id + 1 else None
 
 
-def _from_archive(archive: str, database: str, codec: Codec, sink: ReplicaDir) -> bool:
+def _from_archive(archive: str, database: str, codec: Codec, sink: ReplicaDir, endpoint_url: str | None = None) -> bool:
     """Restore what the replica lacks from the S3 archive; False if the archive holds nothing it can use."""
     from connectors.kafka.topics import topic_for
     from connectors.s3.restore import bootstrap
@@ -226,7 +230,9 @@ def _from_archive(archive: str, database: str, codec: Codec, sink: ReplicaDir) -
     what = "empty" if before == 0 else f"at txn {before}"
     print(f"replica {database}: {what}, restoring from the archive {archive}", flush=True)
     progress = _TransferProgress(f"replica {database}: from the archive")
-    position = bootstrap(open_store(archive, database), codec, sink, topic_for(database), progress=progress)
+    position = bootstrap(
+        open_store(archive, database, endpoint_url), codec, sink, topic_for(database), progress=progress
+    )
     if progress.txns or progress.done:
         progress.draw(end="\n")
     if position is None:
@@ -284,7 +290,9 @@ def _replica_group(args: argparse.Namespace) -> int:
             args.group,
             args.pattern,
             codec,
-            lambda db: _start_offset(args.kafka, db, codec, sink_for(db), args.skip_to_snapshot, args.archive),
+            lambda db: _start_offset(
+                args.kafka, db, codec, sink_for(db), args.skip_to_snapshot, args.archive, args.endpoint_url
+            ),
             once=args.once,
             on_revoked=release,
             log=lambda line: print(line, file=sys.stderr, flush=True),

@@ -110,7 +110,15 @@ def test_replicas_behind_retention_bootstrap_from_the_archive(app: PicoApp, cli:
     # archived segments after its txn, then Kafka) end md5-equal to the source at the last txn.
     archive = ["--archive", f"s3://{s3.bucket}/arch"]
     for name, at in (("new", 0), ("old", t1)):
-        result = ok(replica(cli, name, *archive), f"replica {name} --archive")
+        if name == "new":  # --endpoint-url overrides AWS_ENDPOINT_URL_S3 (made to point nowhere here)
+            endpoint = cli.extra_env.get("AWS_ENDPOINT_URL_S3") or os.environ["AWS_ENDPOINT_URL_S3"]
+            cli.extra_env["AWS_ENDPOINT_URL_S3"] = "http://127.0.0.1:9"
+            try:
+                result = ok(replica(cli, name, *archive, "--endpoint-url", endpoint), "replica new --endpoint-url")
+            finally:
+                cli.extra_env["AWS_ENDPOINT_URL_S3"] = endpoint
+        else:
+            result = ok(replica(cli, name, *archive), f"replica {name} --archive")
         assert f"restored txns {at + 1}..{t2} from the archive" in result.stdout, result.stdout
         assert f"continuing from Kafka at offset {txns[t2].end_offset + 1}" in result.stdout, result.stdout
         assert replica_txn(app.root / f"rpl/{name}/db") == t3
