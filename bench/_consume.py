@@ -1,0 +1,58 @@
+"""A bare read_committed kafka-python consumer that follows one topic, as the floor of the replica's CPU and lag.
+
+    _consume.py BOOTSTRAP TOPIC GROUP START_OFFSET RECEIPTS.json
+
+Used by bench/replica_cpu.py. It is configured as the replica's consumer (connectors/kafka/client.py
+committed_consumer: read_committed, no auto commit, 8 MiB partition fetches), polls as TopicSource
+does (100 ms, up to 20,000 records), and commits its group offset asynchronously at most every
+0.2 s, as OffsetCommitter does. It decodes and writes nothing: what any kafka-python program pays to
+receive these transactions. On SIGTERM it writes, per poll that returned records, [last offset,
+wall-clock receive time] to RECEIPTS.json and exits.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+
+from kafka import KafkaConsumer
+from kafka.structs import OffsetAndMetadata, TopicPartition
+
+
+def main() -> int:
+    bs, topic, group, start, path = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
+    consumer = KafkaConsumer(
+        bootstrap_servers=bs,
+        group_id=group,
+        client_id=f"bench-floor-{group}",
+        isolation_level="read_committed",
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        max_partition_fetch_bytes=8 * 1024 * 1024,
+        fetch_max_bytes=32 * 1024 * 1024,
+        allow_auto_create_topics=False,
+    )
+    tp = TopicPartition(topic, 0)
+    consumer.assign([tp])
+    consumer.seek(tp, start)
+    receipts: list[tuple[int, float]] = []
+    running = [True]
+    signal.signal(signal.SIGTERM, lambda *_: running.__setitem__(0, False))
+    last_commit = 0.0
+    while running[0]:
+        recs = consumer.poll(timeout_ms=100, max_records=20_000).get(tp, [])
+        if recs:
+            receipts.append((recs[-1].offset, time.time()))
+            if time.monotonic() - last_commit >= 0.2:
+                consumer.commit_async({tp: OffsetAndMetadata(recs[-1].offset + 1, "", -1)})
+                last_commit = time.monotonic()
+    with open(path, "w") as fh:
+        json.dump(receipts, fh)
+    consumer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
