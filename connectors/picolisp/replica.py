@@ -810,23 +810,37 @@ class ReplicaDir:
         self._safe_dirs.clear()
 
     def _apply_blobs(self, plan: dict) -> None:
+        """Move the batch's staged blobs into place and delete what it deleted, then fsync every directory
+        that changed: position.json, written next, must not claim a blob whose rename a power cut can undo."""
         if self.blob_dir is None:
             return
         stage = self.state / "stage"
         made: set[Path] = set()
+        changed: set[Path] = set()
         for path, name in plan["blobs"].items():
             dest = self.blob_target(path)
             src = stage / name
+            changed.add(dest.parent)
             if src.exists():  # absent when a replay already moved it
                 if dest.parent not in made:
+                    new = dest.parent
+                    while not new.exists() and new != self.blob_dir:  # new dirs are entries of their parents
+                        changed.add(new.parent)
+                        new = new.parent
                     dest.parent.mkdir(parents=True, exist_ok=True)
                     made.add(dest.parent)
                 os.replace(src, dest)
         for path in plan["deletes"]:
-            self.blob_target(path).unlink(missing_ok=True)
+            target = self.blob_target(path)
+            target.unlink(missing_ok=True)
+            changed.add(target.parent)
         if plan["snapshot"]:
             for rel in set(blob_files(self.blob_dir)) - set(plan["blobs"]):
                 os.unlink(self.blob_dir / rel)
+                changed.add((self.blob_dir / rel).parent)
+        for d in sorted(changed):
+            if d.is_dir():  # a deleted blob's directory may never have existed here
+                fsync_dir(d)
 
     # --- adopting a pool restored elsewhere (replica --archive) --------------------------------
 

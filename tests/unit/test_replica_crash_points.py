@@ -348,3 +348,39 @@ def test_a_kill_during_the_very_first_txn_after_its_commit_point_is_replayed(
     finally:
         sink.close()
     assert disk_state(crashed) == expected_state(txns, len(txns))
+
+
+def test_blob_directories_are_fsynced_before_the_position_that_claims_their_blobs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A power cut may undo a rename whose directory was not fsynced: position.json must not be stored
+    before the blob directories a batch moved files into (or deleted from) are durable."""
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src: object, dst: object) -> None:
+        events.append(("replace", str(dst)))
+        real_replace(src, dst)  # type: ignore[arg-type]
+
+    txns = make_stream(4, seed=3)
+    apply_all(tmp_path, txns[:2])
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    apply_all(tmp_path, txns, group_commit=True)  # txns 3 and 4 in one batch: blobs into A/ and B/, a delete in B/
+    monkeypatch.undo()
+
+    stored = max(i for i, (what, path) in enumerate(events) if what == "replace" and path.endswith("position.json"))
+    blob_root = os.path.realpath(tmp_path / "blob")
+    for d in ("A", "B"):
+        moved = max(
+            i for i, (what, path) in enumerate(events) if what == "replace" and path.startswith(f"{blob_root}/{d}/")
+        )
+        synced = [i for i, (what, path) in enumerate(events) if what == "fsync" and path == f"{blob_root}/{d}"]
+        assert any(moved < i < stored for i in synced), (
+            f"blob dir {d} not fsynced between its renames and position.json"
+        )
+    assert disk_state(tmp_path) == expected_state(txns, 4)
