@@ -405,6 +405,15 @@ def committed_consumer(kafka: Kafka, group: str | None, **extra: object) -> Kafk
     )
 
 
+def paced_fetches(min_interval: float) -> dict[str, int]:
+    """Consumer settings for `--min-interval S`: the broker holds each fetch until S seconds passed or
+    1 MiB is ready, so a slow stream arrives in fewer, larger pieces (one group commit each) while a
+    backlog still comes at full speed. Nothing for 0."""
+    if min_interval <= 0:
+        return {}
+    return {"fetch_min_bytes": 1 << 20, "fetch_max_wait_ms": int(min_interval * 1000)}
+
+
 def records_until(consumer: KafkaConsumer, tp: TopicPartition, start: int, end: int, timeout_s: float) -> Iterator:
     consumer.seek(tp, start)
     deadline = time.monotonic() + timeout_s

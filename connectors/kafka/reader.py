@@ -17,7 +17,7 @@ from kafka.errors import (
 )
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
-from connectors.kafka.client import POLL_RECORDS, Kafka, broker_error, committed_consumer
+from connectors.kafka.client import POLL_RECORDS, Kafka, broker_error, committed_consumer, paced_fetches
 from connectors.kafka.topics import PARTITION, TOPIC_PREFIX, database_for, topic_for
 from pipeline.codec import Codec, Record
 from pipeline.errors import PipelineError
@@ -117,6 +117,7 @@ class TopicSource:
         *,
         once: bool = False,
         idle: Callable[[], None] | None = None,
+        min_interval: float = 0,
     ) -> None:
         self.database = database
         self.topic = topic_for(database)
@@ -125,7 +126,7 @@ class TopicSource:
         self.idle = idle
         self.tp = TopicPartition(self.topic, PARTITION)
         self.group = group
-        self.consumer = committed_consumer(kafka, group)
+        self.consumer = committed_consumer(kafka, group, **paced_fetches(min_interval))
         self.offsets = OffsetCommitter(self.consumer)
         try:
             if self.topic not in self.consumer.topics():
@@ -301,6 +302,7 @@ class GroupReader(GroupMember):
         idle: Callable[[], None] = lambda: None,
         should_stop: Callable[[], bool] = lambda: False,
         role: str = "replica",
+        min_interval: float = 0,
     ) -> None:
         self.codec = codec
         self.once = once
@@ -320,6 +322,7 @@ class GroupReader(GroupMember):
             session_timeout_ms=10_000,
             heartbeat_interval_ms=2_000,
             partition_assignment_strategy=(StickyPartitionAssignor, RoundRobinPartitionAssignor),
+            **paced_fetches(min_interval),
         )
         self._new: set[TopicPartition] = set()
         self.failed: set[str] = set()  # databases stopped by a non-retriable error; never read again

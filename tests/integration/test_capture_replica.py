@@ -10,6 +10,7 @@ import os
 import random
 import shutil
 import struct
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -146,10 +147,25 @@ def test_kill_9_agent_and_replica_at_random_points_loses_and_doubles_nothing(app
 
 
 def test_two_replica_groups_and_a_late_replica_bootstrapped_from_kafka_alone(app: PicoApp, cli: Cli) -> None:
+    """Two groups follow one topic (the second with --min-interval, so in fewer, larger group commits);
+    a third replica starts late from Kafka alone. All end identical, each group's offset at the end."""
     app.workload(300, seed=21)
     agent = cli.start_agent()
     first = cli.start_replica("r1/db/app/", "r1/blob/app/", "group-one", name="replica-1")
-    second = cli.start_replica("r2/db/app/", "r2/blob/app/", "group-two", name="replica-2")
+    second = cli.start_replica("r2/db/app/", "r2/blob/app/", "group-two", "--min-interval", "1", name="replica-2")
+    batches: dict[str, dict[int, int]] = {"r1": {}, "r2": {}}  # first txn of a group commit -> its txns
+    sampling = threading.Event()
+
+    def sample() -> None:
+        while not sampling.is_set():
+            for name, found in batches.items():
+                batch = (replica_position(cli.root / f"{name}/db/app") or {}).get("batch")
+                if batch:
+                    found[batch["first_txn"]] = batch["txns"]
+            time.sleep(0.01)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     workload(app, 800, seed=22, sleep_ms=1)
     agent.stop()
     ok(cli.agent_once(), "capture-agent --once")  # publish whatever the follow-mode agent had not
@@ -157,6 +173,13 @@ def test_two_replica_groups_and_a_late_replica_bootstrapped_from_kafka_alone(app
     assert n > 10
     for target in ("r1/db/app/", "r2/db/app/"):
         wait_for(lambda: replica_txn(cli.root / target) == n, 60, f"{target} to reach txn {n}")  # noqa: B023
+    sampling.set()
+    sampler.join(5)
+    # --min-interval 1: the broker answered the second replica's fetches about once a second, each
+    # with the txns of that second, applied in one group commit; the first applied them as they came.
+    mean = {name: sum(found.values()) / max(1, len(found)) for name, found in batches.items()}
+    assert batches["r1"] and batches["r2"], batches
+    assert mean["r2"] >= 3 and mean["r2"] > 2 * mean["r1"], mean
     for proc in (first, second):
         assert proc.alive(), proc.output()
         proc.stop()
