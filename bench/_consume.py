@@ -1,11 +1,12 @@
 """A bare read_committed kafka-python consumer that follows one topic, as the floor of the replica's CPU and lag.
 
-    _consume.py BOOTSTRAP TOPIC GROUP START_OFFSET RECEIPTS.json
+    _consume.py BOOTSTRAP TOPIC GROUP START_OFFSET RECEIPTS.json [MIN_INTERVAL]
 
 Used by bench/replica_cpu.py. It is configured as the replica's consumer (connectors/kafka/client.py
 committed_consumer: read_committed, no auto commit, 8 MiB partition fetches), polls as TopicSource
 does (100 ms, up to 20,000 records), and commits its group offset asynchronously at most every
-0.2 s, as OffsetCommitter does. It decodes and writes nothing: what any kafka-python program pays to
+0.2 s, as OffsetCommitter does; with MIN_INTERVAL its fetches are paced as `replica --min-interval`
+paces them. It decodes and writes nothing: what any kafka-python program pays to
 receive these transactions. On SIGTERM it writes, per poll that returned records, [last offset,
 wall-clock receive time] to RECEIPTS.json and exits.
 """
@@ -20,9 +21,12 @@ import time
 from kafka import KafkaConsumer
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
+from connectors.kafka.client import paced_fetches  # the settings only: the consumer stays a bare KafkaConsumer
+
 
 def main() -> int:
     bs, topic, group, start, path = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
+    min_interval = float(sys.argv[6]) if len(sys.argv) > 6 else 0.0
     consumer = KafkaConsumer(
         bootstrap_servers=bs,
         group_id=group,
@@ -33,6 +37,7 @@ def main() -> int:
         max_partition_fetch_bytes=8 * 1024 * 1024,
         fetch_max_bytes=32 * 1024 * 1024,
         allow_auto_create_topics=False,
+        **paced_fetches(min_interval),
     )
     tp = TopicPartition(topic, 0)
     consumer.assign([tp])

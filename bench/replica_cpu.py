@@ -7,7 +7,8 @@ A PicoLisp app commits at --rate (tests/lisp/app.l + workload.l's mix, paced by 
 while `capture-agent` and `replica` (the console scripts) follow it. Beside the replica, bench/_consume.py
 follows the same topic from the same offset: a read_committed kafka-python consumer configured and
 polling as the replica's, committing its group offset as the replica does, and doing nothing else.
-It is the floor: what any kafka-python program pays to receive these transactions.
+It is the floor: what any kafka-python program pays to receive these transactions (its fetches paced
+as the replica's when the variant gives `--min-interval`).
 
 Per phase (one per --variants entry: extra `replica` arguments, '' for the defaults), over the paced
 window: CPU (user + system, all threads, /proc/<pid>/stat) of the replica, its main thread and its
@@ -95,8 +96,14 @@ def phase(app, bs: str, root: Path, codec: Codec, args, variant: str, k: int) ->
     first_txn = wait_caught_up(app, bs, codec, timeout=180)
     _, start = offset_range(bs, DB)
     receipts = root / f"floor-{k}.json"
+    argv = shlex.split(variant)
+    paced = argv[argv.index("--min-interval") + 1] if "--min-interval" in argv else "0"
     floor = spawn(
-        [sys.executable, str(BENCH / "_consume.py"), bs, topic_for(DB), f"bench-floor-{k}", str(start), str(receipts)],
+        [
+            sys.executable,
+            str(BENCH / "_consume.py"),
+            *(bs, topic_for(DB), f"bench-floor-{k}", str(start), str(receipts), paced),
+        ],
         log=root / f"floor-{k}.log",
     )
     time.sleep(3)  # the floor consumer connects and reaches the end
