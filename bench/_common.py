@@ -128,6 +128,18 @@ def replica_argv(
     return [bin_path("replica"), "--database", database, "--target", target, "--blob", blob, *extra]
 
 
+def verify_replica(app, target: str = "rpl/db/app/", blob: str = "rpl/blob/app/") -> str:
+    """`verify` of the replica at `target` against the app's pool: its last line (or the error's end)."""
+    r = subprocess.run(
+        [bin_path("verify"), "--pool", "db/app/", "--replica", target, "--blob", "blob/app/", "--replica-blob", blob],
+        cwd=app.root,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    return (r.stdout.strip().splitlines() or [r.stderr.strip()[-300:]])[-1]
+
+
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 

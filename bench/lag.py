@@ -61,6 +61,7 @@ from _common import (  # noqa: E402
     spawn,
     stop,
     table,
+    verify_replica,
     workdir,
 )
 from kafka.structs import TopicPartition  # noqa: E402
@@ -408,23 +409,7 @@ def main() -> int:
         modes = ["probe", "plain"] if args.mode == "both" else [args.mode]
         for k, mode in enumerate(modes):
             results.append(run_phase(mode, app, bs, codec, root, args, seed=10 + k))
-        r = subprocess.run(
-            [
-                str(Path(sys.executable).parent / "verify"),
-                "--pool",
-                "db/app/",
-                "--replica",
-                "rpl/db/app/",
-                "--blob",
-                "blob/app/",
-                "--replica-blob",
-                "rpl/blob/app/",
-            ],
-            cwd=app.root,
-            capture_output=True,
-            text=True,
-        )
-        verify = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else r.stderr.strip()[-300:]
+        verify = verify_replica(app)
 
     print()
     for res in results:

@@ -43,6 +43,7 @@ from _common import (  # noqa: E402
     spawn,
     stop,
     table,
+    verify_replica,
     workdir,
 )
 from agent_cpu import TICK, thread_cpu, window_txns  # noqa: E402
@@ -221,7 +222,7 @@ def main() -> int:
         app = new_app(root / "app")
         app.workload(args.initial, seed=1, blobs=not args.no_blobs)
         results = [phase(app, bs, root, codec, args, v.strip(), k) for k, v in enumerate(args.variants.split("|"))]
-        verify = spawn_verify(app, bs)
+        verify = verify_replica(app)
         chain = chain_floor(app, bs, root, codec, args, results[0]["first_txn"] + 1, results[0]["last_txn"])
 
     print()
@@ -285,32 +286,8 @@ def main() -> int:
             title=f"the capture txns of the first phase ({r0['variant']}), replayed at their pace, the app committing",
         )
     )
-    print(verify)
+    print(f"verify after the run: {verify}")
     return 0
-
-
-def spawn_verify(app, bs: str) -> str:
-    from _common import bin_path
-
-    r = subprocess.run(
-        [
-            bin_path("verify"),
-            "--pool",
-            "db/app/",
-            "--replica",
-            "rpl/db/app/",
-            "--blob",
-            "blob/app/",
-            "--replica-blob",
-            "rpl/blob/app/",
-        ],
-        cwd=app.root,
-        env=env_with(bs),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    return f"verify after the run (rc {r.returncode}): {(r.stdout + r.stderr).strip()[-400:]}"
 
 
 if __name__ == "__main__":

@@ -42,7 +42,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     agent_argv,
-    bin_path,
     env_with,
     kafka,
     log,
@@ -54,6 +53,7 @@ from _common import (  # noqa: E402
     stop,
     table,
     time_method,
+    verify_replica,
     wait_published,
     workdir,
 )
@@ -241,23 +241,7 @@ def main() -> int:
                 what_ifs.append((label, t_all, t_split))
                 log(f"{label}: {t_all:.2f} s")
         raws.append(raw_read(bs, topic, snap.offset))
-        r = subprocess.run(
-            [
-                bin_path("verify"),
-                "--pool",
-                "db/app/",
-                "--replica",
-                "rpl/db/app/",
-                "--blob",
-                "blob/app/",
-                "--replica-blob",
-                "rpl/blob/app/",
-            ],
-            cwd=app.root,
-            capture_output=True,
-            text=True,
-        )
-        verify = (r.stdout.strip().splitlines() or [r.stderr.strip()])[-1]
+        verify = verify_replica(app)
 
     # ---- report -------------------------------------------------------------------------------
     raw = raws[0]

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import threading
 import time
@@ -34,7 +33,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     BENCH,
     agent_argv,
-    bin_path,
     capture_pending,
     dir_bytes,
     env_with,
@@ -47,6 +45,7 @@ from _common import (  # noqa: E402
     spawn,
     stop,
     table,
+    verify_replica,
     workdir,
 )
 from kafka.structs import TopicPartition  # noqa: E402
@@ -214,23 +213,7 @@ def run_size(size_mib: int, args, bs: str, codec: Codec, base: Path) -> dict:
     sampler.stop()
     for p in (agent, replica):
         stop(p)
-    r = subprocess.run(
-        [
-            bin_path("verify"),
-            "--pool",
-            "db/app/",
-            "--replica",
-            "rpl/db/app/",
-            "--blob",
-            "blob/app/",
-            "--replica-blob",
-            "rpl/blob/app/",
-        ],
-        cwd=app.root,
-        capture_output=True,
-        text=True,
-    )
-    verify = (r.stdout.strip().splitlines() or [r.stderr.strip()])[-1]
+    verify = verify_replica(app)
     out = {
         "size": size_mib,
         "db": db,
