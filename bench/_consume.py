@@ -2,7 +2,7 @@
 
     _consume.py BOOTSTRAP TOPIC GROUP START_OFFSET RECEIPTS.json [MIN_INTERVAL]
 
-Used by bench/replica_cpu.py. It is configured as the replica's consumer (connectors/kafka/client.py
+Used by bench/replica_cpu.py. It is built by the replica's consumer factory (connectors/kafka/client.py
 committed_consumer: read_committed, no auto commit, 8 MiB partition fetches), polls as TopicSource
 does (100 ms, up to 20,000 records), and commits its group offset asynchronously at most every
 0.2 s, as OffsetCommitter does; with MIN_INTERVAL its fetches are paced as `replica --min-interval`
@@ -18,27 +18,17 @@ import signal
 import sys
 import time
 
-from kafka import KafkaConsumer
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
-from connectors.kafka.client import paced_fetches  # the settings only: the consumer stays a bare KafkaConsumer
+# The replica's own consumer factory, so the settings are the replica's: it returns a plain
+# KafkaConsumer, and nothing of pool-pipeline runs after that.
+from connectors.kafka.client import committed_consumer, paced_fetches
 
 
 def main() -> int:
     bs, topic, group, start, path = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
     min_interval = float(sys.argv[6]) if len(sys.argv) > 6 else 0.0
-    consumer = KafkaConsumer(
-        bootstrap_servers=bs,
-        group_id=group,
-        client_id=f"bench-floor-{group}",
-        isolation_level="read_committed",
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        max_partition_fetch_bytes=8 * 1024 * 1024,
-        fetch_max_bytes=32 * 1024 * 1024,
-        allow_auto_create_topics=False,
-        **paced_fetches(min_interval),
-    )
+    consumer = committed_consumer(bs, group, **paced_fetches(min_interval))
     tp = TopicPartition(topic, 0)
     consumer.assign([tp])
     consumer.seek(tp, start)
